@@ -1,0 +1,30 @@
+# ShellWeGo: the two commands a person needs are `make demo` and `make test`.
+.PHONY: setup demo test test-unit build lint bench
+
+CARGO ?= cargo
+
+## Install everything the agent and its tests need on this host (idempotent, root).
+setup:
+	bash scripts/setup.sh
+
+build:
+	$(CARGO) build --workspace --locked
+
+## Set up the host and run the product's main job.
+demo: setup build
+	bash scripts/demo.sh
+
+## Set up the host and run the whole test suite (unit, property and real-hardware tests).
+test: setup
+	$(CARGO) test --workspace --locked
+
+## Only the pure tests (no root, KVM or ZFS needed).
+test-unit:
+	$(CARGO) test --workspace --locked --lib
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+bench: setup
+	$(CARGO) bench --workspace --locked

@@ -1,0 +1,129 @@
+//! The agent's configuration: built-in defaults, then `/etc/shellwego/agent.toml` (or the
+//! file named by `SHELLWEGO_CONFIG`), then `SHELLWEGO_*` environment variables.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where the agent keeps things and which host resources it uses.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Durable state: database, app disks, snapshots. `SHELLWEGO_DATA_DIR`.
+    pub data_dir: PathBuf,
+    /// Runtime state of VMs: API sockets, consoles. `SHELLWEGO_RUN_DIR`.
+    pub run_dir: PathBuf,
+    /// The firecracker binary; a bare name is looked up on PATH. `SHELLWEGO_FIRECRACKER`.
+    pub firecracker: PathBuf,
+    /// The guest kernel (uncompressed vmlinux). `SHELLWEGO_KERNEL`.
+    pub kernel: PathBuf,
+    /// The ZFS pool that holds images and app disks. `SHELLWEGO_POOL`.
+    pub pool: String,
+    /// Bridge the VMs' TAPs join. `SHELLWEGO_BRIDGE`.
+    pub bridge: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("/var/lib/shellwego"),
+            run_dir: PathBuf::from("/run/shellwego"),
+            firecracker: PathBuf::from("firecracker"),
+            kernel: PathBuf::from("/var/lib/shellwego/kernel/vmlinux"),
+            pool: "shellwego".to_string(),
+            bridge: "swg-br0".to_string(),
+        }
+    }
+}
+
+/// The default configuration file.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/shellwego/agent.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Loads the configuration. A missing default file is fine; a missing file that was
+    /// named explicitly is an error.
+    pub fn load() -> Result<Config, ConfigError> {
+        let (path, explicit) = match std::env::var_os("SHELLWEGO_CONFIG") {
+            Some(p) => (PathBuf::from(p), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_FILE), false),
+        };
+        let mut config = match std::fs::read_to_string(&path) {
+            Ok(text) => Config::from_toml(&path, &text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Config::default(),
+            Err(source) => return Err(ConfigError::Read { path, source }),
+        };
+        config.apply_env(|k| std::env::var_os(k));
+        Ok(config)
+    }
+
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Overrides fields from `SHELLWEGO_*` variables, read through `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<std::ffi::OsString>) {
+        let path = |k: &str, field: &mut PathBuf| {
+            if let Some(v) = get(k).filter(|v| !v.is_empty()) {
+                *field = PathBuf::from(v);
+            }
+        };
+        path("SHELLWEGO_DATA_DIR", &mut self.data_dir);
+        path("SHELLWEGO_RUN_DIR", &mut self.run_dir);
+        path("SHELLWEGO_FIRECRACKER", &mut self.firecracker);
+        path("SHELLWEGO_KERNEL", &mut self.kernel);
+        let string = |k: &str, field: &mut String| {
+            if let Some(v) = get(k).and_then(|v| v.into_string().ok()).filter(|v| !v.is_empty()) {
+                *field = v;
+            }
+        };
+        string("SHELLWEGO_POOL", &mut self.pool);
+        string("SHELLWEGO_BRIDGE", &mut self.bridge);
+    }
+}
+
+/// Finds an executable: a path with a '/' is taken as is, a bare name is searched on PATH.
+pub fn find_executable(name: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let is_exec = |p: &Path| {
+        p.metadata()
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if name.components().count() > 1 || name.is_absolute() {
+        return is_exec(name).then(|| name.to_path_buf());
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| is_exec(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env() {
+        let mut c = Config::from_toml(Path::new("x"), "pool = \"tank\"\n").unwrap();
+        assert_eq!(c.pool, "tank");
+        assert_eq!(c.bridge, "swg-br0");
+        c.apply_env(|k| (k == "SHELLWEGO_POOL").then(|| "other".into()));
+        assert_eq!(c.pool, "other");
+        let err = Config::from_toml(Path::new("x"), "pol = 1").unwrap_err();
+        assert!(err.to_string().contains("pol"), "{err}");
+    }
+}

@@ -1,0 +1,12 @@
+//! The ShellWeGo node agent as a library: the pure core (resource math, app specs,
+//! reconciliation planning, Firecracker machine configuration) and the host-facing
+//! pieces built on it (host detection, `doctor`).
+
+pub mod config;
+pub mod doctor;
+pub mod host;
+pub mod reconciler;
+pub mod resources;
+pub mod spec;
+pub mod units;
+pub mod vmm;

@@ -1,0 +1,605 @@
+//! Reconciliation: compare the desired state with what runs and plan the actions that
+//! close the gap.
+//!
+//! `plan` is pure and deterministic: the same desired and actual state always give the
+//! same actions in the same order, whatever the order of the VM records. The executor
+//! (which carries the actions out and records each step) is separate, so the planning
+//! rules can be tested exhaustively without VMs.
+//!
+//! The rules, per app:
+//! - a VM of an app nobody wants is removed;
+//! - a VM that exited, or whose health check gave up, is removed; if it ran the desired
+//!   version, that counts as a failed attempt of that version;
+//! - with no live VM of the desired version: `Create` (no other VM of the app runs) or
+//!   `Replace` (an older version runs: the new VM starts beside it) — unless the desired
+//!   version failed recently, in which case nothing is started until its backoff ends;
+//! - once the desired version's VM is running and healthy, each older VM is `Retire`d
+//!   (the endpoint moves to the new VM, then the old one drains and is removed). An old
+//!   VM is never touched before its successor is healthy.
+//! - more than one live VM of the desired version: the extras are removed.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::spec::DesiredApp;
+
+/// What the user wants to run, by app name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredState {
+    pub apps: BTreeMap<String, DesiredApp>,
+}
+
+impl DesiredState {
+    /// The version label of an app's desired spec.
+    pub fn version_of(&self, app: &str) -> Option<String> {
+        self.apps.get(app).map(DesiredApp::spec_hash)
+    }
+}
+
+/// Lifecycle of one VM as the agent observes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum VmState {
+    /// Being created or booting; not yet serving.
+    Starting,
+    /// Its firecracker process runs.
+    Running,
+    /// Its firecracker process is gone (crashed, killed or the guest rebooted).
+    Exited,
+}
+
+/// What the host-side health check last concluded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Health {
+    /// Not yet decided (still within its grace period).
+    Unknown,
+    Healthy,
+    /// Gave up: failed `retries` times in a row, or never passed within its grace period.
+    Unhealthy,
+}
+
+/// One VM the agent knows of. Identified by `vm_id`; `app` and `version` are labels.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub vm_id: Uuid,
+    pub app: String,
+    pub version: String,
+    pub state: VmState,
+    pub health: Health,
+}
+
+impl VmRecord {
+    fn is_dead(&self) -> bool {
+        self.state == VmState::Exited || self.health == Health::Unhealthy
+    }
+
+    fn is_serving(&self) -> bool {
+        self.state == VmState::Running && self.health == Health::Healthy
+    }
+}
+
+/// Failed attempts of an app's version, for backoff.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailureRecord {
+    pub version: String,
+    pub attempts: u32,
+    /// Seconds since the Unix epoch of the last failure.
+    pub last_failed_at: u64,
+}
+
+impl FailureRecord {
+    /// The record after one more failure of `version` at `now`.
+    pub fn next(previous: Option<&FailureRecord>, version: &str, now: u64) -> FailureRecord {
+        let attempts = match previous {
+            Some(p) if p.version == version => p.attempts.saturating_add(1),
+            _ => 1,
+        };
+        FailureRecord {
+            version: version.to_string(),
+            attempts,
+            last_failed_at: now,
+        }
+    }
+
+    /// When the next attempt may start (seconds since the epoch).
+    pub fn retry_at(&self) -> u64 {
+        self.last_failed_at.saturating_add(backoff(self.attempts).as_secs())
+    }
+}
+
+/// First retry delay; it doubles with each failure up to `MAX_BACKOFF`.
+pub const BASE_BACKOFF: Duration = Duration::from_secs(5);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// Delay before retrying after `attempts` consecutive failures.
+pub fn backoff(attempts: u32) -> Duration {
+    let exp = attempts.saturating_sub(1).min(16);
+    BASE_BACKOFF.saturating_mul(1 << exp).min(MAX_BACKOFF)
+}
+
+/// What runs, as observed, plus the failure history the backoff rule needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActualState {
+    /// Seconds since the Unix epoch at which this state was observed.
+    pub now: u64,
+    pub vms: Vec<VmRecord>,
+    /// The last failure per app.
+    pub failures: BTreeMap<String, FailureRecord>,
+}
+
+/// Why a VM is to be removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RemoveReason {
+    /// Its app is no longer desired.
+    NotDesired,
+    /// It exited or became unhealthy. `counts_as_failure` is set when it ran the desired
+    /// version: the executor then records a failed attempt (for backoff).
+    Failed { counts_as_failure: bool },
+    /// Another live VM of the same version already serves the app.
+    Duplicate,
+}
+
+/// One step of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Action {
+    /// Start the first VM of an app.
+    Create { app: String, version: String },
+    /// Start a VM of a new version beside the running `old_vm` (blue-green).
+    Replace {
+        app: String,
+        version: String,
+        old_vm: Uuid,
+    },
+    /// The successor is healthy: point the app's endpoint at it, drain `vm_id`, remove it.
+    Retire {
+        app: String,
+        vm_id: Uuid,
+        successor: Uuid,
+    },
+    /// Stop the VM (if it runs) and remove everything it owns.
+    Remove {
+        app: String,
+        vm_id: Uuid,
+        reason: RemoveReason,
+    },
+}
+
+/// The actions that move `actual` towards `desired`. Pure and deterministic.
+pub fn plan(desired: &DesiredState, actual: &ActualState) -> Vec<Action> {
+    let mut by_app: BTreeMap<&str, Vec<&VmRecord>> = BTreeMap::new();
+    for vm in &actual.vms {
+        by_app.entry(vm.app.as_str()).or_default().push(vm);
+    }
+    for vms in by_app.values_mut() {
+        vms.sort_by_key(|v| v.vm_id);
+    }
+
+    let mut actions = Vec::new();
+    // Apps nobody wants: remove every VM.
+    for (app, vms) in &by_app {
+        if desired.apps.contains_key(*app) {
+            continue;
+        }
+        actions.extend(vms.iter().map(|vm| Action::Remove {
+            app: vm.app.clone(),
+            vm_id: vm.vm_id,
+            reason: RemoveReason::NotDesired,
+        }));
+    }
+    for (name, app) in &desired.apps {
+        let vms = by_app.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+        plan_app(name, &app.spec_hash(), vms, actual, &mut actions);
+    }
+    actions
+}
+
+fn plan_app(
+    app: &str,
+    version: &str,
+    vms: &[&VmRecord],
+    actual: &ActualState,
+    actions: &mut Vec<Action>,
+) {
+    let remove = |vm: &VmRecord, reason: RemoveReason| Action::Remove {
+        app: app.to_string(),
+        vm_id: vm.vm_id,
+        reason,
+    };
+    // Dead VMs of any version go first.
+    for vm in vms.iter().filter(|v| v.is_dead()) {
+        let counts_as_failure = vm.version == version;
+        actions.push(remove(vm, RemoveReason::Failed { counts_as_failure }));
+    }
+    let live: Vec<&VmRecord> = vms.iter().copied().filter(|v| !v.is_dead()).collect();
+    let (current, old): (Vec<&VmRecord>, Vec<&VmRecord>) =
+        live.into_iter().partition(|v| v.version == version);
+
+    // Keep one VM of the desired version: a serving one if there is one.
+    let keep = current
+        .iter()
+        .find(|v| v.is_serving())
+        .or_else(|| current.first())
+        .copied();
+    for vm in current.iter().filter(|v| Some(v.vm_id) != keep.map(|k| k.vm_id)) {
+        actions.push(remove(vm, RemoveReason::Duplicate));
+    }
+
+    match keep {
+        None => {
+            let failed_now = vms
+                .iter()
+                .any(|v| v.is_dead() && v.version == version);
+            let backing_off = failed_now
+                || actual
+                    .failures
+                    .get(app)
+                    .is_some_and(|f| f.version == version && actual.now < f.retry_at());
+            if backing_off {
+                return;
+            }
+            match old.iter().find(|v| v.is_serving()).or_else(|| old.first()) {
+                Some(old_vm) => actions.push(Action::Replace {
+                    app: app.to_string(),
+                    version: version.to_string(),
+                    old_vm: old_vm.vm_id,
+                }),
+                None => actions.push(Action::Create {
+                    app: app.to_string(),
+                    version: version.to_string(),
+                }),
+            }
+        }
+        Some(new_vm) if new_vm.is_serving() => {
+            actions.extend(old.iter().map(|vm| Action::Retire {
+                app: app.to_string(),
+                vm_id: vm.vm_id,
+                successor: new_vm.vm_id,
+            }));
+        }
+        // The new VM is still starting: the old ones keep serving.
+        Some(_) => {}
+    }
+}
+
+/// True when every desired app has exactly one serving VM of its version and nothing
+/// else runs.
+pub fn is_converged(desired: &DesiredState, actual: &ActualState) -> bool {
+    let mut seen = BTreeMap::new();
+    for vm in &actual.vms {
+        let Some(version) = desired.version_of(&vm.app) else {
+            return false;
+        };
+        if vm.version != version || !vm.is_serving() {
+            return false;
+        }
+        *seen.entry(vm.app.as_str()).or_insert(0) += 1;
+    }
+    desired
+        .apps
+        .keys()
+        .all(|name| seen.get(name.as_str()) == Some(&1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resources::ResourceSpec;
+    use crate::spec::{Bandwidth, RunOverride};
+    use proptest::prelude::*;
+
+    fn app(name: &str, image: &str) -> DesiredApp {
+        DesiredApp {
+            name: name.into(),
+            image: image.into(),
+            run: RunOverride::default(),
+            resources: ResourceSpec::default(),
+            env: BTreeMap::new(),
+            secrets: BTreeMap::new(),
+            ports: vec![],
+            health: None,
+            bandwidth: Bandwidth::default(),
+        }
+    }
+
+    fn desired(apps: &[(&str, &str)]) -> DesiredState {
+        DesiredState {
+            apps: apps
+                .iter()
+                .map(|(n, i)| (n.to_string(), app(n, i)))
+                .collect(),
+        }
+    }
+
+    fn vm(id: u128, app: &str, version: &str, state: VmState, health: Health) -> VmRecord {
+        VmRecord {
+            vm_id: Uuid::from_u128(id),
+            app: app.into(),
+            version: version.into(),
+            state,
+            health,
+        }
+    }
+
+    #[test]
+    fn tc_u2_absent_app_plans_create() {
+        let d = desired(&[("web", "alpine:3.23")]);
+        let a = ActualState::default();
+        let version = d.version_of("web").unwrap();
+        assert_eq!(
+            plan(&d, &a),
+            vec![Action::Create {
+                app: "web".into(),
+                version
+            }]
+        );
+    }
+
+    #[test]
+    fn tc_u2_changed_image_plans_replace_then_retire() {
+        let d = desired(&[("web", "alpine:3.23")]);
+        let v2 = d.version_of("web").unwrap();
+        let mut a = ActualState {
+            vms: vec![vm(1, "web", "v1", VmState::Running, Health::Healthy)],
+            ..Default::default()
+        };
+        assert_eq!(
+            plan(&d, &a),
+            vec![Action::Replace {
+                app: "web".into(),
+                version: v2.clone(),
+                old_vm: Uuid::from_u128(1)
+            }]
+        );
+        a.vms.push(vm(2, "web", &v2, VmState::Starting, Health::Unknown));
+        assert_eq!(plan(&d, &a), vec![], "old VM must keep serving while new starts");
+        a.vms[1].state = VmState::Running;
+        a.vms[1].health = Health::Healthy;
+        assert_eq!(
+            plan(&d, &a),
+            vec![Action::Retire {
+                app: "web".into(),
+                vm_id: Uuid::from_u128(1),
+                successor: Uuid::from_u128(2)
+            }]
+        );
+    }
+
+    #[test]
+    fn tc_u2_failed_new_version_backs_off_and_old_keeps_running() {
+        let d = desired(&[("web", "alpine:3.23")]);
+        let v2 = d.version_of("web").unwrap();
+        let mut a = ActualState {
+            now: 1000,
+            vms: vec![
+                vm(1, "web", "v1", VmState::Running, Health::Healthy),
+                vm(2, "web", &v2, VmState::Running, Health::Unhealthy),
+            ],
+            failures: BTreeMap::new(),
+        };
+        // The failed VM is removed, nothing new is started in the same breath.
+        assert_eq!(
+            plan(&d, &a),
+            vec![Action::Remove {
+                app: "web".into(),
+                vm_id: Uuid::from_u128(2),
+                reason: RemoveReason::Failed {
+                    counts_as_failure: true
+                }
+            }]
+        );
+        a.vms.pop();
+        a.failures
+            .insert("web".into(), FailureRecord::next(None, &v2, 1000));
+        a.now = 1000 + BASE_BACKOFF.as_secs() - 1;
+        assert_eq!(plan(&d, &a), vec![]);
+        a.now = 1000 + BASE_BACKOFF.as_secs();
+        assert!(matches!(plan(&d, &a).as_slice(), [Action::Replace { .. }]));
+    }
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        assert_eq!(backoff(1), Duration::from_secs(5));
+        assert_eq!(backoff(2), Duration::from_secs(10));
+        assert_eq!(backoff(4), Duration::from_secs(40));
+        assert_eq!(backoff(100), MAX_BACKOFF);
+        let f1 = FailureRecord::next(None, "v", 10);
+        let f2 = FailureRecord::next(Some(&f1), "v", 20);
+        assert_eq!(f2.attempts, 2);
+        assert_eq!(FailureRecord::next(Some(&f2), "w", 30).attempts, 1);
+    }
+
+    // ---- property tests -------------------------------------------------------------
+
+    const APPS: [&str; 5] = ["a", "b", "c", "d", "e"];
+    const IMAGES: [&str; 3] = ["img:1", "img:2", "img:3"];
+
+    fn arb_desired() -> impl Strategy<Value = DesiredState> {
+        proptest::collection::btree_map(0usize..4, 0usize..IMAGES.len(), 0..4).prop_map(|m| {
+            DesiredState {
+                apps: m
+                    .into_iter()
+                    .map(|(a, i)| (APPS[a].to_string(), app(APPS[a], IMAGES[i])))
+                    .collect(),
+            }
+        })
+    }
+
+    fn arb_state() -> impl Strategy<Value = VmState> {
+        prop_oneof![
+            Just(VmState::Starting),
+            Just(VmState::Running),
+            Just(VmState::Exited)
+        ]
+    }
+
+    fn arb_health() -> impl Strategy<Value = Health> {
+        prop_oneof![
+            Just(Health::Unknown),
+            Just(Health::Healthy),
+            Just(Health::Unhealthy)
+        ]
+    }
+
+    /// VMs of any app (also undesired ones), any version (also current ones).
+    fn arb_actual() -> impl Strategy<Value = ActualState> {
+        let one = (0usize..APPS.len(), 0usize..IMAGES.len() + 1, arb_state(), arb_health());
+        (proptest::collection::vec(one, 0..8), 0u64..10_000).prop_map(|(vms, now)| {
+            ActualState {
+                now,
+                vms: vms
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (a, img, state, health))| {
+                        let version = match IMAGES.get(img) {
+                            Some(image) => app(APPS[a], image).spec_hash(),
+                            None => "stale".to_string(),
+                        };
+                        vm(i as u128 + 1, APPS[a], &version, state, health)
+                    })
+                    .collect(),
+                failures: BTreeMap::new(),
+            }
+        })
+    }
+
+    /// Carries out actions the way a successful executor would.
+    fn execute(actual: &mut ActualState, actions: &[Action], next_id: &mut u128) {
+        for action in actions {
+            match action {
+                Action::Create { app, version } | Action::Replace { app, version, .. } => {
+                    *next_id += 1;
+                    actual.vms.push(vm(*next_id, app, version, VmState::Starting, Health::Unknown));
+                }
+                Action::Retire { vm_id, .. } => actual.vms.retain(|v| v.vm_id != *vm_id),
+                Action::Remove { app, vm_id, reason } => {
+                    if let Some(gone) = actual.vms.iter().find(|v| v.vm_id == *vm_id) {
+                        if *reason == (RemoveReason::Failed { counts_as_failure: true }) {
+                            let f = FailureRecord::next(
+                                actual.failures.get(app),
+                                &gone.version,
+                                actual.now,
+                            );
+                            actual.failures.insert(app.clone(), f);
+                        }
+                    }
+                    actual.vms.retain(|v| v.vm_id != *vm_id);
+                }
+            }
+        }
+    }
+
+    /// Time passes: starting VMs boot and pass their health checks.
+    fn tick(actual: &mut ActualState) {
+        actual.now += MAX_BACKOFF.as_secs();
+        for v in actual.vms.iter_mut().filter(|v| !v.is_dead()) {
+            v.state = VmState::Running;
+            v.health = Health::Healthy;
+        }
+    }
+
+    fn converged_actual(d: &DesiredState) -> ActualState {
+        ActualState {
+            now: 0,
+            vms: d
+                .apps
+                .iter()
+                .enumerate()
+                .map(|(i, (n, a))| vm(i as u128 + 1, n, &a.spec_hash(), VmState::Running, Health::Healthy))
+                .collect(),
+            failures: BTreeMap::new(),
+        }
+    }
+
+    fn touches(action: &Action, id: Uuid) -> bool {
+        match action {
+            Action::Retire { vm_id, .. } | Action::Remove { vm_id, .. } => *vm_id == id,
+            Action::Create { .. } | Action::Replace { .. } => false,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn tc_u2_converged_state_plans_nothing(d in arb_desired()) {
+            let a = converged_actual(&d);
+            prop_assert!(is_converged(&d, &a));
+            prop_assert_eq!(plan(&d, &a), vec![]);
+        }
+
+        #[test]
+        fn tc_u2_carrying_out_plans_converges(d in arb_desired(), mut a in arb_actual()) {
+            let mut next_id = 1000;
+            for _ in 0..6 {
+                let actions = plan(&d, &a);
+                execute(&mut a, &actions, &mut next_id);
+                tick(&mut a);
+            }
+            prop_assert!(is_converged(&d, &a), "not converged: {:?}", a.vms);
+            prop_assert_eq!(plan(&d, &a), vec![]);
+        }
+
+        #[test]
+        fn tc_u2_unwanted_vms_are_removed(d in arb_desired(), a in arb_actual()) {
+            let actions = plan(&d, &a);
+            for v in a.vms.iter().filter(|v| !d.apps.contains_key(&v.app)) {
+                prop_assert!(
+                    actions.contains(&Action::Remove {
+                        app: v.app.clone(), vm_id: v.vm_id, reason: RemoveReason::NotDesired
+                    }),
+                    "VM {} of undesired app {} not removed", v.vm_id, v.app
+                );
+            }
+        }
+
+        #[test]
+        fn tc_u2_old_vm_stays_until_successor_healthy(d in arb_desired(), a in arb_actual()) {
+            let actions = plan(&d, &a);
+            for (name, spec) in &d.apps {
+                let version = spec.spec_hash();
+                let successor_serving = a.vms.iter().any(|v| {
+                    v.app == *name && v.version == version && v.is_serving()
+                });
+                if successor_serving {
+                    continue;
+                }
+                for old in a.vms.iter().filter(|v| v.app == *name && v.version != version && !v.is_dead()) {
+                    prop_assert!(
+                        !actions.iter().any(|x| touches(x, old.vm_id)),
+                        "live old VM {} touched before its successor is healthy: {:?}", old.vm_id, actions
+                    );
+                }
+            }
+        }
+
+        #[test]
+        fn tc_u2_failing_version_backs_off(attempts in 1u32..12, elapsed in 0u64..400) {
+            let d = desired(&[("web", "img:2")]);
+            let v2 = d.version_of("web").unwrap();
+            let failed = FailureRecord { version: v2, attempts, last_failed_at: 10_000 };
+            let a = ActualState {
+                now: 10_000 + elapsed,
+                vms: vec![vm(1, "web", "v1", VmState::Running, Health::Healthy)],
+                failures: [("web".to_string(), failed)].into_iter().collect(),
+            };
+            let actions = plan(&d, &a);
+            prop_assert!(!actions.iter().any(|x| touches(x, Uuid::from_u128(1))));
+            if elapsed < backoff(attempts).as_secs() {
+                prop_assert_eq!(actions, vec![]);
+            } else {
+                let replace = matches!(actions.as_slice(), [Action::Replace { .. }]);
+                prop_assert!(replace, "{:?}", actions);
+            }
+        }
+
+        #[test]
+        fn tc_u2_plan_is_deterministic(d in arb_desired(), a in arb_actual()) {
+            let mut reversed = a.clone();
+            reversed.vms.reverse();
+            prop_assert_eq!(plan(&d, &a), plan(&d, &a));
+            prop_assert_eq!(plan(&d, &a), plan(&d, &reversed));
+        }
+    }
+}

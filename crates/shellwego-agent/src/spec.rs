@@ -1,0 +1,536 @@
+//! The app spec file (TOML, in the spirit of fly.toml) and the validated app it describes.
+//!
+//! ```toml
+//! name = "hello"
+//! image = "alpine:3.23"
+//!
+//! [run]                      # optional; overrides the image's own config
+//! cmd = ["httpd", "-f", "-p", "8080"]
+//!
+//! [resources]
+//! cpu = "500m"
+//! memory = "128Mi"
+//! disk = "1Gi"
+//!
+//! [env]
+//! GREETING = "hi"
+//!
+//! [secrets]
+//! API_KEY = { env = "API_KEY" }        # or { file = "/path" } or { value = "..." }
+//!
+//! [[ports]]
+//! guest = 8080
+//! host = 18080                          # the app's stable endpoint on the host
+//!
+//! [health]
+//! http = "/"                            # or: tcp = true
+//! port = 8080
+//! interval = "2s"
+//! timeout = "1s"
+//! retries = 3
+//! grace = "120s"
+//!
+//! [bandwidth]
+//! download = "50Mbit"                   # to the VM (TAP egress)
+//! upload = "50Mbit"                     # from the VM (TAP ingress)
+//! ```
+//!
+//! Parsing is strict: unknown keys are errors, and every error names the field and value.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::resources::{FieldError, ResourceSpec};
+use crate::units;
+
+/// An app as the user wants it to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DesiredApp {
+    pub name: String,
+    pub image: String,
+    pub run: RunOverride,
+    pub resources: ResourceSpec,
+    pub env: BTreeMap<String, String>,
+    /// Where each secret's value comes from; values themselves are resolved at apply time
+    /// and never stored in the spec.
+    pub secrets: BTreeMap<String, SecretSource>,
+    pub ports: Vec<PortSpec>,
+    pub health: Option<HealthCheck>,
+    pub bandwidth: Bandwidth,
+}
+
+/// Overrides of the image's config; `None` keeps the image's value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunOverride {
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub workdir: Option<String>,
+    pub user: Option<String>,
+}
+
+/// Where a secret's value is read from when the spec is applied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SecretSource {
+    /// The environment variable of that name in the `apply` process.
+    Env(String),
+    /// The contents of a file (a trailing newline is dropped).
+    File(PathBuf),
+    /// Given inline in the spec.
+    Value(String),
+}
+
+/// A guest port, optionally published on the host as the app's stable endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    pub guest: u16,
+    pub host: Option<u16>,
+}
+
+/// What the health check probes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Probe {
+    /// An HTTP GET of this path must answer 2xx or 3xx.
+    Http { path: String },
+    /// A TCP connection must be accepted.
+    Tcp,
+}
+
+/// The host-side health check of an app's VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub probe: Probe,
+    pub port: u16,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive failures after which a running VM counts as unhealthy.
+    pub retries: u32,
+    /// How long a new VM may take to become healthy before it counts as failed.
+    pub grace: Duration,
+}
+
+/// Per-VM bandwidth limits in bits per second; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bandwidth {
+    pub download_bps: Option<u64>,
+    pub upload_bps: Option<u64>,
+}
+
+/// Why a spec was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("spec is not valid TOML or has a wrong key or type: {0}")]
+    Syntax(String),
+    #[error("{field}: {value:?} {reason}")]
+    Invalid {
+        field: String,
+        value: String,
+        reason: String,
+    },
+    #[error(transparent)]
+    Quantity(#[from] FieldError),
+}
+
+fn invalid(field: impl Into<String>, value: impl Into<String>, reason: &str) -> SpecError {
+    SpecError::Invalid {
+        field: field.into(),
+        value: value.into(),
+        reason: reason.to_string(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSpec {
+    name: String,
+    image: String,
+    #[serde(default)]
+    run: RunOverride,
+    #[serde(default)]
+    resources: RawResources,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    secrets: BTreeMap<String, RawSecret>,
+    #[serde(default)]
+    ports: Vec<RawPort>,
+    health: Option<RawHealth>,
+    #[serde(default)]
+    bandwidth: RawBandwidth,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawResources {
+    cpu: Option<String>,
+    memory: Option<String>,
+    disk: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    env: Option<String>,
+    file: Option<PathBuf>,
+    value: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    guest: i64,
+    host: Option<i64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    http: Option<String>,
+    tcp: Option<bool>,
+    port: i64,
+    interval: Option<String>,
+    timeout: Option<String>,
+    retries: Option<i64>,
+    grace: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawBandwidth {
+    download: Option<String>,
+    upload: Option<String>,
+}
+
+/// Largest app name: it becomes part of hostnames and labels.
+const MAX_NAME_LEN: usize = 32;
+
+fn check_name(name: &str) -> Result<(), SpecError> {
+    let ok_chars = name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    let starts = name.chars().next().is_some_and(|c| c.is_ascii_lowercase());
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !ok_chars || !starts || name.ends_with('-')
+    {
+        return Err(invalid(
+            "name",
+            name,
+            "must be 1-32 characters of a-z, 0-9 and '-', start with a letter and not end with '-'",
+        ));
+    }
+    Ok(())
+}
+
+fn check_image(image: &str) -> Result<(), SpecError> {
+    if image.is_empty() || image.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(invalid(
+            "image",
+            image,
+            "must be an image reference such as \"alpine:3.23\" or \"host:5000/name@sha256:...\"",
+        ));
+    }
+    Ok(())
+}
+
+fn check_var_name(field: &str, name: &str) -> Result<(), SpecError> {
+    let mut chars = name.chars();
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    if !first_ok || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(invalid(
+            format!("{field}.{name}"),
+            name,
+            "is not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)",
+        ));
+    }
+    Ok(())
+}
+
+fn port(field: &str, value: i64) -> Result<u16, SpecError> {
+    match u16::try_from(value) {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(invalid(field, value.to_string(), "must be a port from 1 to 65535")),
+    }
+}
+
+fn duration(field: &str, text: Option<&str>, default: Duration) -> Result<Duration, SpecError> {
+    match text {
+        None => Ok(default),
+        Some(t) => units::parse_duration(t).map_err(|e| SpecError::Quantity(FieldError::new(field, e))),
+    }
+}
+
+fn bitrate(field: &str, text: Option<&str>) -> Result<Option<u64>, SpecError> {
+    text.map(|t| units::parse_bitrate(t).map_err(|e| SpecError::Quantity(FieldError::new(field, e))))
+        .transpose()
+}
+
+fn secret(name: &str, raw: RawSecret) -> Result<SecretSource, SpecError> {
+    let field = format!("secrets.{name}");
+    match (raw.env, raw.file, raw.value) {
+        (Some(v), None, None) if !v.is_empty() => Ok(SecretSource::Env(v)),
+        (None, Some(f), None) if f.is_absolute() => Ok(SecretSource::File(f)),
+        (None, Some(f), None) => Err(invalid(
+            format!("{field}.file"),
+            f.display().to_string(),
+            "must be an absolute path",
+        )),
+        (None, None, Some(v)) => Ok(SecretSource::Value(v)),
+        _ => Err(invalid(
+            field,
+            "",
+            "must have exactly one of env = \"VAR\", file = \"/path\" or value = \"...\"",
+        )),
+    }
+}
+
+fn health(raw: RawHealth) -> Result<HealthCheck, SpecError> {
+    let probe = match (raw.http, raw.tcp) {
+        (Some(path), None | Some(false)) if path.starts_with('/') => Probe::Http { path },
+        (Some(path), None | Some(false)) => {
+            return Err(invalid("health.http", path, "must be a path starting with '/'"))
+        }
+        (None, Some(true)) => Probe::Tcp,
+        _ => {
+            return Err(invalid(
+                "health",
+                "",
+                "must have exactly one of http = \"/path\" or tcp = true",
+            ))
+        }
+    };
+    let retries = match raw.retries {
+        None => 3,
+        Some(r) => u32::try_from(r)
+            .ok()
+            .filter(|r| *r >= 1)
+            .ok_or_else(|| invalid("health.retries", r.to_string(), "must be at least 1"))?,
+    };
+    let interval = duration("health.interval", raw.interval.as_deref(), Duration::from_secs(2))?;
+    let timeout = duration("health.timeout", raw.timeout.as_deref(), Duration::from_secs(1))?;
+    if timeout > interval {
+        return Err(invalid(
+            "health.timeout",
+            format!("{timeout:?}"),
+            "must not exceed health.interval",
+        ));
+    }
+    Ok(HealthCheck {
+        probe,
+        port: port("health.port", raw.port)?,
+        interval,
+        timeout,
+        retries,
+        grace: duration("health.grace", raw.grace.as_deref(), Duration::from_secs(120))?,
+    })
+}
+
+impl DesiredApp {
+    /// Parses and validates a spec file's text.
+    pub fn from_toml(text: &str) -> Result<DesiredApp, SpecError> {
+        let raw: RawSpec = toml::from_str(text).map_err(|e| SpecError::Syntax(e.to_string()))?;
+        check_name(&raw.name)?;
+        check_image(&raw.image)?;
+        let resources = ResourceSpec::parse(
+            "resources",
+            raw.resources.cpu.as_deref(),
+            raw.resources.memory.as_deref(),
+            raw.resources.disk.as_deref(),
+        )?;
+        for (field, list) in [("run.entrypoint", &raw.run.entrypoint), ("run.cmd", &raw.run.cmd)] {
+            if let Some(argv) = list {
+                if argv.iter().any(|a| a.contains('\0')) {
+                    return Err(invalid(field, format!("{argv:?}"), "must not contain NUL bytes"));
+                }
+            }
+        }
+        if raw.run.entrypoint.as_ref().is_some_and(|e| e.is_empty()) {
+            return Err(invalid("run.entrypoint", "[]", "must not be empty when given"));
+        }
+        for (key, value) in &raw.env {
+            check_var_name("env", key)?;
+            if value.contains('\0') {
+                return Err(invalid(format!("env.{key}"), value, "must not contain NUL bytes"));
+            }
+        }
+        let mut secrets = BTreeMap::new();
+        for (key, raw_secret) in raw.secrets {
+            check_var_name("secrets", &key)?;
+            if raw.env.contains_key(&key) {
+                return Err(invalid(
+                    format!("secrets.{key}"),
+                    &key,
+                    "is also set in [env]; a name is either a secret or plain env",
+                ));
+            }
+            let source = secret(&key, raw_secret)?;
+            secrets.insert(key, source);
+        }
+        let mut ports = Vec::new();
+        for (i, p) in raw.ports.iter().enumerate() {
+            let guest = port(&format!("ports[{i}].guest"), p.guest)?;
+            let host = p
+                .host
+                .map(|h| port(&format!("ports[{i}].host"), h))
+                .transpose()?;
+            if ports.iter().any(|q: &PortSpec| q.guest == guest) {
+                return Err(invalid(format!("ports[{i}].guest"), guest.to_string(), "is listed twice"));
+            }
+            if host.is_some() && ports.iter().any(|q: &PortSpec| q.host == host) {
+                return Err(invalid(
+                    format!("ports[{i}].host"),
+                    p.host.unwrap_or_default().to_string(),
+                    "is published twice",
+                ));
+            }
+            ports.push(PortSpec { guest, host });
+        }
+        let health = raw.health.map(health).transpose()?;
+        let bandwidth = Bandwidth {
+            download_bps: bitrate("bandwidth.download", raw.bandwidth.download.as_deref())?,
+            upload_bps: bitrate("bandwidth.upload", raw.bandwidth.upload.as_deref())?,
+        };
+        Ok(DesiredApp {
+            name: raw.name,
+            image: raw.image,
+            run: raw.run,
+            resources,
+            env: raw.env,
+            secrets,
+            ports,
+            health,
+            bandwidth,
+        })
+    }
+
+    /// A short, stable hash of everything in the spec: two specs that differ in any field
+    /// (image, resources, env, secret sources, ...) have different versions.
+    pub fn spec_hash(&self) -> String {
+        // serde_json of BTreeMaps and plain structs is deterministic.
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        let digest = Sha256::digest(&json);
+        hex::encode(&digest[..6])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const FULL: &str = r#"
+name = "hello"
+image = "alpine:3.23"
+
+[run]
+cmd = ["httpd", "-f", "-p", "8080"]
+
+[resources]
+cpu = "500m"
+memory = "128Mi"
+
+[env]
+GREETING = "hi"
+
+[secrets]
+API_KEY = { env = "API_KEY" }
+TOKEN = { value = "t" }
+
+[[ports]]
+guest = 8080
+host = 18080
+
+[health]
+http = "/"
+port = 8080
+interval = "2s"
+timeout = "1s"
+
+[bandwidth]
+download = "50Mbit"
+"#;
+
+    #[test]
+    fn full_spec_parses() {
+        let app = DesiredApp::from_toml(FULL).expect("valid");
+        assert_eq!(app.name, "hello");
+        assert_eq!(app.resources.cpu_milli, 500);
+        assert_eq!(app.resources.memory_bytes, 128 << 20);
+        assert_eq!(app.secrets["API_KEY"], SecretSource::Env("API_KEY".into()));
+        assert_eq!(app.ports, vec![PortSpec { guest: 8080, host: Some(18080) }]);
+        let h = app.health.as_ref().unwrap();
+        assert_eq!(h.probe, Probe::Http { path: "/".into() });
+        assert_eq!(h.retries, 3);
+        assert_eq!(app.bandwidth.download_bps, Some(50_000_000));
+        assert_eq!(app.bandwidth.upload_bps, None);
+        assert_eq!(app.run.cmd.as_ref().unwrap()[0], "httpd");
+    }
+
+    fn err_of(text: &str) -> String {
+        DesiredApp::from_toml(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_field_and_value() {
+        let e = err_of("name = \"Hello_World\"\nimage = \"a\"");
+        assert!(e.contains("name") && e.contains("Hello_World"), "{e}");
+        let e = err_of("name = \"a\"\nimage = \"a\"\n[resources]\nmemory = \"12 parsecs\"");
+        assert!(e.contains("resources.memory") && e.contains("12 parsecs"), "{e}");
+        let e = err_of("name = \"a\"\nimage = \"a\"\n[[ports]]\nguest = 70000");
+        assert!(e.contains("ports[0].guest") && e.contains("70000"), "{e}");
+        let e = err_of("name = \"a\"\nimage = \"a\"\n[env]\n\"1BAD\" = \"x\"");
+        assert!(e.contains("env.1BAD"), "{e}");
+        let e = err_of("name = \"a\"\nimage = \"a\"\n[secrets]\nK = { env = \"K\", value = \"v\" }");
+        assert!(e.contains("secrets.K"), "{e}");
+        let e = err_of("name = \"a\"\nimage = \"a\"\nimagee = \"typo\"");
+        assert!(e.contains("imagee"), "{e}");
+        let e = err_of("name = \"a\"\nimage = \"a\"\n[health]\nport = 80\nhttp = \"/\"\ntimeout = \"5s\"\ninterval = \"1s\"");
+        assert!(e.contains("health.timeout"), "{e}");
+        let e = err_of("name = \"a\"\nimage = \"a\"\n[bandwidth]\nupload = \"fast\"");
+        assert!(e.contains("bandwidth.upload") && e.contains("fast"), "{e}");
+        let e = err_of("name = \"a\"\nimage = \"has space\"");
+        assert!(e.contains("image") && e.contains("has space"), "{e}");
+        let e = err_of("name = \"a\"\nimage = \"a\"\n[env]\nK = \"1\"\n[secrets]\nK = { value = \"2\" }");
+        assert!(e.contains("secrets.K"), "{e}");
+    }
+
+    #[test]
+    fn spec_hash_tracks_every_change() {
+        let a = DesiredApp::from_toml(FULL).unwrap();
+        let mut b = a.clone();
+        assert_eq!(a.spec_hash(), b.spec_hash());
+        b.image = "alpine:3.22".into();
+        assert_ne!(a.spec_hash(), b.spec_hash());
+        let mut c = a.clone();
+        c.env.insert("X".into(), "1".into());
+        assert_ne!(a.spec_hash(), c.spec_hash());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn parser_never_panics_on_arbitrary_text(s in "\\PC{0,200}") {
+            let _ = DesiredApp::from_toml(&s);
+        }
+
+        #[test]
+        fn parser_never_panics_on_mutated_specs(
+            pos in 0usize..FULL.len(),
+            len in 0usize..20,
+            insert in "[ -~\\n]{0,12}",
+        ) {
+            let mut text = FULL.as_bytes().to_vec();
+            let end = (pos + len).min(text.len());
+            text.splice(pos..end, insert.bytes());
+            if let Ok(s) = String::from_utf8(text) {
+                let _ = DesiredApp::from_toml(&s);
+            }
+        }
+    }
+}

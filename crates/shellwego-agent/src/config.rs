@@ -86,7 +86,10 @@ impl Config {
         path("SHELLWEGO_FIRECRACKER", &mut self.firecracker);
         path("SHELLWEGO_KERNEL", &mut self.kernel);
         let string = |k: &str, field: &mut String| {
-            if let Some(v) = get(k).and_then(|v| v.into_string().ok()).filter(|v| !v.is_empty()) {
+            if let Some(v) = get(k)
+                .and_then(|v| v.into_string().ok())
+                .filter(|v| !v.is_empty())
+            {
                 *field = v;
             }
         };

@@ -31,13 +31,28 @@ pub struct Check {
 
 impl Check {
     fn ok(name: &'static str, detail: impl Into<String>) -> Check {
-        Check { name, status: Status::Ok, detail: detail.into(), fix: String::new() }
+        Check {
+            name,
+            status: Status::Ok,
+            detail: detail.into(),
+            fix: String::new(),
+        }
     }
     fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-        Check { name, status: Status::Warn, detail: detail.into(), fix: fix.into() }
+        Check {
+            name,
+            status: Status::Warn,
+            detail: detail.into(),
+            fix: fix.into(),
+        }
     }
     fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
-        Check { name, status: Status::Fail, detail: detail.into(), fix: fix.into() }
+        Check {
+            name,
+            status: Status::Fail,
+            detail: detail.into(),
+            fix: fix.into(),
+        }
     }
 }
 
@@ -49,12 +64,26 @@ fn first_line(program: &Path, args: &[&str]) -> Result<String, String> {
         .args(args)
         .output()
         .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
-    let text = if out.stdout.is_empty() { &out.stderr } else { &out.stdout };
-    let line = String::from_utf8_lossy(text).lines().next().unwrap_or("").trim().to_string();
+    let text = if out.stdout.is_empty() {
+        &out.stderr
+    } else {
+        &out.stdout
+    };
+    let line = String::from_utf8_lossy(text)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string();
     if out.status.success() {
         Ok(line)
     } else {
-        Err(format!("{} {} failed ({}): {line}", program.display(), args.join(" "), out.status))
+        Err(format!(
+            "{} {} failed ({}): {line}",
+            program.display(),
+            args.join(" "),
+            out.status
+        ))
     }
 }
 
@@ -72,13 +101,19 @@ fn check_kvm() -> Vec<Check> {
         }
     }
     match host::detect() {
-        Ok(HostKind::Hardware) => checks.push(Check::ok("host kind", HostKind::Hardware.describe())),
+        Ok(HostKind::Hardware) => {
+            checks.push(Check::ok("host kind", HostKind::Hardware.describe()))
+        }
         Ok(kind @ HostKind::NestedEmulated) => checks.push(Check::warn(
             "host kind",
             kind.describe(),
             "VMs start from pre-booted templates; cold boots are slow on this host kind",
         )),
-        Err(e) => checks.push(Check::warn("host kind", format!("cannot read /proc/cpuinfo: {e}"), "")),
+        Err(e) => checks.push(Check::warn(
+            "host kind",
+            format!("cannot read /proc/cpuinfo: {e}"),
+            "",
+        )),
     }
     checks
 }
@@ -108,7 +143,10 @@ fn check_zfs(config: &Config) -> Vec<Check> {
             format!("install OpenZFS (zfsutils-linux) or, on hosts without the kernel module, zfs-fuse; {SETUP_HINT}"),
         )];
     };
-    let mut checks = vec![Check::ok("zfs", format!("{} and {}", zfs.display(), zpool.display()))];
+    let mut checks = vec![Check::ok(
+        "zfs",
+        format!("{} and {}", zfs.display(), zpool.display()),
+    )];
     match first_line(&zpool, &["list", "-H", "-o", "name,health", &config.pool]) {
         Ok(line) if line.split_whitespace().nth(1) == Some("ONLINE") => {
             checks.push(Check::ok("zfs pool", format!("{} is ONLINE", config.pool)))
@@ -158,7 +196,11 @@ fn check_kernel(config: &Config) -> Check {
             "guest kernel",
             format!("{} ({} bytes)", config.kernel.display(), m.len()),
         ),
-        Ok(_) => Check::fail("guest kernel", format!("{} is empty or not a file", config.kernel.display()), "rebuild it with `make kernel`"),
+        Ok(_) => Check::fail(
+            "guest kernel",
+            format!("{} is empty or not a file", config.kernel.display()),
+            "rebuild it with `make kernel`",
+        ),
         Err(e) => Check::fail(
             "guest kernel",
             format!("{}: {e}", config.kernel.display()),
@@ -173,8 +215,18 @@ pub fn run_checks(config: &Config) -> Vec<Check> {
     checks.push(check_firecracker(config));
     checks.extend(check_zfs(config));
     checks.extend(check_network());
-    checks.push(check_tool("clang (BPF)", "clang", &["--version"], "apt-get install clang (compiles the eBPF QoS program)"));
-    checks.push(check_tool("mkfs.ext4", "mkfs.ext4", &["-V"], "apt-get install e2fsprogs"));
+    checks.push(check_tool(
+        "clang (BPF)",
+        "clang",
+        &["--version"],
+        "apt-get install clang (compiles the eBPF QoS program)",
+    ));
+    checks.push(check_tool(
+        "mkfs.ext4",
+        "mkfs.ext4",
+        &["-V"],
+        "apt-get install e2fsprogs",
+    ));
     checks.push(check_kernel(config));
     checks
 }
@@ -190,7 +242,11 @@ pub fn render(checks: &[Check]) -> String {
         };
         out.push_str(&format!("[{tag}] {:<13} {}", c.name, c.detail));
         if !c.fix.is_empty() {
-            let label = if c.status == Status::Warn { "note" } else { "fix" };
+            let label = if c.status == Status::Warn {
+                "note"
+            } else {
+                "fix"
+            };
             out.push_str(&format!(" -- {label}: {}", c.fix));
         }
         out.push('\n');

@@ -54,7 +54,10 @@ pub fn classify(cpuinfo: &str, kvm_pvm_loaded: bool) -> HostKind {
 /// Reads this machine's facts and classifies it.
 pub fn detect() -> std::io::Result<HostKind> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo")?;
-    Ok(classify(&cpuinfo, Path::new("/sys/module/kvm_pvm").exists()))
+    Ok(classify(
+        &cpuinfo,
+        Path::new("/sys/module/kvm_pvm").exists(),
+    ))
 }
 
 #[cfg(test)]

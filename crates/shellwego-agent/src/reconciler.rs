@@ -105,7 +105,8 @@ impl FailureRecord {
 
     /// When the next attempt may start (seconds since the epoch).
     pub fn retry_at(&self) -> u64 {
-        self.last_failed_at.saturating_add(backoff(self.attempts).as_secs())
+        self.last_failed_at
+            .saturating_add(backoff(self.attempts).as_secs())
     }
 }
 
@@ -222,15 +223,16 @@ fn plan_app(
         .find(|v| v.is_serving())
         .or_else(|| current.first())
         .copied();
-    for vm in current.iter().filter(|v| Some(v.vm_id) != keep.map(|k| k.vm_id)) {
+    for vm in current
+        .iter()
+        .filter(|v| Some(v.vm_id) != keep.map(|k| k.vm_id))
+    {
         actions.push(remove(vm, RemoveReason::Duplicate));
     }
 
     match keep {
         None => {
-            let failed_now = vms
-                .iter()
-                .any(|v| v.is_dead() && v.version == version);
+            let failed_now = vms.iter().any(|v| v.is_dead() && v.version == version);
             let backing_off = failed_now
                 || actual
                     .failures
@@ -352,8 +354,13 @@ mod tests {
                 old_vm: Uuid::from_u128(1)
             }]
         );
-        a.vms.push(vm(2, "web", &v2, VmState::Starting, Health::Unknown));
-        assert_eq!(plan(&d, &a), vec![], "old VM must keep serving while new starts");
+        a.vms
+            .push(vm(2, "web", &v2, VmState::Starting, Health::Unknown));
+        assert_eq!(
+            plan(&d, &a),
+            vec![],
+            "old VM must keep serving while new starts"
+        );
         a.vms[1].state = VmState::Running;
         a.vms[1].health = Health::Healthy;
         assert_eq!(
@@ -444,23 +451,26 @@ mod tests {
 
     /// VMs of any app (also undesired ones), any version (also current ones).
     fn arb_actual() -> impl Strategy<Value = ActualState> {
-        let one = (0usize..APPS.len(), 0usize..IMAGES.len() + 1, arb_state(), arb_health());
-        (proptest::collection::vec(one, 0..8), 0u64..10_000).prop_map(|(vms, now)| {
-            ActualState {
-                now,
-                vms: vms
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (a, img, state, health))| {
-                        let version = match IMAGES.get(img) {
-                            Some(image) => app(APPS[a], image).spec_hash(),
-                            None => "stale".to_string(),
-                        };
-                        vm(i as u128 + 1, APPS[a], &version, state, health)
-                    })
-                    .collect(),
-                failures: BTreeMap::new(),
-            }
+        let one = (
+            0usize..APPS.len(),
+            0usize..IMAGES.len() + 1,
+            arb_state(),
+            arb_health(),
+        );
+        (proptest::collection::vec(one, 0..8), 0u64..10_000).prop_map(|(vms, now)| ActualState {
+            now,
+            vms: vms
+                .into_iter()
+                .enumerate()
+                .map(|(i, (a, img, state, health))| {
+                    let version = match IMAGES.get(img) {
+                        Some(image) => app(APPS[a], image).spec_hash(),
+                        None => "stale".to_string(),
+                    };
+                    vm(i as u128 + 1, APPS[a], &version, state, health)
+                })
+                .collect(),
+            failures: BTreeMap::new(),
         })
     }
 
@@ -470,12 +480,22 @@ mod tests {
             match action {
                 Action::Create { app, version } | Action::Replace { app, version, .. } => {
                     *next_id += 1;
-                    actual.vms.push(vm(*next_id, app, version, VmState::Starting, Health::Unknown));
+                    actual.vms.push(vm(
+                        *next_id,
+                        app,
+                        version,
+                        VmState::Starting,
+                        Health::Unknown,
+                    ));
                 }
                 Action::Retire { vm_id, .. } => actual.vms.retain(|v| v.vm_id != *vm_id),
                 Action::Remove { app, vm_id, reason } => {
                     if let Some(gone) = actual.vms.iter().find(|v| v.vm_id == *vm_id) {
-                        if *reason == (RemoveReason::Failed { counts_as_failure: true }) {
+                        if *reason
+                            == (RemoveReason::Failed {
+                                counts_as_failure: true,
+                            })
+                        {
                             let f = FailureRecord::next(
                                 actual.failures.get(app),
                                 &gone.version,
@@ -506,7 +526,15 @@ mod tests {
                 .apps
                 .iter()
                 .enumerate()
-                .map(|(i, (n, a))| vm(i as u128 + 1, n, &a.spec_hash(), VmState::Running, Health::Healthy))
+                .map(|(i, (n, a))| {
+                    vm(
+                        i as u128 + 1,
+                        n,
+                        &a.spec_hash(),
+                        VmState::Running,
+                        Health::Healthy,
+                    )
+                })
                 .collect(),
             failures: BTreeMap::new(),
         }

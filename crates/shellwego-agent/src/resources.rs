@@ -57,11 +57,15 @@ impl ResourceSpec {
         let field = |name: &str| format!("{prefix}.{name}");
         Ok(ResourceSpec {
             cpu_milli: match cpu {
-                Some(t) => units::parse_cpu_milli(t).map_err(|e| FieldError::new(field("cpu"), e))?,
+                Some(t) => {
+                    units::parse_cpu_milli(t).map_err(|e| FieldError::new(field("cpu"), e))?
+                }
                 None => d.cpu_milli,
             },
             memory_bytes: match memory {
-                Some(t) => units::parse_bytes(t).map_err(|e| FieldError::new(field("memory"), e))?,
+                Some(t) => {
+                    units::parse_bytes(t).map_err(|e| FieldError::new(field("memory"), e))?
+                }
                 None => d.memory_bytes,
             },
             disk_bytes: match disk {

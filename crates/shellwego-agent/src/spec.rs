@@ -214,8 +214,7 @@ fn check_name(name: &str) -> Result<(), SpecError> {
         .chars()
         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
     let starts = name.chars().next().is_some_and(|c| c.is_ascii_lowercase());
-    if name.is_empty() || name.len() > MAX_NAME_LEN || !ok_chars || !starts || name.ends_with('-')
-    {
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !ok_chars || !starts || name.ends_with('-') {
         return Err(invalid(
             "name",
             name,
@@ -254,20 +253,28 @@ fn check_var_name(field: &str, name: &str) -> Result<(), SpecError> {
 fn port(field: &str, value: i64) -> Result<u16, SpecError> {
     match u16::try_from(value) {
         Ok(p) if p > 0 => Ok(p),
-        _ => Err(invalid(field, value.to_string(), "must be a port from 1 to 65535")),
+        _ => Err(invalid(
+            field,
+            value.to_string(),
+            "must be a port from 1 to 65535",
+        )),
     }
 }
 
 fn duration(field: &str, text: Option<&str>, default: Duration) -> Result<Duration, SpecError> {
     match text {
         None => Ok(default),
-        Some(t) => units::parse_duration(t).map_err(|e| SpecError::Quantity(FieldError::new(field, e))),
+        Some(t) => {
+            units::parse_duration(t).map_err(|e| SpecError::Quantity(FieldError::new(field, e)))
+        }
     }
 }
 
 fn bitrate(field: &str, text: Option<&str>) -> Result<Option<u64>, SpecError> {
-    text.map(|t| units::parse_bitrate(t).map_err(|e| SpecError::Quantity(FieldError::new(field, e))))
-        .transpose()
+    text.map(|t| {
+        units::parse_bitrate(t).map_err(|e| SpecError::Quantity(FieldError::new(field, e)))
+    })
+    .transpose()
 }
 
 fn secret(name: &str, raw: RawSecret) -> Result<SecretSource, SpecError> {
@@ -293,7 +300,11 @@ fn health(raw: RawHealth) -> Result<HealthCheck, SpecError> {
     let probe = match (raw.http, raw.tcp) {
         (Some(path), None | Some(false)) if path.starts_with('/') => Probe::Http { path },
         (Some(path), None | Some(false)) => {
-            return Err(invalid("health.http", path, "must be a path starting with '/'"))
+            return Err(invalid(
+                "health.http",
+                path,
+                "must be a path starting with '/'",
+            ))
         }
         (None, Some(true)) => Probe::Tcp,
         _ => {
@@ -311,8 +322,16 @@ fn health(raw: RawHealth) -> Result<HealthCheck, SpecError> {
             .filter(|r| *r >= 1)
             .ok_or_else(|| invalid("health.retries", r.to_string(), "must be at least 1"))?,
     };
-    let interval = duration("health.interval", raw.interval.as_deref(), Duration::from_secs(2))?;
-    let timeout = duration("health.timeout", raw.timeout.as_deref(), Duration::from_secs(1))?;
+    let interval = duration(
+        "health.interval",
+        raw.interval.as_deref(),
+        Duration::from_secs(2),
+    )?;
+    let timeout = duration(
+        "health.timeout",
+        raw.timeout.as_deref(),
+        Duration::from_secs(1),
+    )?;
     if timeout > interval {
         return Err(invalid(
             "health.timeout",
@@ -326,7 +345,11 @@ fn health(raw: RawHealth) -> Result<HealthCheck, SpecError> {
         interval,
         timeout,
         retries,
-        grace: duration("health.grace", raw.grace.as_deref(), Duration::from_secs(120))?,
+        grace: duration(
+            "health.grace",
+            raw.grace.as_deref(),
+            Duration::from_secs(120),
+        )?,
     })
 }
 
@@ -342,20 +365,35 @@ impl DesiredApp {
             raw.resources.memory.as_deref(),
             raw.resources.disk.as_deref(),
         )?;
-        for (field, list) in [("run.entrypoint", &raw.run.entrypoint), ("run.cmd", &raw.run.cmd)] {
+        for (field, list) in [
+            ("run.entrypoint", &raw.run.entrypoint),
+            ("run.cmd", &raw.run.cmd),
+        ] {
             if let Some(argv) = list {
                 if argv.iter().any(|a| a.contains('\0')) {
-                    return Err(invalid(field, format!("{argv:?}"), "must not contain NUL bytes"));
+                    return Err(invalid(
+                        field,
+                        format!("{argv:?}"),
+                        "must not contain NUL bytes",
+                    ));
                 }
             }
         }
         if raw.run.entrypoint.as_ref().is_some_and(|e| e.is_empty()) {
-            return Err(invalid("run.entrypoint", "[]", "must not be empty when given"));
+            return Err(invalid(
+                "run.entrypoint",
+                "[]",
+                "must not be empty when given",
+            ));
         }
         for (key, value) in &raw.env {
             check_var_name("env", key)?;
             if value.contains('\0') {
-                return Err(invalid(format!("env.{key}"), value, "must not contain NUL bytes"));
+                return Err(invalid(
+                    format!("env.{key}"),
+                    value,
+                    "must not contain NUL bytes",
+                ));
             }
         }
         let mut secrets = BTreeMap::new();
@@ -379,7 +417,11 @@ impl DesiredApp {
                 .map(|h| port(&format!("ports[{i}].host"), h))
                 .transpose()?;
             if ports.iter().any(|q: &PortSpec| q.guest == guest) {
-                return Err(invalid(format!("ports[{i}].guest"), guest.to_string(), "is listed twice"));
+                return Err(invalid(
+                    format!("ports[{i}].guest"),
+                    guest.to_string(),
+                    "is listed twice",
+                ));
             }
             if host.is_some() && ports.iter().any(|q: &PortSpec| q.host == host) {
                 return Err(invalid(
@@ -462,7 +504,13 @@ download = "50Mbit"
         assert_eq!(app.resources.cpu_milli, 500);
         assert_eq!(app.resources.memory_bytes, 128 << 20);
         assert_eq!(app.secrets["API_KEY"], SecretSource::Env("API_KEY".into()));
-        assert_eq!(app.ports, vec![PortSpec { guest: 8080, host: Some(18080) }]);
+        assert_eq!(
+            app.ports,
+            vec![PortSpec {
+                guest: 8080,
+                host: Some(18080)
+            }]
+        );
         let h = app.health.as_ref().unwrap();
         assert_eq!(h.probe, Probe::Http { path: "/".into() });
         assert_eq!(h.retries, 3);
@@ -480,12 +528,16 @@ download = "50Mbit"
         let e = err_of("name = \"Hello_World\"\nimage = \"a\"");
         assert!(e.contains("name") && e.contains("Hello_World"), "{e}");
         let e = err_of("name = \"a\"\nimage = \"a\"\n[resources]\nmemory = \"12 parsecs\"");
-        assert!(e.contains("resources.memory") && e.contains("12 parsecs"), "{e}");
+        assert!(
+            e.contains("resources.memory") && e.contains("12 parsecs"),
+            "{e}"
+        );
         let e = err_of("name = \"a\"\nimage = \"a\"\n[[ports]]\nguest = 70000");
         assert!(e.contains("ports[0].guest") && e.contains("70000"), "{e}");
         let e = err_of("name = \"a\"\nimage = \"a\"\n[env]\n\"1BAD\" = \"x\"");
         assert!(e.contains("env.1BAD"), "{e}");
-        let e = err_of("name = \"a\"\nimage = \"a\"\n[secrets]\nK = { env = \"K\", value = \"v\" }");
+        let e =
+            err_of("name = \"a\"\nimage = \"a\"\n[secrets]\nK = { env = \"K\", value = \"v\" }");
         assert!(e.contains("secrets.K"), "{e}");
         let e = err_of("name = \"a\"\nimage = \"a\"\nimagee = \"typo\"");
         assert!(e.contains("imagee"), "{e}");
@@ -495,7 +547,9 @@ download = "50Mbit"
         assert!(e.contains("bandwidth.upload") && e.contains("fast"), "{e}");
         let e = err_of("name = \"a\"\nimage = \"has space\"");
         assert!(e.contains("image") && e.contains("has space"), "{e}");
-        let e = err_of("name = \"a\"\nimage = \"a\"\n[env]\nK = \"1\"\n[secrets]\nK = { value = \"2\" }");
+        let e = err_of(
+            "name = \"a\"\nimage = \"a\"\n[env]\nK = \"1\"\n[secrets]\nK = { value = \"2\" }",
+        );
         assert!(e.contains("secrets.K"), "{e}");
     }
 

@@ -102,7 +102,8 @@ pub fn parse_cpu_milli(text: &str) -> Result<u64, UnitError> {
     Ok(milli)
 }
 
-const SIZE_UNITS: &str = "B, K/KB, M/MB, G/GB, T/TB (powers of 1000) or Ki, Mi, Gi, Ti (powers of 1024)";
+const SIZE_UNITS: &str =
+    "B, K/KB, M/MB, G/GB, T/TB (powers of 1000) or Ki, Mi, Gi, Ti (powers of 1024)";
 
 /// A size in bytes: binary units ("Ki", "Mi", "Gi", "Ti", also with a trailing "B"),
 /// decimal units ("K"/"KB", "M"/"MB", "G"/"GB", "T"/"TB"), or plain bytes.
@@ -199,9 +200,15 @@ mod tests {
             parse_cpu_milli("2 cores"),
             Err(UnitError::UnknownUnit { .. })
         ));
-        assert!(matches!(parse_cpu_milli("-1"), Err(UnitError::NotANumber(_))));
+        assert!(matches!(
+            parse_cpu_milli("-1"),
+            Err(UnitError::NotANumber(_))
+        ));
         assert!(matches!(parse_cpu_milli(""), Err(UnitError::Empty)));
-        assert!(matches!(parse_cpu_milli("1.2.3"), Err(UnitError::NotANumber(_))));
+        assert!(matches!(
+            parse_cpu_milli("1.2.3"),
+            Err(UnitError::NotANumber(_))
+        ));
     }
 
     #[test]
@@ -211,12 +218,18 @@ mod tests {
         assert_eq!(parse_bytes("128MB"), Ok(128_000_000));
         assert_eq!(parse_bytes("1.5Gi"), Ok(3 << 29));
         assert_eq!(parse_bytes("4096"), Ok(4096));
-        assert!(matches!(parse_bytes("1.5"), Err(UnitError::TooPrecise { .. })));
+        assert!(matches!(
+            parse_bytes("1.5"),
+            Err(UnitError::TooPrecise { .. })
+        ));
         assert!(matches!(
             parse_bytes("99999999999Ti"),
             Err(UnitError::Overflow(_))
         ));
-        assert!(matches!(parse_bytes("12XB"), Err(UnitError::UnknownUnit { .. })));
+        assert!(matches!(
+            parse_bytes("12XB"),
+            Err(UnitError::UnknownUnit { .. })
+        ));
     }
 
     #[test]

@@ -1,0 +1,72 @@
+//! Small helpers for processes a fixture starts.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// True while a process with this PID exists (and is not a zombie we could reap).
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks for existence.
+    let exists = unsafe { libc::kill(pid, 0) } == 0;
+    if !exists {
+        return false;
+    }
+    // A zombie still "exists": read its state.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z"),
+        Err(_) => false,
+    }
+}
+
+/// Sends SIGTERM, waits up to `grace` for the process to go, then SIGKILLs it.
+pub fn terminate(pid: i32, grace: Duration) {
+    // SAFETY: plain signal delivery to a PID this fixture started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let start = Instant::now();
+    while alive(pid) && start.elapsed() < grace {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if alive(pid) {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let start = Instant::now();
+        while alive(pid) && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Runs a command to completion, panicking with its output if it fails.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a command, returning whether it succeeded (for teardown, where failure is logged).
+pub fn run_quiet(cmd: &mut Command) -> bool {
+    match cmd.output() {
+        Ok(out) if out.status.success() => true,
+        Ok(out) => {
+            eprintln!(
+                "teardown: {cmd:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            false
+        }
+        Err(e) => {
+            eprintln!("teardown: cannot run {cmd:?}: {e}");
+            false
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! A zfs-fuse daemon shared by the tests of one process, and a throwaway pool per test.
+//!
+//! The daemon is started on first use and stopped when the test process exits (an
+//! `atexit` hook: libtest's `main` returns normally). A daemon left behind by a test
+//! process that was killed is adopted through a pid file and stopped by the next run.
+//! Pools live on sparse files and carry a name unique to the process and test.
+
+use std::fs;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::prereq::{require_command, require_root};
+use crate::process::{alive, run_ok, run_quiet, terminate};
+
+/// Where test pools keep their backing files and mounts.
+pub const TEST_ROOT: &str = "/tmp/shellwego-test";
+const PID_FILE: &str = "/tmp/shellwego-test/zfs-fuse.pid";
+const SETUP_FIX: &str = "install it with `make setup` (apt-get install zfs-fuse)";
+
+/// The daemon this process owns, if it started or adopted one.
+static OWNED_DAEMON: Mutex<Option<i32>> = Mutex::new(None);
+static STARTED: Mutex<bool> = Mutex::new(false);
+
+fn zpool_answers() -> bool {
+    Command::new("zpool")
+        .arg("list")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Mount points of zfs-fuse file systems whose daemon is gone ("Transport endpoint is
+/// not connected"): they are lazily unmounted before a new daemon starts.
+fn unmount_stale_mounts() {
+    let Ok(mounts) = fs::read_to_string("/proc/mounts") else {
+        return;
+    };
+    for line in mounts.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if let [_, mountpoint, fstype, ..] = cols.as_slice() {
+            let ours = mountpoint.starts_with(TEST_ROOT);
+            if ours && fstype.starts_with("fuse") && fs::metadata(mountpoint).is_err() {
+                run_quiet(Command::new("umount").arg("-l").arg(mountpoint));
+            }
+        }
+    }
+}
+
+/// Reads `daemon_pid owner_pid` from the pid file.
+fn read_pid_file() -> Option<(i32, i32)> {
+    let text = fs::read_to_string(PID_FILE).ok()?;
+    let mut it = text.split_whitespace().map(|s| s.parse::<i32>().ok());
+    Some((it.next()??, it.next()??))
+}
+
+fn write_pid_file(daemon: i32) {
+    let me = std::process::id();
+    if let Err(e) = fs::write(PID_FILE, format!("{daemon} {me}\n")) {
+        panic!("cannot write {PID_FILE}: {e}");
+    }
+}
+
+extern "C" fn stop_owned_daemon() {
+    let pid = match OWNED_DAEMON.lock() {
+        Ok(mut guard) => guard.take(),
+        Err(_) => return,
+    };
+    if let Some(pid) = pid {
+        // zfs-fuse needs seconds to exit after SIGTERM.
+        terminate(pid, Duration::from_secs(20));
+        let _ = fs::remove_file(PID_FILE);
+        unmount_stale_mounts();
+    }
+}
+
+/// Makes sure a zfs-fuse daemon answers, starting one if needed.
+pub fn ensure_daemon() {
+    require_root("a ZFS test");
+    let mut started = STARTED.lock().unwrap_or_else(|e| e.into_inner());
+    if *started && zpool_answers() {
+        return;
+    }
+    require_command("zfs-fuse", SETUP_FIX);
+    require_command("zpool", SETUP_FIX);
+    fs::create_dir_all(TEST_ROOT).unwrap_or_else(|e| panic!("cannot create {TEST_ROOT}: {e}"));
+
+    // A daemon started by an earlier test process that died: adopt it, so it is stopped.
+    if let Some((daemon, owner)) = read_pid_file() {
+        if alive(daemon) && !alive(owner) {
+            write_pid_file(daemon);
+            *OWNED_DAEMON.lock().unwrap_or_else(|e| e.into_inner()) = Some(daemon);
+            register_atexit();
+        }
+    }
+    if !zpool_answers() {
+        unmount_stale_mounts();
+        let log = fs::File::create(format!("{TEST_ROOT}/zfs-fuse.log"))
+            .unwrap_or_else(|e| panic!("cannot create zfs-fuse log: {e}"));
+        let log_err = log
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot dup log: {e}"));
+        let mut cmd = Command::new("zfs-fuse");
+        cmd.args(["--no-daemon", "--no-kstat-mount"])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        // SAFETY: setsid is async-signal-safe; the daemon gets its own session so a
+        // terminal's signals do not reach it.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start zfs-fuse: {e}; {SETUP_FIX}"));
+        let pid = child.id() as i32;
+        write_pid_file(pid);
+        *OWNED_DAEMON.lock().unwrap_or_else(|e| e.into_inner()) = Some(pid);
+        register_atexit();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !zpool_answers() {
+            assert!(
+                alive(pid),
+                "zfs-fuse exited at start; see {TEST_ROOT}/zfs-fuse.log (is /dev/fuse present? modprobe fuse)"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "zfs-fuse did not answer within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    *started = true;
+}
+
+fn register_atexit() {
+    static REGISTERED: std::sync::Once = std::sync::Once::new();
+    REGISTERED.call_once(|| {
+        // SAFETY: registering a plain extern "C" function.
+        unsafe { libc::atexit(stop_owned_daemon) };
+    });
+}
+
+static POOL_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A pool on a sparse file, destroyed with everything in it on drop.
+pub struct TestPool {
+    pub name: String,
+    /// Directory holding the backing file and, below `mnt/`, the pool's mounts.
+    pub dir: PathBuf,
+    file: PathBuf,
+}
+
+impl TestPool {
+    /// Creates a pool of `size` bytes (sparse) named `swgt<pid>x<n>`.
+    pub fn new(size: u64) -> TestPool {
+        ensure_daemon();
+        let n = POOL_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("swgt{}x{n}", std::process::id());
+        let dir = Path::new(TEST_ROOT).join(&name);
+        fs::create_dir_all(dir.join("mnt"))
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        let file = dir.join("pool.img");
+        let f = fs::File::create(&file).unwrap_or_else(|e| panic!("cannot create pool file: {e}"));
+        f.set_len(size)
+            .unwrap_or_else(|e| panic!("cannot size pool file: {e}"));
+        run_ok(
+            Command::new("zpool")
+                .args(["create", "-o", "cachefile=none", "-m", "none", &name])
+                .arg(&file),
+        );
+        TestPool { name, dir, file }
+    }
+
+    /// A directory under which datasets of this pool may be mounted.
+    pub fn mount_root(&self) -> PathBuf {
+        self.dir.join("mnt")
+    }
+}
+
+impl Drop for TestPool {
+    fn drop(&mut self) {
+        let out = Command::new("zfs")
+            .args(["list", "-H", "-r", "-o", "name", &self.name])
+            .output();
+        if let Ok(out) = out {
+            let names = String::from_utf8_lossy(&out.stdout).into_owned();
+            for ds in names.lines().rev() {
+                let _ = Command::new("zfs").args(["unmount", ds]).output();
+            }
+        }
+        let mut destroyed = false;
+        for _ in 0..50 {
+            let out = Command::new("zpool")
+                .args(["destroy", "-f", &self.name])
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {
+                    destroyed = true;
+                    break;
+                }
+                Ok(o) if String::from_utf8_lossy(&o.stderr).contains("no such pool") => {
+                    destroyed = true;
+                    break;
+                }
+                _ => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        if !destroyed {
+            eprintln!("teardown: pool {} could not be destroyed", self.name);
+            return;
+        }
+        let _ = fs::remove_file(&self.file);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

@@ -21,7 +21,7 @@ APT_PACKAGES=(
   clang llvm libelf-dev zlib1g-dev bpftool  # eBPF QoS program
   iperf3 nftables iproute2 e2fsprogs
   busybox-static    # a static busybox for test guests
-  unzip python3-pip qemu-utils
+  unzip python3-pip qemu-utils gzip zstd
 )
 
 step() { printf '==> %s\n' "$*"; }

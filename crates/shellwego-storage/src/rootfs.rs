@@ -1,0 +1,376 @@
+//! Root disks of VMs: one base per image digest, cloned per VM.
+//!
+//! ```text
+//! POOL/shellwego/images/<digest>        ext4 image file `rootfs.ext4` of the unpacked image,
+//!    @base                              snapshotted once, read-only from then on
+//! POOL/shellwego/apps/<vm_id>           zfs clone of @base, mounted at <data>/apps/<vm_id>,
+//!                                       so Firecracker gets a writable image file
+//! ```
+//! Firecracker needs a block device; zfs-fuse has no zvols, so the disk is an image file
+//! inside the dataset on every host (one code path; a zvol variant would only pay off on
+//! OpenZFS).
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use tracing::info;
+
+use crate::image::{ImageStore, PulledImage};
+use crate::unpack::{LayerApplier, UnpackError};
+use crate::zfs::{validate_name, ZfsError, ZfsManager};
+
+/// The image file's name inside each dataset.
+pub const IMAGE_FILE: &str = "rootfs.ext4";
+const BASE_SNAPSHOT: &str = "base";
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    #[error(transparent)]
+    Zfs(#[from] ZfsError),
+    #[error("unpacking layer {layer} of {image}: {source}")]
+    Unpack {
+        image: String,
+        layer: String,
+        #[source]
+        source: UnpackError,
+    },
+    #[error(transparent)]
+    Image(#[from] crate::image::ImageError),
+    #[error("{what} at {path}: {source}")]
+    Io {
+        what: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("`{cmd}` failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("invalid VM id {0:?}: use letters, digits and '-'")]
+    BadVmId(String),
+    #[error("dataset {0} is not mounted")]
+    NotMounted(String),
+}
+
+fn io_err(what: &str, path: &Path) -> impl Fn(io::Error) -> RootfsError {
+    let what = what.to_string();
+    let path = path.to_path_buf();
+    move |source| RootfsError::Io {
+        what: what.clone(),
+        path: path.clone(),
+        source,
+    }
+}
+
+/// An image's base dataset, ready to clone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseImage {
+    pub dataset: String,
+    pub snapshot: String,
+    /// Size of the ext4 image file in bytes.
+    pub size_bytes: u64,
+    /// True when this call built it; false when it already existed.
+    pub built_now: bool,
+}
+
+/// A VM's own writable root disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmDisk {
+    pub dataset: String,
+    pub mountpoint: PathBuf,
+    /// The ext4 image file Firecracker opens as the root drive.
+    pub image_path: PathBuf,
+}
+
+/// Builds bases and clones for VMs.
+pub struct RootfsBuilder {
+    zfs: ZfsManager,
+    data_dir: PathBuf,
+    building: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+fn run(cmd: &mut Command) -> Result<(), RootfsError> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().map_err(|e| RootfsError::Command {
+        cmd: shown.clone(),
+        stderr: e.to_string(),
+    })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(RootfsError::Command {
+            cmd: shown,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        })
+    }
+}
+
+/// Bytes a tree needs in ext4: allocated blocks plus an inode (256 B) per entry.
+fn tree_size(dir: &Path) -> io::Result<u64> {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            total += meta.blocks() * 512 + 256;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// The size of a base image: content plus a quarter and 64 MiB of headroom, whole MiB.
+pub fn base_size(content_bytes: u64) -> u64 {
+    let want = content_bytes + content_bytes / 4 + 64 * MIB;
+    want.div_ceil(MIB) * MIB
+}
+
+/// Holds an exclusive `flock` on a file while alive (cross-process build lock).
+struct FileLock(fs::File);
+
+impl FileLock {
+    fn acquire(path: &Path) -> io::Result<FileLock> {
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
+        // SAFETY: flock on a valid open descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(FileLock(f))
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        // SAFETY: unlocking our own descriptor.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+impl RootfsBuilder {
+    pub fn new(zfs: ZfsManager, data_dir: &Path) -> RootfsBuilder {
+        RootfsBuilder {
+            zfs,
+            data_dir: data_dir.to_path_buf(),
+            building: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn zfs(&self) -> &ZfsManager {
+        &self.zfs
+    }
+
+    fn root_dataset(&self) -> String {
+        format!("{}/shellwego", self.zfs.pool())
+    }
+
+    pub fn base_dataset(&self, image: &PulledImage) -> String {
+        format!("{}/images/{}", self.root_dataset(), image.digest_hex())
+    }
+
+    pub fn vm_dataset(&self, vm_id: &str) -> String {
+        format!("{}/apps/{vm_id}", self.root_dataset())
+    }
+
+    /// Builds the image's base once (also under concurrent callers, in this process or
+    /// others) and returns it.
+    pub fn ensure_base(
+        &self,
+        store: &ImageStore,
+        image: &PulledImage,
+    ) -> Result<BaseImage, RootfsError> {
+        let dataset = self.base_dataset(image);
+        let snapshot = format!("{dataset}@{BASE_SNAPSHOT}");
+        let mountpoint = self.data_dir.join("bases").join(image.digest_hex());
+        let lock = {
+            let mut map = self.building.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(dataset.clone()).or_default().clone()
+        };
+        let _in_process = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let locks = self.data_dir.join("locks");
+        fs::create_dir_all(&locks).map_err(io_err("creating lock dir", &locks))?;
+        let lock_path = locks.join(format!("base-{}.lock", image.digest_hex()));
+        let _cross_process =
+            FileLock::acquire(&lock_path).map_err(io_err("locking", &lock_path))?;
+
+        if self.zfs.exists(&snapshot)? {
+            let size_bytes = fs::metadata(mountpoint.join(IMAGE_FILE))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            return Ok(BaseImage {
+                dataset,
+                snapshot,
+                size_bytes,
+                built_now: false,
+            });
+        }
+        // A dataset without its snapshot is a build that was interrupted: start over.
+        self.zfs.destroy(&dataset)?;
+
+        let tmp_root = self.data_dir.join("tmp");
+        fs::create_dir_all(&tmp_root).map_err(io_err("creating", &tmp_root))?;
+        let unpack_dir = tmp_root.join(format!(
+            "unpack-{}-{}",
+            image.digest_hex(),
+            std::process::id()
+        ));
+        let _ = fs::remove_dir_all(&unpack_dir);
+        fs::create_dir_all(&unpack_dir).map_err(io_err("creating", &unpack_dir))?;
+        let result = self.build_base(store, image, &dataset, &snapshot, &mountpoint, &unpack_dir);
+        let _ = fs::remove_dir_all(&unpack_dir);
+        if result.is_err() {
+            let _ = self.zfs.destroy(&dataset);
+        }
+        result
+    }
+
+    fn build_base(
+        &self,
+        store: &ImageStore,
+        image: &PulledImage,
+        dataset: &str,
+        snapshot: &str,
+        mountpoint: &Path,
+        unpack_dir: &Path,
+    ) -> Result<BaseImage, RootfsError> {
+        let applier = LayerApplier::new(unpack_dir);
+        for layer in &image.layers {
+            let reader = store.open_layer(layer)?;
+            applier
+                .apply(reader)
+                .map_err(|source| RootfsError::Unpack {
+                    image: image.digest.clone(),
+                    layer: layer.digest.clone(),
+                    source,
+                })?;
+        }
+        let content = tree_size(unpack_dir).map_err(io_err("measuring", unpack_dir))?;
+        let size = base_size(content);
+        let mp = mountpoint.to_string_lossy();
+        self.zfs.create(
+            dataset,
+            &[
+                ("mountpoint", mp.as_ref()),
+                ("compression", self.zfs.flavor().compression()),
+            ],
+        )?;
+        let mounted = self
+            .zfs
+            .mountpoint(dataset)?
+            .ok_or_else(|| RootfsError::NotMounted(dataset.to_string()))?;
+        let file = mounted.join(IMAGE_FILE);
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "rootfs", "-d"])
+            .arg(unpack_dir)
+            .arg(&file)
+            .arg(format!("{}k", size / 1024)))?;
+        self.zfs.snapshot(snapshot)?;
+        self.zfs.set(dataset, "readonly", "on")?;
+        info!(dataset, size, content, "base image built");
+        Ok(BaseImage {
+            dataset: dataset.to_string(),
+            snapshot: snapshot.to_string(),
+            size_bytes: size,
+            built_now: true,
+        })
+    }
+
+    /// The VM's own clone of the base, mounted at `<data>/apps/<vm_id>`; grown to
+    /// `disk_bytes` when that is larger than the base. Idempotent.
+    pub fn clone_for_vm(
+        &self,
+        base: &BaseImage,
+        vm_id: &str,
+        disk_bytes: Option<u64>,
+    ) -> Result<VmDisk, RootfsError> {
+        if vm_id.is_empty() || !vm_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(RootfsError::BadVmId(vm_id.to_string()));
+        }
+        let dataset = self.vm_dataset(vm_id);
+        validate_name(&dataset)?;
+        let mountpoint = self.data_dir.join("apps").join(vm_id);
+        if !self.zfs.exists(&dataset)? {
+            let mp = mountpoint.to_string_lossy();
+            self.zfs
+                .clone_snapshot(&base.snapshot, &dataset, &[("mountpoint", mp.as_ref())])?;
+        }
+        let mounted = self
+            .zfs
+            .mountpoint(&dataset)?
+            .ok_or_else(|| RootfsError::NotMounted(dataset.clone()))?;
+        let image_path = mounted.join(IMAGE_FILE);
+        if let Some(want) = disk_bytes {
+            let have = fs::metadata(&image_path)
+                .map_err(io_err("reading disk image", &image_path))?
+                .len();
+            let want = want.div_ceil(MIB) * MIB;
+            if want > have {
+                let f = fs::OpenOptions::new()
+                    .write(true)
+                    .open(&image_path)
+                    .map_err(io_err("opening disk image", &image_path))?;
+                f.set_len(want)
+                    .map_err(io_err("growing disk image", &image_path))?;
+                drop(f);
+                run(Command::new("resize2fs").arg("-f").arg(&image_path))?;
+            }
+        }
+        Ok(VmDisk {
+            dataset,
+            mountpoint: mounted,
+            image_path,
+        })
+    }
+
+    /// Destroys a VM's clone. Removing what is already gone is not an error.
+    pub fn remove_vm_disk(&self, vm_id: &str) -> Result<(), RootfsError> {
+        let dataset = self.vm_dataset(vm_id);
+        self.zfs.destroy(&dataset)?;
+        let dir = self.data_dir.join("apps").join(vm_id);
+        match fs::remove_dir(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("removing mountpoint", &dir)(e)),
+        }
+    }
+
+    /// VM ids that have a disk.
+    pub fn vm_disks(&self) -> Result<Vec<String>, RootfsError> {
+        let apps = format!("{}/apps", self.root_dataset());
+        if !self.zfs.exists(&apps)? {
+            return Ok(vec![]);
+        }
+        let prefix = format!("{apps}/");
+        Ok(self
+            .zfs
+            .list(&apps)?
+            .into_iter()
+            .filter_map(|d| d.name.strip_prefix(&prefix).map(str::to_string))
+            .filter(|n| !n.contains('/') && !n.contains('@'))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_size_has_headroom() {
+        assert_eq!(base_size(0), 64 * MIB);
+        assert_eq!(base_size(80 * MIB), 164 * MIB);
+        assert_eq!(base_size(1) % MIB, 0);
+    }
+}

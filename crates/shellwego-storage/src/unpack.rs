@@ -1,0 +1,403 @@
+//! Applying OCI image layers (tar streams) to a root directory.
+//!
+//! Layers are applied in order with whiteouts (`.wh.NAME` removes NAME from lower layers,
+//! `.wh..wh..opq` hides everything lower layers put in its directory), hardlinks,
+//! symlinks, device nodes and FIFOs, owners, modes, modification times and xattrs.
+//!
+//! Every path stays inside the root. An entry is refused, with an error naming it, when
+//! its path (or a hardlink's target) is absolute or has a `..` component, or when any
+//! directory on its way is a symlink (e.g. `etc -> /` planted by an earlier layer): paths
+//! are walked component by component with `lstat`, and nothing is ever opened through a
+//! symlink. A final component that is a symlink is replaced, not followed.
+
+use std::collections::HashSet;
+use std::ffi::{CString, OsStr};
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use tar::EntryType;
+use tracing::warn;
+
+/// Why a layer could not be applied. `entry` is the path as written in the archive.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    #[error("layer entry {entry:?} has an absolute path; refused")]
+    Absolute { entry: String },
+    #[error("layer entry {entry:?} has a '..' component; refused")]
+    Traversal { entry: String },
+    #[error("layer entry {entry:?} would write through the symlink {link:?}; refused")]
+    ThroughSymlink { entry: String, link: String },
+    #[error("layer entry {entry:?}: {path:?} exists and is not a directory")]
+    NotADirectory { entry: String, path: String },
+    #[error("layer entry {entry:?}: hardlink target {target:?} does not exist or is a directory")]
+    BadLinkTarget { entry: String, target: String },
+    #[error("layer entry {entry:?} is a whiteout of an invalid name")]
+    BadWhiteout { entry: String },
+    #[error("layer entry {entry:?} has unsupported type {kind}")]
+    Unsupported { entry: String, kind: String },
+    #[error("layer entry {entry:?}: {source}")]
+    Io {
+        entry: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer archive is unreadable: {0}")]
+    Archive(#[source] io::Error),
+}
+
+/// Counts of what a layer did, for progress and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LayerStats {
+    pub entries: u64,
+    pub whiteouts: u64,
+    pub bytes: u64,
+}
+
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
+
+/// The path of an archive entry, relative and normalized; `None` for the root itself.
+fn clean_relative(raw: &[u8], entry: &str) -> Result<Option<PathBuf>, UnpackError> {
+    let path = Path::new(OsStr::from_bytes(raw));
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::CurDir => {}
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(UnpackError::Absolute {
+                    entry: entry.to_string(),
+                })
+            }
+            Component::ParentDir => {
+                return Err(UnpackError::Traversal {
+                    entry: entry.to_string(),
+                })
+            }
+        }
+    }
+    Ok((!out.as_os_str().is_empty()).then_some(out))
+}
+
+/// Applies layers to one root directory.
+pub struct LayerApplier {
+    root: PathBuf,
+}
+
+fn io_err(entry: &str) -> impl Fn(io::Error) -> UnpackError + '_ {
+    move |source| UnpackError::Io {
+        entry: entry.to_string(),
+        source,
+    }
+}
+
+fn cstring(path: &Path, entry: &str) -> Result<CString, UnpackError> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| UnpackError::Io {
+        entry: entry.to_string(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"),
+    })
+}
+
+fn check(ret: libc::c_int) -> io::Result<()> {
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Removes whatever is at `path` without following a symlink there.
+fn remove_existing(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+impl LayerApplier {
+    pub fn new(root: &Path) -> LayerApplier {
+        LayerApplier {
+            root: root.to_path_buf(),
+        }
+    }
+
+    /// Walks `rel`'s directories from the root, refusing symlinks; creates missing ones
+    /// when `create` is set. Returns the absolute directory path.
+    fn safe_dir(
+        &self,
+        rel: &Path,
+        entry: &str,
+        create: bool,
+        created: &mut HashSet<PathBuf>,
+    ) -> Result<PathBuf, UnpackError> {
+        let mut cur = self.root.clone();
+        let mut cur_rel = PathBuf::new();
+        for c in rel.components() {
+            cur.push(c);
+            cur_rel.push(c);
+            match fs::symlink_metadata(&cur) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(UnpackError::ThroughSymlink {
+                        entry: entry.to_string(),
+                        link: cur_rel.display().to_string(),
+                    })
+                }
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(UnpackError::NotADirectory {
+                        entry: entry.to_string(),
+                        path: cur_rel.display().to_string(),
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                    fs::create_dir(&cur).map_err(io_err(entry))?;
+                    created.insert(cur_rel.clone());
+                }
+                Err(e) => return Err(io_err(entry)(e)),
+            }
+        }
+        Ok(cur)
+    }
+
+    /// Applies one uncompressed layer tar stream.
+    pub fn apply(&self, reader: impl Read) -> Result<LayerStats, UnpackError> {
+        let mut archive = tar::Archive::new(reader);
+        let mut stats = LayerStats::default();
+        // Paths this layer wrote: an opaque whiteout hides only what lower layers put there.
+        let mut created: HashSet<PathBuf> = HashSet::new();
+        for item in archive.entries().map_err(UnpackError::Archive)? {
+            let mut e = item.map_err(UnpackError::Archive)?;
+            let raw = e.path_bytes().into_owned();
+            let name = String::from_utf8_lossy(&raw).into_owned();
+            let Some(rel) = clean_relative(&raw, &name)? else {
+                continue; // the "./" entry: the root itself
+            };
+            stats.entries += 1;
+            let file_name = rel
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let parent_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+
+            if file_name == OPAQUE_WHITEOUT {
+                let dir = self.safe_dir(&parent_rel, &name, true, &mut created)?;
+                for child in fs::read_dir(&dir).map_err(io_err(&name))? {
+                    let child = child.map_err(io_err(&name))?;
+                    if !created.contains(&parent_rel.join(child.file_name())) {
+                        remove_existing(&child.path()).map_err(io_err(&name))?;
+                    }
+                }
+                stats.whiteouts += 1;
+                continue;
+            }
+            if let Some(target) = file_name.strip_prefix(WHITEOUT_PREFIX) {
+                if target.is_empty() || target == "." || target == ".." || target.contains('/') {
+                    return Err(UnpackError::BadWhiteout { entry: name });
+                }
+                let dir = self.safe_dir(&parent_rel, &name, false, &mut created);
+                match dir {
+                    Ok(dir) => remove_existing(&dir.join(target)).map_err(io_err(&name))?,
+                    // Whiting out something below a directory that does not exist: nothing to do.
+                    Err(UnpackError::Io { source, .. })
+                        if source.kind() == io::ErrorKind::NotFound => {}
+                    Err(other) => return Err(other),
+                }
+                stats.whiteouts += 1;
+                continue;
+            }
+
+            let dir = self.safe_dir(&parent_rel, &name, true, &mut created)?;
+            let path = dir.join(&file_name);
+            let header = e.header().clone();
+            let mode = header.mode().map_err(io_err(&name))? & 0o7777;
+            let uid = header.uid().map_err(io_err(&name))?;
+            let gid = header.gid().map_err(io_err(&name))?;
+            let kind = header.entry_type();
+            match kind {
+                EntryType::Directory => match fs::symlink_metadata(&path) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        fs::remove_file(&path).map_err(io_err(&name))?;
+                        fs::create_dir(&path).map_err(io_err(&name))?;
+                    }
+                    Err(_) => fs::create_dir(&path).map_err(io_err(&name))?,
+                },
+                EntryType::Regular | EntryType::Continuous => {
+                    remove_existing(&path).map_err(io_err(&name))?;
+                    let mut f = fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .custom_flags(libc::O_NOFOLLOW)
+                        .open(&path)
+                        .map_err(io_err(&name))?;
+                    stats.bytes += io::copy(&mut e, &mut f).map_err(io_err(&name))?;
+                }
+                EntryType::Symlink => {
+                    let target = e
+                        .link_name_bytes()
+                        .map(|b| PathBuf::from(OsStr::from_bytes(&b)))
+                        .unwrap_or_default();
+                    remove_existing(&path).map_err(io_err(&name))?;
+                    symlink(&target, &path).map_err(io_err(&name))?;
+                }
+                EntryType::Link => {
+                    let raw_target = e
+                        .link_name_bytes()
+                        .map(|b| b.into_owned())
+                        .unwrap_or_default();
+                    let target_name = String::from_utf8_lossy(&raw_target).into_owned();
+                    let bad = || UnpackError::BadLinkTarget {
+                        entry: name.clone(),
+                        target: target_name.clone(),
+                    };
+                    let target_rel = clean_relative(&raw_target, &name)?.ok_or_else(bad)?;
+                    let target_dir = self.safe_dir(
+                        target_rel.parent().unwrap_or(Path::new("")),
+                        &name,
+                        false,
+                        &mut created,
+                    )?;
+                    let target = target_dir.join(target_rel.file_name().ok_or_else(bad)?);
+                    match fs::symlink_metadata(&target) {
+                        Ok(m) if !m.is_dir() => {}
+                        _ => return Err(bad()),
+                    }
+                    remove_existing(&path).map_err(io_err(&name))?;
+                    fs::hard_link(&target, &path).map_err(io_err(&name))?;
+                    created.insert(rel);
+                    continue; // a hardlink shares the target's inode: owner and mode are its own
+                }
+                EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                    remove_existing(&path).map_err(io_err(&name))?;
+                    let major = header.device_major().ok().flatten().unwrap_or(0);
+                    let minor = header.device_minor().ok().flatten().unwrap_or(0);
+                    let file_type = match kind {
+                        EntryType::Char => libc::S_IFCHR,
+                        EntryType::Block => libc::S_IFBLK,
+                        _ => libc::S_IFIFO,
+                    };
+                    let c = cstring(&path, &name)?;
+                    // SAFETY: c is a valid NUL-terminated path. mknod applies the umask, so
+                    // the mode is set again below with chmod.
+                    let ret = unsafe {
+                        libc::mknod(c.as_ptr(), file_type | mode, libc::makedev(major, minor))
+                    };
+                    check(ret).map_err(io_err(&name))?;
+                }
+                other => {
+                    return Err(UnpackError::Unsupported {
+                        entry: name,
+                        kind: format!("{other:?}"),
+                    })
+                }
+            }
+            let c = cstring(&path, &name)?;
+            // SAFETY: c is a valid path; lchown never follows a symlink.
+            check(unsafe { libc::lchown(c.as_ptr(), uid as libc::uid_t, gid as libc::gid_t) })
+                .map_err(io_err(&name))?;
+            if kind != EntryType::Symlink {
+                fs::set_permissions(&path, fs::Permissions::from_mode(mode))
+                    .map_err(io_err(&name))?;
+            }
+            self.apply_xattrs(&mut e, &c, &name)?;
+            if let Ok(mtime) = header.mtime() {
+                let times = [
+                    libc::timespec {
+                        tv_sec: mtime as libc::time_t,
+                        tv_nsec: 0,
+                    },
+                    libc::timespec {
+                        tv_sec: mtime as libc::time_t,
+                        tv_nsec: 0,
+                    },
+                ];
+                // SAFETY: valid path and a two-element timespec array; never follows symlinks.
+                let ret = unsafe {
+                    libc::utimensat(
+                        libc::AT_FDCWD,
+                        c.as_ptr(),
+                        times.as_ptr(),
+                        libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                };
+                check(ret).map_err(io_err(&name))?;
+            }
+            created.insert(rel);
+        }
+        Ok(stats)
+    }
+
+    fn apply_xattrs<R: Read>(
+        &self,
+        e: &mut tar::Entry<'_, R>,
+        path: &CString,
+        name: &str,
+    ) -> Result<(), UnpackError> {
+        let Ok(Some(exts)) = e.pax_extensions() else {
+            return Ok(());
+        };
+        for ext in exts {
+            let ext = ext.map_err(UnpackError::Archive)?;
+            let Ok(key) = ext.key() else { continue };
+            let Some(attr) = key.strip_prefix("SCHILY.xattr.") else {
+                continue;
+            };
+            let Ok(attr_c) = CString::new(attr) else {
+                continue;
+            };
+            let value = ext.value_bytes();
+            // SAFETY: valid C strings and a byte slice with its length; lsetxattr does not
+            // follow symlinks.
+            let ret = unsafe {
+                libc::lsetxattr(
+                    path.as_ptr(),
+                    attr_c.as_ptr(),
+                    value.as_ptr().cast(),
+                    value.len(),
+                    0,
+                )
+            };
+            if let Err(err) = check(ret) {
+                if err.raw_os_error() == Some(libc::ENOTSUP) {
+                    warn!(
+                        entry = name,
+                        attr, "file system does not support this xattr; skipped"
+                    );
+                } else {
+                    return Err(UnpackError::Io {
+                        entry: name.to_string(),
+                        source: err,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clean_paths() {
+        let ok = |s: &str| clean_relative(s.as_bytes(), s).unwrap();
+        assert_eq!(ok("./etc/passwd"), Some(PathBuf::from("etc/passwd")));
+        assert_eq!(ok("./"), None);
+        assert_eq!(ok("a//b/./c"), Some(PathBuf::from("a/b/c")));
+        assert!(matches!(
+            clean_relative(b"/etc/x", "/etc/x"),
+            Err(UnpackError::Absolute { .. })
+        ));
+        assert!(matches!(
+            clean_relative(b"a/../../x", "a/../../x"),
+            Err(UnpackError::Traversal { .. })
+        ));
+    }
+}

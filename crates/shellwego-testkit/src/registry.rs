@@ -1,0 +1,108 @@
+//! A real CNCF distribution registry (Debian's `docker-registry`) on 127.0.0.1 at a free
+//! port, with its storage in a temp dir; killed on drop. Images are pushed with skopeo.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::prereq::require_command;
+use crate::process::{run_ok, terminate};
+
+const FIX: &str = "install it with `make setup` (apt-get install docker-registry skopeo)";
+
+pub struct Registry {
+    /// `127.0.0.1:PORT`
+    pub addr: String,
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").port()
+}
+
+fn answers(addr: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(format!("GET /v2/ HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .is_err()
+    {
+        return false;
+    }
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.")
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        let bin = require_command("docker-registry", FIX);
+        require_command("skopeo", FIX);
+        let dir = tempfile::tempdir().expect("registry temp dir");
+        let port = free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        let storage = dir.path().join("storage");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                storage.display()
+            ),
+        )
+        .expect("write registry config");
+        let log = std::fs::File::create(dir.path().join("registry.log")).expect("registry log");
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start docker-registry: {e}; {FIX}"));
+        let registry = Registry { addr, child, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !answers(&registry.addr) {
+            assert!(
+                Instant::now() < deadline,
+                "registry did not answer on {} within 20 s",
+                registry.addr
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        registry
+    }
+
+    /// Pushes the image tagged `tag` in an OCI layout as `NAME:TAG` (e.g. `test/alpine:3.23`).
+    pub fn push_layout(&self, layout: &Path, tag: &str, name_tag: &str) {
+        run_ok(Command::new("skopeo").args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            &format!("oci:{}:{tag}", layout.display()),
+            &format!("docker://{}/{name_tag}", self.addr),
+        ]));
+    }
+
+    /// The file the registry serves a blob from (tests corrupt it to play a lying registry).
+    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+        self.dir
+            .path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        terminate(self.child.id() as i32, Duration::from_secs(5));
+        let _ = self.child.wait();
+    }
+}

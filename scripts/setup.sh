@@ -21,7 +21,8 @@ APT_PACKAGES=(
   clang llvm libelf-dev zlib1g-dev bpftool  # eBPF QoS program
   iperf3 nftables iproute2 e2fsprogs
   busybox-static    # a static busybox for test guests
-  unzip python3-pip qemu-utils gzip zstd
+  unzip python3-pip qemu-utils gzip zstd cpio
+  linux-source-6.1 bc flex bison libssl-dev  # the guest kernel build
 )
 
 step() { printf '==> %s\n' "$*"; }
@@ -78,6 +79,26 @@ install_firecracker() {
   step "firecracker: installed $("$BIN_DIR/firecracker" --version | head -1) to $BIN_DIR"
 }
 
+install_kernel() {
+  local built
+  built=$(bash scripts/build-kernel.sh | tail -n1) || die "guest kernel" "see the kernel build's message above"
+  local dest=${SHELLWEGO_KERNEL:-/var/lib/shellwego/kernel/vmlinux}
+  if ! cmp -s "$built" "$dest" 2>/dev/null; then
+    mkdir -p "$(dirname "$dest")"
+    cp "$built" "$dest.tmp" && mv "$dest.tmp" "$dest"
+  fi
+  step "guest kernel: $dest (from $built)"
+}
+
+prepare_test_images() {
+  local tarball
+  tarball=$(bash scripts/make-alpine-rootfs.sh | tail -n1) || die "alpine rootfs" "see the message above"
+  step "alpine rootfs: $tarball"
+}
+
+cd "$(dirname "$0")/.."
 install_packages
 install_firecracker
+install_kernel
+prepare_test_images
 step "setup done"

@@ -2,6 +2,7 @@
 //! and tears it down on drop (also when the test panics). A missing prerequisite fails
 //! the test with a message saying what is missing and how to get it: nothing skips.
 
+pub mod guest;
 pub mod oci;
 pub mod prereq;
 pub mod process;

@@ -1,4 +1,444 @@
-//! MicroVMs: the pure translation of an app's resources into Firecracker's machine
-//! configuration (`config`).
+//! MicroVMs: the pure translation of an app into Firecracker's configuration (`config`),
+//! the firecracker process and its API (`driver`, `models`), the guest console (`console`),
+//! and the lifecycle of VMs on this host (`VmmManager`).
 
 pub mod config;
+pub mod console;
+pub mod driver;
+pub mod models;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use driver::{DriverError, FirecrackerApi, RuntimeDir};
+use models::{
+    ActionType, BootSource, Drive, Logger, MachineConfig, Metrics, NetworkInterface, Vsock,
+};
+
+/// Everything Firecracker needs to boot one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MicrovmConfig {
+    pub vm_id: String,
+    pub machine: MachineConfig,
+    pub boot: BootSource,
+    pub drives: Vec<Drive>,
+    pub network: Vec<NetworkInterface>,
+    pub vsock: Option<Vsock>,
+    /// Network namespace (`/run/netns/NAME`) the firecracker process runs in.
+    pub netns: Option<PathBuf>,
+}
+
+/// What the agent records about a running firecracker so it can re-attach after a
+/// restart. The process start time guards against a reused pid.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    pub vm_id: String,
+    pub pid: i32,
+    pub start_time: u64,
+    pub api_socket: PathBuf,
+}
+
+/// What `inspect` sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmStatus {
+    pub vm_id: String,
+    pub pid: i32,
+    pub alive: bool,
+    /// Firecracker's own view ("Not started", "Running", "Paused"); None if it does not answer.
+    pub state: Option<String>,
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// The process was already gone.
+    AlreadyExited,
+    /// It exited within the grace period.
+    Graceful,
+    /// It was killed after the grace period.
+    Killed,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    #[error("no VM {0} on this host")]
+    UnknownVm(String),
+    #[error("VM {0} exists already")]
+    Exists(String),
+    #[error("VM {vm_id}: {what}: {source}")]
+    Io {
+        vm_id: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat).
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); field 22 is index 19.
+    fields.get(19)?.parse().ok()
+}
+
+/// True while `pid` runs and is not a zombie.
+pub fn process_alive(pid: i32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_some_and(|state| state != "Z" && state != "X")
+}
+
+/// Reaps `pid` if it is our child and has exited; harmless otherwise.
+fn reap(pid: i32) {
+    let mut status = 0;
+    // SAFETY: non-blocking waitpid on a pid we spawned.
+    unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+}
+
+struct VmHandle {
+    record: ProcessRecord,
+    api: FirecrackerApi,
+    rt: RuntimeDir,
+}
+
+/// The VMs of this host, keyed by vm_id.
+pub struct VmmManager {
+    firecracker: PathBuf,
+    run_dir: PathBuf,
+    ready_timeout: Duration,
+    vms: Mutex<BTreeMap<String, VmHandle>>,
+}
+
+impl VmmManager {
+    pub fn new(firecracker: &Path, run_dir: &Path) -> VmmManager {
+        VmmManager {
+            firecracker: firecracker.to_path_buf(),
+            run_dir: run_dir.to_path_buf(),
+            ready_timeout: Duration::from_secs(10),
+            vms: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn runtime_dir(&self, vm_id: &str) -> RuntimeDir {
+        RuntimeDir::new(&self.run_dir, vm_id)
+    }
+
+    fn io(vm_id: &str, what: &str) -> impl Fn(std::io::Error) -> VmmError {
+        let (vm_id, what) = (vm_id.to_string(), what.to_string());
+        move |source| VmmError::Io {
+            vm_id: vm_id.clone(),
+            what: what.clone(),
+            source,
+        }
+    }
+
+    /// Spawns a firecracker for the VM and configures it (logger, metrics, machine, boot
+    /// source, drives, network, vsock); the VM is not started yet. On any failure the
+    /// process and its directory are removed again.
+    pub async fn create(&self, cfg: &MicrovmConfig) -> Result<ProcessRecord, VmmError> {
+        let mut vms = self.vms.lock().await;
+        if vms.contains_key(&cfg.vm_id) {
+            return Err(VmmError::Exists(cfg.vm_id.clone()));
+        }
+        let rt = self.runtime_dir(&cfg.vm_id);
+        let spawned = driver::spawn(
+            &self.firecracker,
+            &rt,
+            cfg.netns.as_deref(),
+            self.ready_timeout,
+        )
+        .await?;
+        let record = ProcessRecord {
+            vm_id: cfg.vm_id.clone(),
+            pid: spawned.pid,
+            start_time: process_start_time(spawned.pid).unwrap_or(0),
+            api_socket: rt.api_socket(),
+        };
+        let handle = VmHandle {
+            record: record.clone(),
+            api: spawned.api,
+            rt,
+        };
+        if let Err(e) = configure(&handle, cfg).await {
+            kill_and_clean(&handle).await;
+            return Err(e);
+        }
+        vms.insert(cfg.vm_id.clone(), handle);
+        Ok(record)
+    }
+
+    /// Spawns a firecracker for the VM with nothing configured (for a snapshot restore,
+    /// which must be the first request a fresh process gets).
+    pub async fn spawn_bare(
+        &self,
+        vm_id: &str,
+        netns: Option<&Path>,
+    ) -> Result<FirecrackerApi, VmmError> {
+        let mut vms = self.vms.lock().await;
+        if vms.contains_key(vm_id) {
+            return Err(VmmError::Exists(vm_id.to_string()));
+        }
+        let rt = self.runtime_dir(vm_id);
+        let spawned = driver::spawn(&self.firecracker, &rt, netns, self.ready_timeout).await?;
+        let record = ProcessRecord {
+            vm_id: vm_id.to_string(),
+            pid: spawned.pid,
+            start_time: process_start_time(spawned.pid).unwrap_or(0),
+            api_socket: rt.api_socket(),
+        };
+        write_record(&rt, &record).map_err(Self::io(vm_id, "writing vm.json"))?;
+        let api = spawned.api.clone();
+        vms.insert(
+            vm_id.to_string(),
+            VmHandle {
+                record,
+                api: spawned.api,
+                rt,
+            },
+        );
+        Ok(api)
+    }
+
+    async fn api(&self, vm_id: &str) -> Result<FirecrackerApi, VmmError> {
+        let vms = self.vms.lock().await;
+        vms.get(vm_id)
+            .map(|h| h.api.clone())
+            .ok_or_else(|| VmmError::UnknownVm(vm_id.to_string()))
+    }
+
+    /// The API client of a known VM.
+    pub async fn api_of(&self, vm_id: &str) -> Result<FirecrackerApi, VmmError> {
+        self.api(vm_id).await
+    }
+
+    /// Boots the configured VM.
+    pub async fn start(&self, vm_id: &str) -> Result<(), VmmError> {
+        self.api(vm_id)
+            .await?
+            .action(ActionType::InstanceStart)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn pause(&self, vm_id: &str) -> Result<(), VmmError> {
+        self.api(vm_id)
+            .await?
+            .set_state(models::VmState::Paused)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn resume(&self, vm_id: &str) -> Result<(), VmmError> {
+        self.api(vm_id)
+            .await?
+            .set_state(models::VmState::Resumed)
+            .await?;
+        Ok(())
+    }
+
+    /// Firecracker's view of the VM plus whether its process lives.
+    pub async fn inspect(&self, vm_id: &str) -> Result<VmStatus, VmmError> {
+        let (pid, api) = {
+            let vms = self.vms.lock().await;
+            let h = vms
+                .get(vm_id)
+                .ok_or_else(|| VmmError::UnknownVm(vm_id.to_string()))?;
+            (h.record.pid, h.api.clone())
+        };
+        reap(pid);
+        let alive = process_alive(pid);
+        let state = if alive {
+            api.instance_info().await.ok().map(|i| i.state)
+        } else {
+            None
+        };
+        Ok(VmStatus {
+            vm_id: vm_id.to_string(),
+            pid,
+            alive,
+            state,
+        })
+    }
+
+    /// Known VM ids.
+    pub async fn list(&self) -> Vec<String> {
+        self.vms.lock().await.keys().cloned().collect()
+    }
+
+    /// The guest console's last lines.
+    pub fn console_tail(&self, vm_id: &str, lines: usize) -> String {
+        console::tail(&self.runtime_dir(vm_id).console_log(), lines)
+    }
+
+    /// Keeps every VM's console under `cap` bytes (call periodically).
+    pub async fn enforce_console_caps(&self, cap: u64) {
+        let vms = self.vms.lock().await;
+        for h in vms.values() {
+            if let Err(e) = console::enforce_cap(&h.rt.console_log(), cap) {
+                warn!(vm_id = %h.record.vm_id, error = %e, "cannot rotate console log");
+            }
+        }
+    }
+
+    /// Stops a VM: Ctrl-Alt-Del, then SIGKILL after `grace`; reaps it. The VM stays known
+    /// (its files stay) until `remove`.
+    pub async fn stop(&self, vm_id: &str, grace: Duration) -> Result<StopOutcome, VmmError> {
+        let (pid, api) = {
+            let vms = self.vms.lock().await;
+            let h = vms
+                .get(vm_id)
+                .ok_or_else(|| VmmError::UnknownVm(vm_id.to_string()))?;
+            (h.record.pid, h.api.clone())
+        };
+        reap(pid);
+        if !process_alive(pid) {
+            return Ok(StopOutcome::AlreadyExited);
+        }
+        // Guests without a keyboard controller ignore this; the agent's guest protocol has
+        // its own shutdown, tried before stop() by the caller.
+        let _ = api.action(ActionType::SendCtrlAltDel).await;
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            reap(pid);
+            if !process_alive(pid) {
+                return Ok(StopOutcome::Graceful);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        kill_pid(pid).await;
+        Ok(StopOutcome::Killed)
+    }
+
+    /// Stops the VM if it runs and removes its runtime directory. Idempotent.
+    pub async fn remove(&self, vm_id: &str) -> Result<(), VmmError> {
+        let handle = self.vms.lock().await.remove(vm_id);
+        match handle {
+            Some(h) => kill_and_clean(&h).await,
+            None => {
+                let rt = self.runtime_dir(vm_id);
+                let _ = std::fs::remove_dir_all(&rt.dir);
+            }
+        }
+        Ok(())
+    }
+
+    /// Finds VMs left running by an earlier agent (their `vm.json` in the run dir) and
+    /// takes them back. Records whose process is gone (or whose pid now belongs to another
+    /// process) are returned as dead and their directories removed.
+    pub async fn reattach(&self) -> Result<(Vec<String>, Vec<String>), VmmError> {
+        let mut attached = Vec::new();
+        let mut dead = Vec::new();
+        let entries = match std::fs::read_dir(&self.run_dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((attached, dead)),
+            Err(e) => return Err(Self::io("-", "reading run dir")(e)),
+        };
+        let mut vms = self.vms.lock().await;
+        for entry in entries.flatten() {
+            let rt = RuntimeDir { dir: entry.path() };
+            let Ok(bytes) = std::fs::read(rt.record()) else {
+                continue;
+            };
+            let Ok(record) = serde_json::from_slice::<ProcessRecord>(&bytes) else {
+                warn!(path = %rt.record().display(), "unreadable VM record");
+                continue;
+            };
+            if vms.contains_key(&record.vm_id) {
+                continue;
+            }
+            let same_process = process_alive(record.pid)
+                && process_start_time(record.pid) == Some(record.start_time);
+            let api = FirecrackerApi::new(&record.api_socket);
+            if same_process && api.version().await.is_ok() {
+                info!(vm_id = %record.vm_id, pid = record.pid, "re-attached");
+                attached.push(record.vm_id.clone());
+                vms.insert(record.vm_id.clone(), VmHandle { record, api, rt });
+            } else {
+                dead.push(record.vm_id.clone());
+                let _ = std::fs::remove_dir_all(&rt.dir);
+            }
+        }
+        Ok((attached, dead))
+    }
+}
+
+fn write_record(rt: &RuntimeDir, record: &ProcessRecord) -> std::io::Result<()> {
+    let json = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+    let tmp = rt.dir.join(".vm.json.tmp");
+    std::fs::write(&tmp, json)?;
+    std::fs::rename(&tmp, rt.record())
+}
+
+async fn configure(h: &VmHandle, cfg: &MicrovmConfig) -> Result<(), VmmError> {
+    let io = VmmManager::io(&cfg.vm_id, "preparing runtime files");
+    write_record(&h.rt, &h.record).map_err(&io)?;
+    for path in [h.rt.firecracker_log(), h.rt.metrics()] {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(&io)?;
+    }
+    let api = &h.api;
+    api.put_logger(&Logger {
+        log_path: h.rt.firecracker_log().to_string_lossy().into_owned(),
+        level: "Warning".into(),
+        show_level: true,
+        show_log_origin: false,
+    })
+    .await?;
+    api.put_metrics(&Metrics {
+        metrics_path: h.rt.metrics().to_string_lossy().into_owned(),
+    })
+    .await?;
+    api.put_machine_config(&cfg.machine).await?;
+    api.put_boot_source(&cfg.boot).await?;
+    for d in &cfg.drives {
+        api.put_drive(d).await?;
+    }
+    for n in &cfg.network {
+        api.put_network_interface(n).await?;
+    }
+    if let Some(v) = &cfg.vsock {
+        let _ = std::fs::remove_file(&v.uds_path);
+        api.put_vsock(v).await?;
+    }
+    Ok(())
+}
+
+async fn kill_pid(pid: i32) {
+    // SAFETY: signalling a firecracker this manager started (identity checked by the
+    // caller through the record's start time or by being our child).
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process_alive(pid) && Instant::now() < deadline {
+        reap(pid);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    reap(pid);
+}
+
+async fn kill_and_clean(h: &VmHandle) {
+    reap(h.record.pid);
+    if process_alive(h.record.pid) && process_start_time(h.record.pid) == Some(h.record.start_time)
+    {
+        kill_pid(h.record.pid).await;
+    }
+    if let Err(e) = std::fs::remove_dir_all(&h.rt.dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!(dir = %h.rt.dir.display(), error = %e, "cannot remove runtime dir");
+        }
+    }
+}

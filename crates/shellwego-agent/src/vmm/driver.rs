@@ -1,0 +1,426 @@
+//! The `firecracker` process and its HTTP API over a Unix socket.
+//!
+//! [`spawn`] starts one firecracker per VM in its own runtime directory:
+//! ```text
+//! <run dir>/<vm_id>/api.sock       the API socket
+//!                   console.log    the guest's serial output (capped, see `console`)
+//!                   firecracker.log, metrics.json
+//!                   vsock.sock     host side of the VM's vsock
+//! ```
+//! [`FirecrackerApi`] speaks HTTP/1.1 (hyper) to that socket, one connection per request,
+//! with typed bodies; a failed request carries Firecracker's own `fault_message`.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::UnixStream;
+use tracing::debug;
+
+use super::models::*;
+
+/// A failed API call or process operation.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("firecracker {method} {path} failed ({status}): {fault}")]
+    Api {
+        method: String,
+        path: String,
+        status: u16,
+        /// Firecracker's `fault_message`, or the raw body.
+        fault: String,
+    },
+    #[error("cannot reach firecracker API at {socket}: {source}")]
+    Connect {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP error talking to firecracker at {socket}: {message}")]
+    Http { socket: PathBuf, message: String },
+    #[error("unexpected response from firecracker {path}: {message}")]
+    Decode { path: String, message: String },
+    #[error("cannot start firecracker {binary}: {source}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("firecracker's API socket {socket} did not appear within {waited:?}{exited}")]
+    NotReady {
+        socket: PathBuf,
+        waited: Duration,
+        exited: String,
+    },
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A client for one firecracker's API socket.
+#[derive(Debug, Clone)]
+pub struct FirecrackerApi {
+    socket: PathBuf,
+    timeout: Duration,
+}
+
+impl FirecrackerApi {
+    pub fn new(socket: &Path) -> FirecrackerApi {
+        FirecrackerApi {
+            socket: socket.to_path_buf(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, DriverError> {
+        let work = self.call_inner(method.clone(), path, body);
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(result) => result,
+            Err(_) => Err(DriverError::Http {
+                socket: self.socket.clone(),
+                message: format!("{method} {path} timed out after {:?}", self.timeout),
+            }),
+        }
+    }
+
+    async fn call_inner(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, DriverError> {
+        let http = |e: &dyn std::fmt::Display| DriverError::Http {
+            socket: self.socket.clone(),
+            message: e.to_string(),
+        };
+        let stream =
+            UnixStream::connect(&self.socket)
+                .await
+                .map_err(|source| DriverError::Connect {
+                    socket: self.socket.clone(),
+                    source,
+                })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| http(&e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "firecracker API connection closed");
+            }
+        });
+        let mut req = Request::builder()
+            .method(method.clone())
+            .uri(format!("http://localhost{path}"))
+            .header("Host", "localhost")
+            .header("Accept", "application/json");
+        if body.is_some() {
+            req = req.header("Content-Type", "application/json");
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| http(&e))?;
+        let resp = sender.send_request(req).await.map_err(|e| http(&e))?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| http(&e))?
+            .to_bytes();
+        if status.is_success() {
+            return Ok(bytes);
+        }
+        let fault = serde_json::from_slice::<Fault>(&bytes)
+            .map(|f| f.fault_message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+        Err(DriverError::Api {
+            method: method.to_string(),
+            path: path.to_string(),
+            status: status.as_u16(),
+            fault,
+        })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, DriverError> {
+        let bytes = self.call(Method::GET, path, None).await?;
+        serde_json::from_slice(&bytes).map_err(|e| DriverError::Decode {
+            path: path.to_string(),
+            message: format!("{e}: {}", String::from_utf8_lossy(&bytes)),
+        })
+    }
+
+    async fn send<T: Serialize>(
+        &self,
+        method: Method,
+        path: &str,
+        body: &T,
+    ) -> Result<(), DriverError> {
+        let json = serde_json::to_vec(body).map_err(|e| DriverError::Decode {
+            path: path.to_string(),
+            message: e.to_string(),
+        })?;
+        self.call(method, path, Some(json)).await.map(drop)
+    }
+
+    pub async fn instance_info(&self) -> Result<InstanceInfo, DriverError> {
+        self.get("/").await
+    }
+
+    pub async fn version(&self) -> Result<Version, DriverError> {
+        self.get("/version").await
+    }
+
+    pub async fn vm_config(&self) -> Result<FullVmConfig, DriverError> {
+        self.get("/vm/config").await
+    }
+
+    pub async fn put_machine_config(&self, c: &MachineConfig) -> Result<(), DriverError> {
+        self.send(Method::PUT, "/machine-config", c).await
+    }
+
+    pub async fn put_boot_source(&self, b: &BootSource) -> Result<(), DriverError> {
+        self.send(Method::PUT, "/boot-source", b).await
+    }
+
+    pub async fn put_drive(&self, d: &Drive) -> Result<(), DriverError> {
+        self.send(Method::PUT, &format!("/drives/{}", d.drive_id), d)
+            .await
+    }
+
+    pub async fn patch_drive(&self, d: &DriveUpdate) -> Result<(), DriverError> {
+        self.send(Method::PATCH, &format!("/drives/{}", d.drive_id), d)
+            .await
+    }
+
+    pub async fn put_network_interface(&self, n: &NetworkInterface) -> Result<(), DriverError> {
+        self.send(
+            Method::PUT,
+            &format!("/network-interfaces/{}", n.iface_id),
+            n,
+        )
+        .await
+    }
+
+    pub async fn patch_network_interface(
+        &self,
+        n: &NetworkInterfaceUpdate,
+    ) -> Result<(), DriverError> {
+        self.send(
+            Method::PATCH,
+            &format!("/network-interfaces/{}", n.iface_id),
+            n,
+        )
+        .await
+    }
+
+    pub async fn put_vsock(&self, v: &Vsock) -> Result<(), DriverError> {
+        self.send(Method::PUT, "/vsock", v).await
+    }
+
+    pub async fn put_logger(&self, l: &Logger) -> Result<(), DriverError> {
+        self.send(Method::PUT, "/logger", l).await
+    }
+
+    pub async fn put_metrics(&self, m: &Metrics) -> Result<(), DriverError> {
+        self.send(Method::PUT, "/metrics", m).await
+    }
+
+    pub async fn action(&self, action_type: ActionType) -> Result<(), DriverError> {
+        self.send(Method::PUT, "/actions", &InstanceAction { action_type })
+            .await
+    }
+
+    pub async fn set_state(&self, state: VmState) -> Result<(), DriverError> {
+        self.send(Method::PATCH, "/vm", &VmStateUpdate { state })
+            .await
+    }
+
+    pub async fn snapshot_create(&self, s: &SnapshotCreate) -> Result<(), DriverError> {
+        self.send(Method::PUT, "/snapshot/create", s).await
+    }
+
+    pub async fn snapshot_load(&self, s: &SnapshotLoad) -> Result<(), DriverError> {
+        self.send(Method::PUT, "/snapshot/load", s).await
+    }
+}
+
+/// Files of one VM's runtime directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeDir {
+    pub dir: PathBuf,
+}
+
+impl RuntimeDir {
+    pub fn new(run_dir: &Path, vm_id: &str) -> RuntimeDir {
+        RuntimeDir {
+            dir: run_dir.join(vm_id),
+        }
+    }
+    pub fn api_socket(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+    pub fn firecracker_log(&self) -> PathBuf {
+        self.dir.join("firecracker.log")
+    }
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.json")
+    }
+    pub fn vsock(&self) -> PathBuf {
+        self.dir.join("vsock.sock")
+    }
+    pub fn record(&self) -> PathBuf {
+        self.dir.join("vm.json")
+    }
+}
+
+/// A started firecracker process.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: i32,
+    pub api: FirecrackerApi,
+}
+
+/// Starts `binary` with its API socket in `rt`, the guest console appended to
+/// `console.log`, and waits until the API answers. The process gets its own session
+/// (it outlives an agent restart and is re-attached by pid). `netns`, if given, is a
+/// network namespace path (`/run/netns/NAME`) the process enters before exec.
+pub async fn spawn(
+    binary: &Path,
+    rt: &RuntimeDir,
+    netns: Option<&Path>,
+    ready_timeout: Duration,
+) -> Result<Spawned, DriverError> {
+    std::fs::create_dir_all(&rt.dir).map_err(|source| DriverError::Io {
+        what: "creating runtime dir",
+        path: rt.dir.clone(),
+        source,
+    })?;
+    let socket = rt.api_socket();
+    let _ = std::fs::remove_file(&socket);
+    let console = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(rt.console_log())
+        .map_err(|source| DriverError::Io {
+            what: "opening console log",
+            path: rt.console_log(),
+            source,
+        })?;
+    let netns_file = match netns {
+        Some(p) => Some(std::fs::File::open(p).map_err(|source| DriverError::Io {
+            what: "opening network namespace",
+            path: p.to_path_buf(),
+            source,
+        })?),
+        None => None,
+    };
+    let console_err = console.try_clone().map_err(|source| DriverError::Io {
+        what: "duplicating console log",
+        path: rt.console_log(),
+        source,
+    })?;
+    let mut cmd = std::process::Command::new(binary);
+    cmd.arg("--api-sock")
+        .arg(&socket)
+        .arg("--id")
+        .arg(
+            rt.dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        )
+        .stdin(Stdio::null())
+        .stdout(console)
+        .stderr(console_err)
+        .current_dir(&rt.dir);
+    // SAFETY: only async-signal-safe calls (setsid, setns) between fork and exec.
+    unsafe {
+        let fd = netns_file
+            .as_ref()
+            .map(std::os::unix::io::AsRawFd::as_raw_fd);
+        cmd.pre_exec(move || {
+            libc::setsid();
+            if let Some(fd) = fd {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|source| DriverError::Spawn {
+        binary: binary.to_path_buf(),
+        source,
+    })?;
+    let pid = child.id() as i32;
+    // The child is reaped by whoever stops it (by pid); don't keep a handle that would
+    // make a zombie of it when dropped early.
+    let api = FirecrackerApi::new(&socket);
+    let start = Instant::now();
+    loop {
+        if socket.exists() && api.version().await.is_ok() {
+            std::mem::forget(child);
+            return Ok(Spawned { pid, api });
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(DriverError::NotReady {
+                socket,
+                waited: start.elapsed(),
+                exited: format!("; firecracker exited with {status}"),
+            });
+        }
+        if start.elapsed() > ready_timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(DriverError::NotReady {
+                socket,
+                waited: start.elapsed(),
+                exited: String::new(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Runs `firecracker --version` and returns the version number (e.g. "1.12.1").
+pub fn binary_version(binary: &Path) -> Result<String, DriverError> {
+    let out = std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .map_err(|source| DriverError::Spawn {
+            binary: binary.to_path_buf(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .next()
+        .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix('v')))
+        .map(str::to_string)
+        .ok_or_else(|| DriverError::Decode {
+            path: "--version".into(),
+            message: text.into_owned(),
+        })
+}

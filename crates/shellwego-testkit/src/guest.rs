@@ -1,0 +1,51 @@
+//! Guest artifacts for tests: the project's guest kernel (built once and cached by
+//! `scripts/build-kernel.sh`) and small busybox initramfs images.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::prereq::require_path;
+use crate::process::run_ok;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The guest kernel: `SHELLWEGO_KERNEL` if set, else the cached build (building it if
+/// needed, which takes minutes).
+pub fn kernel() -> PathBuf {
+    if let Some(k) = std::env::var_os("SHELLWEGO_KERNEL") {
+        let k = PathBuf::from(k);
+        require_path(&k, "SHELLWEGO_KERNEL names a missing file");
+        return k;
+    }
+    let out = run_ok(Command::new("bash").arg(repo_root().join("scripts/build-kernel.sh")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(
+        text.lines()
+            .last()
+            .expect("build-kernel.sh prints the path")
+            .trim(),
+    )
+}
+
+/// A newc initramfs with a static busybox as `/bin/busybox` and `init` as `/init`.
+pub fn busybox_initrd(dir: &Path, init: &str) -> PathBuf {
+    let busybox = Path::new("/bin/busybox");
+    require_path(busybox, "install busybox-static (`make setup`)");
+    let root = dir.join("initrd-root");
+    for d in ["bin", "dev", "proc", "sys", "tmp"] {
+        fs::create_dir_all(root.join(d)).expect("initrd dirs");
+    }
+    fs::copy(busybox, root.join("bin/busybox")).expect("copy busybox");
+    fs::write(root.join("init"), init).expect("write init");
+    run_ok(Command::new("chmod").arg("0755").arg(root.join("init")));
+    let out = dir.join("initrd.cpio");
+    run_ok(Command::new("sh").arg("-c").arg(format!(
+        "cd '{}' && find . | cpio -o -H newc --quiet > '{}'",
+        root.display(),
+        out.display()
+    )));
+    out
+}

@@ -19,7 +19,7 @@ APT_PACKAGES=(
   docker-registry   # CNCF distribution registry for tests
   skopeo umoci      # building and pushing OCI test images
   clang llvm libelf-dev zlib1g-dev bpftool  # eBPF QoS program
-  iperf3 nftables iproute2 e2fsprogs
+  iperf3 nftables iproute2 e2fsprogs iputils-ping
   busybox-static    # a static busybox for test guests
   unzip python3-pip qemu-utils gzip zstd cpio
   linux-source-6.1 bc flex bison libssl-dev  # the guest kernel build

@@ -4,7 +4,9 @@
 
 pub mod config;
 pub mod doctor;
+pub mod guest;
 pub mod host;
+pub mod initrd;
 pub mod reconciler;
 pub mod resources;
 pub mod spec;

@@ -49,3 +49,42 @@ pub fn busybox_initrd(dir: &Path, init: &str) -> PathBuf {
     )));
     out
 }
+
+/// The guest init, built static by `scripts/build-guest-init.sh`.
+pub fn init_binary() -> PathBuf {
+    let out = run_ok(Command::new("bash").arg(repo_root().join("scripts/build-guest-init.sh")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(
+        text.lines()
+            .last()
+            .expect("build-guest-init.sh prints the path")
+            .trim(),
+    )
+}
+
+/// An ext4 image of the real Alpine 3.23 root (from the cached rootfs tarball), sized
+/// `size_mib`, written to `dir/alpine.ext4`.
+pub fn alpine_ext4(dir: &Path, size_mib: u64) -> PathBuf {
+    let out = run_ok(Command::new("bash").arg(repo_root().join("scripts/make-alpine-rootfs.sh")));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tarball = PathBuf::from(text.lines().last().expect("tarball path").trim());
+    let root = dir.join("alpine-root");
+    fs::create_dir_all(&root).expect("alpine root dir");
+    run_ok(
+        Command::new("tar")
+            .args(["--numeric-owner", "-xf"])
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&root),
+    );
+    let image = dir.join("alpine.ext4");
+    run_ok(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "rootfs", "-d"])
+            .arg(&root)
+            .arg(&image)
+            .arg(format!("{size_mib}M")),
+    );
+    let _ = fs::remove_dir_all(&root);
+    image
+}

@@ -1,0 +1,141 @@
+//! The host side of the guest protocol: connect through Firecracker's vsock Unix socket
+//! (`CONNECT <port>\n` -> `OK <n>\n`), then exchange `shellwego_proto` frames.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use shellwego_proto::{read_frame, write_frame, Request, Response, RunConfig, GUEST_PORT};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    #[error("cannot connect to the guest through {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("guest refused the vsock connection to port {port}: {answer:?}")]
+    Refused { port: u32, answer: String },
+    #[error("talking to the guest: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the guest closed the connection")]
+    Closed,
+    #[error("the guest answered an error: {0}")]
+    Remote(String),
+    #[error("unexpected answer from the guest: {0:?}")]
+    Unexpected(Response),
+    #[error("the guest did not report ready within {waited:?}: {last}")]
+    NotReady { waited: Duration, last: String },
+}
+
+/// One connection to a guest's init.
+pub struct GuestClient {
+    stream: UnixStream,
+}
+
+/// What `exec` returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub timed_out: bool,
+}
+
+impl GuestClient {
+    /// Connects to the init's port through the VM's vsock socket.
+    pub fn connect(uds: &Path, timeout: Duration) -> Result<GuestClient, GuestError> {
+        let stream = UnixStream::connect(uds).map_err(|source| GuestError::Connect {
+            path: uds.to_path_buf(),
+            source,
+        })?;
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        let mut s = stream.try_clone()?;
+        s.write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())?;
+        let mut line = String::new();
+        // Read the answer byte by byte so no frame byte is swallowed by a buffer.
+        let mut reader = BufReader::with_capacity(1, stream.try_clone()?);
+        reader.read_line(&mut line)?;
+        if !line.starts_with("OK ") {
+            return Err(GuestError::Refused {
+                port: GUEST_PORT,
+                answer: line.trim().to_string(),
+            });
+        }
+        Ok(GuestClient { stream })
+    }
+
+    /// Sends one request and reads its response; a remote error becomes `Remote`.
+    pub fn request(&mut self, req: &Request) -> Result<Response, GuestError> {
+        write_frame(&mut self.stream, req)?;
+        match read_frame::<Response>(&mut self.stream)? {
+            None => Err(GuestError::Closed),
+            Some(Response::Error { message }) => Err(GuestError::Remote(message)),
+            Some(r) => Ok(r),
+        }
+    }
+
+    pub fn hello(&mut self) -> Result<Response, GuestError> {
+        self.request(&Request::Hello)
+    }
+
+    pub fn run(&mut self, rc: RunConfig) -> Result<(), GuestError> {
+        match self.request(&Request::Run(rc))? {
+            Response::Ok => Ok(()),
+            other => Err(GuestError::Unexpected(other)),
+        }
+    }
+
+    pub fn exec(&mut self, argv: &[&str], timeout: Duration) -> Result<ExecOutput, GuestError> {
+        let req = Request::Exec {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        match self.request(&req)? {
+            Response::ExecResult {
+                code,
+                stdout,
+                stderr,
+                timed_out,
+            } => Ok(ExecOutput {
+                code,
+                stdout,
+                stderr,
+                timed_out,
+            }),
+            other => Err(GuestError::Unexpected(other)),
+        }
+    }
+
+    /// Asks the init to stop the app and reboot (the VMM then exits).
+    pub fn shutdown(&mut self, grace: Duration) -> Result<(), GuestError> {
+        match self.request(&Request::Shutdown {
+            grace_ms: grace.as_millis() as u64,
+        })? {
+            Response::Ok => Ok(()),
+            other => Err(GuestError::Unexpected(other)),
+        }
+    }
+}
+
+/// Connects and says hello until the init answers, or `timeout` passes.
+pub fn wait_ready(uds: &Path, timeout: Duration) -> Result<(GuestClient, Response), GuestError> {
+    let start = Instant::now();
+    let mut last = String::from("no attempt");
+    while start.elapsed() < timeout {
+        match GuestClient::connect(uds, Duration::from_secs(30))
+            .and_then(|mut c| c.hello().map(|r| (c, r)))
+        {
+            Ok(ok) => return Ok(ok),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(GuestError::NotReady {
+        waited: start.elapsed(),
+        last,
+    })
+}

@@ -1,0 +1,202 @@
+//! `shellwego-init`: PID 1 inside every ShellWeGo microVM.
+//!
+//! Boots from the initramfs: mounts /proc, /sys, /dev, /tmp, /run, brings up `lo`, and
+//! listens on vsock port 1024 (`shellwego_proto::GUEST_PORT`). On `run` it mounts the
+//! app's root drive, switches into it, sets hostname, clock, entropy and eth0's address,
+//! and starts the app with its argv, env and secrets. It reaps every child, forwards
+//! signals to the app, runs `exec` commands, and on `shutdown` stops the app, syncs and
+//! reboots (Firecracker exits with `reboot=k`). The app's stdout/stderr go to the serial
+//! console, which the host keeps as the VM's log.
+//!
+//! After a snapshot restore the listener is still there; open connections reset and
+//! the host connects again, and a `run` gives a restored template its identity.
+
+mod app;
+mod sys;
+mod vsock;
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use shellwego_proto::{read_frame, write_frame, Request, Response, RunConfig, GUEST_PORT};
+
+const INIT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The running app's environment and identity, for `exec`.
+#[derive(Default)]
+struct State {
+    app: Option<(i32, app::Launch)>,
+}
+
+fn log(msg: &str) {
+    println!("shellwego-init: {msg}");
+}
+
+fn run(state: &mut State, rc: RunConfig) -> Result<(), String> {
+    if state.app.is_some() {
+        return Err("an app is already running in this VM".into());
+    }
+    if !rc.root_device.is_empty() {
+        sys::switch_root(&rc.root_device)
+            .map_err(|e| format!("mounting root {}: {e}", rc.root_device))?;
+    }
+    if !rc.hostname.is_empty() {
+        sys::set_hostname(&rc.hostname).map_err(|e| e.to_string())?;
+    }
+    if let Some((secs, nanos)) = rc.clock {
+        sys::set_clock(secs, nanos).map_err(|e| e.to_string())?;
+    }
+    sys::add_entropy(&rc.entropy).map_err(|e| format!("entropy: {e}"))?;
+    if let Some(net) = &rc.net {
+        let parse = |s: &str| {
+            s.parse::<Ipv4Addr>()
+                .map_err(|e| format!("bad IPv4 {s:?}: {e}"))
+        };
+        sys::configure_ipv4(
+            "eth0",
+            parse(&net.address)?,
+            net.prefix_len,
+            parse(&net.gateway)?,
+        )
+        .map_err(|e| format!("eth0: {e}"))?;
+        sys::write_resolv_conf(&net.nameservers).map_err(|e| format!("resolv.conf: {e}"))?;
+    }
+    let (uid, gid) = sys::resolve_user(&rc.user).map_err(|e| e.to_string())?;
+    let mut env = rc.env;
+    env.extend(rc.secrets);
+    env.entry("PATH".into())
+        .or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+    if !rc.hostname.is_empty() {
+        env.entry("HOSTNAME".into()).or_insert(rc.hostname);
+    }
+    let launch = app::Launch {
+        argv: rc.argv,
+        env,
+        workdir: if rc.workdir.is_empty() {
+            "/".into()
+        } else {
+            rc.workdir
+        },
+        uid,
+        gid,
+    };
+    let pid = app::start_app(&launch)?;
+    log(&format!("app started, pid {pid}"));
+    state.app = Some((pid, launch));
+    Ok(())
+}
+
+fn handle(state: &mut State, req: Request) -> (Response, bool) {
+    let reboot_after = matches!(req, Request::Shutdown { .. });
+    let resp = match req {
+        Request::Hello => Response::Ready {
+            init_version: INIT_VERSION.into(),
+            uptime_ms: sys::uptime_ms(),
+            running_app: state.app.is_some(),
+        },
+        Request::Run(rc) => match run(state, rc) {
+            Ok(()) => Response::Ok,
+            Err(message) => Response::Error { message },
+        },
+        Request::Exec { argv, timeout_ms } => {
+            let mut launch = state
+                .app
+                .as_ref()
+                .map(|(_, l)| l.clone())
+                .unwrap_or_default();
+            launch.argv = argv;
+            let timeout = Duration::from_millis(if timeout_ms == 0 { 60_000 } else { timeout_ms });
+            match app::exec(&launch, timeout) {
+                Ok((code, stdout, stderr, timed_out)) => Response::ExecResult {
+                    code,
+                    stdout,
+                    stderr,
+                    timed_out,
+                },
+                Err(message) => Response::Error { message },
+            }
+        }
+        Request::Status => {
+            let pid = state.app.as_ref().map(|(p, _)| *p);
+            Response::Status {
+                app_pid: pid,
+                exit_code: pid.and_then(app::exit_code),
+                uptime_ms: sys::uptime_ms(),
+            }
+        }
+        Request::Signal { signal } => match app::signal_app(signal) {
+            Ok(()) => Response::Ok,
+            Err(message) => Response::Error { message },
+        },
+        Request::Shutdown { grace_ms } => {
+            if let Some((pid, _)) = state.app {
+                if app::exit_code(pid).is_none() {
+                    let _ = app::signal_app(libc::SIGTERM);
+                    if app::wait_for(pid, Duration::from_millis(grace_ms)).is_none() {
+                        let _ = app::signal_app(libc::SIGKILL);
+                    }
+                }
+            }
+            Response::Ok
+        }
+    };
+    (resp, reboot_after)
+}
+
+fn serve(listener: &vsock::Listener, state: &mut State) {
+    loop {
+        let mut conn = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                log(&format!("accept: {e}"));
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        loop {
+            let req = match read_frame::<Request>(&mut conn) {
+                Ok(Some(r)) => r,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = write_frame(
+                        &mut conn,
+                        &Response::Error {
+                            message: e.to_string(),
+                        },
+                    );
+                    break;
+                }
+            };
+            let (resp, reboot) = handle(state, req);
+            let sent = write_frame(&mut conn, &resp);
+            if reboot {
+                log("shutting down");
+                sys::reboot();
+            }
+            if sent.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+fn main() {
+    sys::mount_early();
+    if let Err(e) = sys::link_up("lo") {
+        log(&format!("lo: {e}"));
+    }
+    app::install_signal_forwarding();
+    std::thread::spawn(app::reaper);
+    let listener = loop {
+        match vsock::Listener::bind(GUEST_PORT) {
+            Ok(l) => break l,
+            Err(e) => {
+                log(&format!("vsock listen on port {GUEST_PORT}: {e}; retrying"));
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    };
+    log(&format!("ready on vsock port {GUEST_PORT}"));
+    let mut state = State::default();
+    serve(&listener, &mut state);
+}

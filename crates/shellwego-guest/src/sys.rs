@@ -1,0 +1,346 @@
+//! System calls PID 1 needs: mounts, switching into the app's root, identity (hostname,
+//! clock, entropy), IPv4 on eth0, and reboot.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+fn check(ret: libc::c_int, what: &str) -> io::Result<()> {
+    if ret == 0 {
+        Ok(())
+    } else {
+        let e = io::Error::last_os_error();
+        Err(io::Error::new(e.kind(), format!("{what}: {e}")))
+    }
+}
+
+fn c(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))
+}
+
+/// mount(2); `source`/`fstype` may be empty.
+pub fn mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
+    let (s, t, f, d) = (c(source)?, c(target)?, c(fstype)?, c(data)?);
+    let opt = |x: &CString, empty: bool| if empty { std::ptr::null() } else { x.as_ptr() };
+    // SAFETY: valid C strings or null pointers, as mount(2) allows.
+    let ret = unsafe {
+        libc::mount(
+            opt(&s, source.is_empty()),
+            t.as_ptr(),
+            opt(&f, fstype.is_empty()),
+            flags,
+            opt(&d, data.is_empty()).cast(),
+        )
+    };
+    check(ret, &format!("mount {source} on {target}"))
+}
+
+/// The pseudo file systems of the initramfs stage. An already mounted one is fine.
+pub fn mount_early() {
+    for (src, target, fstype, flags) in [
+        (
+            "proc",
+            "/proc",
+            "proc",
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        ),
+        (
+            "sysfs",
+            "/sys",
+            "sysfs",
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        ),
+        ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID),
+        ("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV),
+        ("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV),
+    ] {
+        let _ = fs::create_dir_all(target);
+        if let Err(e) = mount(src, target, fstype, flags, "") {
+            if e.raw_os_error() != Some(libc::EBUSY) {
+                eprintln!("shellwego-init: {e}");
+            }
+        }
+    }
+}
+
+/// Drops cached blocks of a block device, so a drive whose backing file changed under a
+/// restored VM is read afresh.
+fn flush_block_cache(device: &str) -> io::Result<()> {
+    let f = fs::File::open(device)?;
+    // BLKFLSBUF = _IO(0x12, 97)
+    const BLKFLSBUF: libc::c_ulong = 0x1261;
+    // SAFETY: ioctl without argument on an open block device.
+    let ret = unsafe { libc::ioctl(f.as_raw_fd(), BLKFLSBUF as _, 0) };
+    check(ret, &format!("flushing {device}"))
+}
+
+/// Mounts `device` (ext4) and makes it the root: the pseudo file systems move along,
+/// then `/` is replaced (mount --move + chroot, as switch_root does).
+pub fn switch_root(device: &str) -> io::Result<()> {
+    let new_root = "/mnt/root";
+    fs::create_dir_all(new_root)?;
+    flush_block_cache(device)?;
+    mount(device, new_root, "ext4", 0, "")?;
+    for dir in ["/proc", "/sys", "/dev", "/run", "/tmp"] {
+        let target = format!("{new_root}{dir}");
+        fs::create_dir_all(&target)?;
+        mount(dir, &target, "", libc::MS_MOVE, "")?;
+    }
+    std::env::set_current_dir(new_root)?;
+    mount(".", "/", "", libc::MS_MOVE, "")?;
+    let dot = c(".")?;
+    // SAFETY: chroot to the current directory.
+    check(unsafe { libc::chroot(dot.as_ptr()) }, "chroot")?;
+    std::env::set_current_dir("/")
+}
+
+pub fn set_hostname(name: &str) -> io::Result<()> {
+    // SAFETY: buffer and its length.
+    check(
+        unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) },
+        "sethostname",
+    )
+}
+
+pub fn set_clock(secs: i64, nanos: u32) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: secs as libc::time_t,
+        tv_nsec: nanos as _,
+    };
+    // SAFETY: a valid timespec.
+    check(
+        unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) },
+        "clock_settime",
+    )
+}
+
+/// Mixes bytes into the kernel's entropy pool.
+pub fn add_entropy(bytes: &[u8]) -> io::Result<()> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    fs::write("/dev/urandom", bytes)
+}
+
+/// Milliseconds since boot (CLOCK_BOOTTIME: counts while a snapshot sat on disk too).
+pub fn uptime_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes into ts.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+    // SAFETY: all-zero is a valid ifreq.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.len() >= req.ifr_name.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "interface name too long",
+        ));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    Ok(req)
+}
+
+fn sockaddr_in(ip: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size on Linux.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn inet_socket() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: socket(2); the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Brings an interface up.
+pub fn link_up(name: &str) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let mut req = ifreq(name)?;
+    // SAFETY: ioctls on a valid socket with a valid ifreq.
+    unsafe {
+        check(
+            libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req),
+            "SIOCGIFFLAGS",
+        )?;
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        check(
+            libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req),
+            "SIOCSIFFLAGS",
+        )
+    }
+}
+
+/// Sets eth0's IPv4 address and prefix, brings it up, and adds the default route.
+pub fn configure_ipv4(
+    name: &str,
+    address: Ipv4Addr,
+    prefix_len: u8,
+    gateway: Ipv4Addr,
+) -> io::Result<()> {
+    if prefix_len > 32 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "prefix length over 32",
+        ));
+    }
+    let sock = inet_socket()?;
+    let mask = if prefix_len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix_len)
+    };
+    let mut req = ifreq(name)?;
+    req.ifr_ifru.ifru_addr = sockaddr_in(address);
+    // SAFETY: ioctls on a valid socket with valid ifreq/rtentry values.
+    unsafe {
+        check(
+            libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFADDR, &req),
+            "SIOCSIFADDR",
+        )?;
+        let mut req = ifreq(name)?;
+        req.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::from(mask));
+        check(
+            libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFNETMASK, &req),
+            "SIOCSIFNETMASK",
+        )?;
+    }
+    link_up(name)?;
+    // SAFETY: all-zero is a valid rtentry; fields set below.
+    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
+    rt.rt_dst = sockaddr_in(Ipv4Addr::UNSPECIFIED);
+    rt.rt_genmask = sockaddr_in(Ipv4Addr::UNSPECIFIED);
+    rt.rt_gateway = sockaddr_in(gateway);
+    rt.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
+    // SAFETY: as above.
+    let ret = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCADDRT, &rt) };
+    if ret != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EEXIST) {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("default route via {gateway}: {e}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Syncs, remounts `/` read-only (best effort) and reboots; with `reboot=k` the VMM exits.
+pub fn reboot() -> ! {
+    // SAFETY: sync, remount and reboot have no memory-safety preconditions.
+    unsafe {
+        libc::sync();
+        let root = c("/").unwrap_or_default();
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REMOUNT | libc::MS_RDONLY,
+            std::ptr::null(),
+        );
+        libc::sync();
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    // reboot(2) does not return for PID 1 with enough privilege; if it did, stop here.
+    loop {
+        std::thread::park();
+    }
+}
+
+/// (name, id, primary gid) rows of an /etc/passwd or /etc/group text.
+fn id_table(text: &str) -> Vec<(String, u32, u32)> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            let id = f.get(2)?.parse().ok()?;
+            let gid = f.get(3).and_then(|g| g.parse().ok()).unwrap_or(id);
+            Some((f.first()?.to_string(), id, gid))
+        })
+        .collect()
+}
+
+/// Resolves an image `User` ("", "name", "1000", "name:group", "1000:1000") against the
+/// root's /etc/passwd and /etc/group.
+pub fn resolve_user(user: &str) -> io::Result<(u32, u32)> {
+    if user.is_empty() {
+        return Ok((0, 0));
+    }
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let users = id_table(&fs::read_to_string("/etc/passwd").unwrap_or_default());
+    let not_found = |what: &str, name: &str| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{what} {name:?} not found"),
+        )
+    };
+    let (uid, primary_gid) = match u.parse::<u32>() {
+        Ok(uid) => (
+            uid,
+            users
+                .iter()
+                .find(|r| r.1 == uid)
+                .map(|r| r.2)
+                .unwrap_or(uid),
+        ),
+        Err(_) => users
+            .iter()
+            .find(|r| r.0 == u)
+            .map(|r| (r.1, r.2))
+            .ok_or_else(|| not_found("user", u))?,
+    };
+    let gid = match g {
+        None => primary_gid,
+        Some(g) => match g.parse::<u32>() {
+            Ok(gid) => gid,
+            Err(_) => id_table(&fs::read_to_string("/etc/group").unwrap_or_default())
+                .iter()
+                .find(|r| r.0 == g)
+                .map(|r| r.1)
+                .ok_or_else(|| not_found("group", g))?,
+        },
+    };
+    Ok((uid, gid))
+}
+
+/// Writes the nameservers to /etc/resolv.conf of the current root.
+pub fn write_resolv_conf(nameservers: &[String]) -> io::Result<()> {
+    if nameservers.is_empty() || !Path::new("/etc").is_dir() {
+        return Ok(());
+    }
+    let text: String = nameservers
+        .iter()
+        .map(|n| format!("nameserver {n}\n"))
+        .collect();
+    fs::write("/etc/resolv.conf", text)
+}

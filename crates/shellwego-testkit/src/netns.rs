@@ -1,0 +1,62 @@
+//! Network namespaces that a test creates and removes (also when it fails). Nothing is
+//! ever configured in the machine's own namespace.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::prereq::{require_command, require_root};
+use crate::process::{run_ok, run_quiet};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// Creates `swg-test-<pid>-<n>` with its loopback up.
+    pub fn new() -> NetNs {
+        require_root("a network namespace test");
+        require_command("ip", "apt-get install iproute2");
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("swg-test-{}-{n}", std::process::id());
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// `/run/netns/NAME`, for setns(2).
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs `ip -n NAME ARGS...`, panicking on failure.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let out = run_ok(Command::new("ip").arg("-n").arg(&self.name).args(args));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs a command inside the namespace, returning its output (not checking status).
+    pub fn exec(&self, argv: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {argv:?} in {}: {e}", self.name))
+    }
+
+    /// Creates a persistent TAP `name` with `cidr` on it, up.
+    pub fn tap(&self, name: &str, cidr: &str) {
+        self.ip(&["tuntap", "add", "dev", name, "mode", "tap"]);
+        self.ip(&["addr", "add", cidr, "dev", name]);
+        self.ip(&["link", "set", name, "up"]);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        run_quiet(Command::new("ip").args(["netns", "delete", &self.name]));
+    }
+}

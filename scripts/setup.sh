@@ -18,7 +18,7 @@ APT_PACKAGES=(
   zfs-fuse          # ZFS where the kernel module is unavailable (OpenZFS hosts use zfsutils-linux)
   docker-registry   # CNCF distribution registry for tests
   skopeo umoci      # building and pushing OCI test images
-  clang llvm libelf-dev zlib1g-dev bpftool  # eBPF QoS program
+  clang llvm libelf-dev zlib1g-dev libbpf-dev bpftool  # eBPF QoS program
   iperf3 nftables iproute2 e2fsprogs iputils-ping
   busybox-static    # a static busybox for test guests
   unzip python3-pip qemu-utils gzip zstd cpio

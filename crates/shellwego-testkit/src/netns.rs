@@ -60,3 +60,43 @@ impl Drop for NetNs {
         run_quiet(Command::new("ip").args(["netns", "delete", &self.name]));
     }
 }
+
+impl NetNs {
+    /// Runs `f` on a thread that has entered this namespace (netlink sockets, ioctls
+    /// and child processes made there all belong to it) and returns its result.
+    pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path)
+                .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+            // SAFETY: setns on this thread only, with a valid namespace descriptor.
+            let rc = unsafe {
+                libc::setns(
+                    std::os::unix::io::AsRawFd::as_raw_fd(&file),
+                    libc::CLONE_NEWNET,
+                )
+            };
+            assert_eq!(
+                rc,
+                0,
+                "setns into {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            );
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+
+    /// A veth pair: `host_end` here, `guest_end` moved into `guest` with `cidr`, both up.
+    pub fn veth_to(&self, host_end: &str, guest: &NetNs, guest_end: &str, cidr: &str) {
+        self.ip(&[
+            "link", "add", host_end, "type", "veth", "peer", "name", guest_end,
+        ]);
+        self.ip(&["link", "set", guest_end, "netns", &guest.name]);
+        self.ip(&["link", "set", host_end, "up"]);
+        guest.ip(&["addr", "add", cidr, "dev", guest_end]);
+        guest.ip(&["link", "set", guest_end, "up"]);
+    }
+}

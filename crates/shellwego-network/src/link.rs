@@ -1,0 +1,247 @@
+//! Links over netlink (rtnetlink): bridges, IFBs, addresses, up/down, enslaving, lookup.
+//! TAPs are made with the tun ioctls (`tap`), since this kernel refuses them over netlink.
+//!
+//! Everything acts in the network namespace of the calling thread.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures_util::TryStreamExt;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::{Handle, LinkBridge, LinkIfb, LinkUnspec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("netlink: {op}: {source}")]
+    Netlink {
+        op: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("cannot open a netlink socket: {0}")]
+    Socket(#[source] std::io::Error),
+    #[error("no interface named {0}")]
+    NotFound(String),
+    #[error("interface name {0:?} is invalid (1-15 characters of a-z, 0-9, '-', '_', '.')")]
+    BadName(String),
+}
+
+/// What `ip link show` tells about an interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    pub name: String,
+    pub index: u32,
+    /// Administratively up (IFF_UP).
+    pub up: bool,
+    /// The bridge (or other controller) it is attached to.
+    pub controller: Option<u32>,
+}
+
+/// Checks a Linux interface name.
+pub fn check_name(name: &str) -> Result<(), LinkError> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(LinkError::BadName(name.to_string()))
+    }
+}
+
+/// A netlink connection in the calling thread's network namespace.
+pub struct Netlink {
+    handle: Handle,
+}
+
+fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
+    let op = op.into();
+    move |source| LinkError::Netlink { op, source }
+}
+
+fn is_not_found(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::ENODEV)
+}
+
+fn is_exists(e: &rtnetlink::Error) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -libc::EEXIST)
+}
+
+fn info_of(msg: &LinkMessage) -> LinkInfo {
+    let mut info = LinkInfo {
+        name: String::new(),
+        index: msg.header.index,
+        up: msg.header.flags.contains(LinkFlags::Up),
+        controller: None,
+    };
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(n) => info.name = n.clone(),
+            LinkAttribute::Controller(c) => info.controller = Some(*c),
+            _ => {}
+        }
+    }
+    info
+}
+
+impl Netlink {
+    /// Opens a connection; needs a tokio runtime (the connection runs as a task on it).
+    pub fn connect() -> Result<Netlink, LinkError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(LinkError::Socket)?;
+        tokio::spawn(conn);
+        Ok(Netlink { handle })
+    }
+
+    /// The interface called `name`, if it exists.
+    pub async fn get(&self, name: &str) -> Result<Option<LinkInfo>, LinkError> {
+        check_name(name)?;
+        let mut stream = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match stream.try_next().await {
+            Ok(Some(msg)) => Ok(Some(info_of(&msg))),
+            Ok(None) => Ok(None),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(nl(format!("get {name}"))(e)),
+        }
+    }
+
+    /// Like `get`, but a missing interface is an error.
+    pub async fn require(&self, name: &str) -> Result<LinkInfo, LinkError> {
+        self.get(name)
+            .await?
+            .ok_or_else(|| LinkError::NotFound(name.to_string()))
+    }
+
+    /// Every interface.
+    pub async fn list(&self) -> Result<Vec<LinkInfo>, LinkError> {
+        let mut out = Vec::new();
+        let mut stream = self.handle.link().get().execute();
+        while let Some(msg) = stream.try_next().await.map_err(nl("list links"))? {
+            out.push(info_of(&msg));
+        }
+        Ok(out)
+    }
+
+    /// Creates the bridge unless it exists; returns it.
+    pub async fn ensure_bridge(&self, name: &str) -> Result<LinkInfo, LinkError> {
+        check_name(name)?;
+        if let Some(l) = self.get(name).await? {
+            return Ok(l);
+        }
+        match self
+            .handle
+            .link()
+            .add(LinkBridge::new(name).build())
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if is_exists(&e) => {}
+            Err(e) => return Err(nl(format!("create bridge {name}"))(e)),
+        }
+        self.require(name).await
+    }
+
+    /// Creates an IFB device unless it exists.
+    pub async fn ensure_ifb(&self, name: &str) -> Result<LinkInfo, LinkError> {
+        check_name(name)?;
+        if let Some(l) = self.get(name).await? {
+            return Ok(l);
+        }
+        match self
+            .handle
+            .link()
+            .add(LinkIfb::new(name).build())
+            .execute()
+            .await
+        {
+            Ok(()) => {}
+            Err(e) if is_exists(&e) => {}
+            Err(e) => return Err(nl(format!("create ifb {name}"))(e)),
+        }
+        self.require(name).await
+    }
+
+    /// IPv4 addresses on an interface, with prefix lengths.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>, LinkError> {
+        let mut out = Vec::new();
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute();
+        while let Some(msg) = stream.try_next().await.map_err(nl("list addresses"))? {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
+                    out.push((*ip, msg.header.prefix_len));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds the address unless the interface already has it (never flushes others).
+    pub async fn ensure_address(
+        &self,
+        index: u32,
+        ip: Ipv4Addr,
+        prefix_len: u8,
+    ) -> Result<(), LinkError> {
+        if self.addresses(index).await?.contains(&(ip, prefix_len)) {
+            return Ok(());
+        }
+        match self
+            .handle
+            .address()
+            .add(index, IpAddr::V4(ip), prefix_len)
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_exists(&e) => Ok(()),
+            Err(e) => Err(nl(format!("add {ip}/{prefix_len}"))(e)),
+        }
+    }
+
+    pub async fn set_up(&self, index: u32) -> Result<(), LinkError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(nl(format!("set link {index} up")))
+    }
+
+    /// Attaches `index` to the bridge `bridge_index`.
+    pub async fn enslave(&self, index: u32, bridge_index: u32) -> Result<(), LinkError> {
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .controller(bridge_index)
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl(format!("attach link {index} to bridge {bridge_index}")))
+    }
+
+    /// Deletes the interface; a missing one is not an error.
+    pub async fn delete(&self, name: &str) -> Result<(), LinkError> {
+        let Some(link) = self.get(name).await? else {
+            return Ok(());
+        };
+        match self.handle.link().del(link.index).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(nl(format!("delete {name}"))(e)),
+        }
+    }
+}

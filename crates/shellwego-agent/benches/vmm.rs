@@ -83,6 +83,7 @@ fn main() {
                 network: vec![],
                 vsock: None,
                 netns: None,
+                links: vec![],
             };
             let t = Instant::now();
             let rec = mgr.create(&cfg).await.expect("create");

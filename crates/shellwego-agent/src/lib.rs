@@ -9,6 +9,8 @@ pub mod host;
 pub mod initrd;
 pub mod reconciler;
 pub mod resources;
+pub mod snapshot;
 pub mod spec;
+pub mod template;
 pub mod units;
 pub mod vmm;

@@ -45,6 +45,7 @@ fn config(vm_id: &str, kernel: &Path, initrd: Option<&Path>) -> MicrovmConfig {
         network: vec![],
         vsock: None,
         netns: None,
+        links: vec![],
     }
 }
 

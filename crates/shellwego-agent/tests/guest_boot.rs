@@ -2,15 +2,13 @@
 //! Alpine root on virtio-blk, a TAP in the test's own network namespace, vsock to the
 //! init. Cold boots take about a minute on nested (kvm_pvm) hosts.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use shellwego_agent::guest::{wait_ready, GuestClient};
 use shellwego_agent::host::{self, HostKind};
 use shellwego_agent::initrd;
-use shellwego_agent::vmm::config::{boot_args, generate_mac, MachineConfig};
-use shellwego_agent::vmm::models::{BootSource, Drive, NetworkInterface, Vsock};
-use shellwego_agent::vmm::{process_alive, MicrovmConfig, VmmManager};
+use shellwego_agent::vmm::config::{generate_mac, guest_vm_config, GuestLayout, MachineConfig};
+use shellwego_agent::vmm::{process_alive, VmmManager};
 use shellwego_proto::{NetConfig, Response, RunConfig};
 use shellwego_testkit::guest;
 use shellwego_testkit::netns::NetNs;
@@ -41,38 +39,23 @@ fn guest_boots_answers_pings_execs_and_shuts_down() {
     let run_dir = dir.path().join("run");
     let mgr = VmmManager::new(&firecracker, &run_dir);
     let uds = mgr.runtime_dir("boot").vsock();
-    let cfg = MicrovmConfig {
-        vm_id: "boot".into(),
-        machine: MachineConfig {
-            vcpu_count: 1,
-            mem_size_mib: 128,
-            smt: false,
-        },
-        boot: BootSource {
-            kernel_image_path: kernel.display().to_string(),
-            initrd_path: Some(initrd_path.display().to_string()),
-            boot_args: Some(boot_args(kind, true, "rdinit=/init")),
-        },
-        drives: vec![Drive {
-            drive_id: "rootfs".into(),
-            path_on_host: rootfs.display().to_string(),
-            is_root_device: false,
-            is_read_only: false,
-            rate_limiter: None,
-        }],
-        network: vec![NetworkInterface {
-            iface_id: "eth0".into(),
-            host_dev_name: "tap0".into(),
-            guest_mac: Some(generate_mac(vm_id)),
-            rx_rate_limiter: None,
-            tx_rate_limiter: None,
-        }],
-        vsock: Some(Vsock {
-            guest_cid: 3,
-            uds_path: uds.display().to_string(),
-        }),
-        netns: Some(ns.path()),
+    // Relative drive and vsock paths resolve in the VM's runtime dir (firecracker's cwd):
+    // the drive goes through a per-VM symlink, as snapshot clones need.
+    let layout = GuestLayout {
+        kernel: kernel.display().to_string(),
+        initrd: initrd_path.display().to_string(),
+        root_drive: "rootfs".into(),
+        vsock: "vsock.sock".into(),
+        nic: Some(("tap0".into(), generate_mac(vm_id))),
     };
+    let machine = MachineConfig {
+        vcpu_count: 1,
+        mem_size_mib: 128,
+        smt: false,
+    };
+    let mut cfg = guest_vm_config("boot", machine, kind, &layout);
+    cfg.netns = Some(ns.path());
+    cfg.links = vec![("rootfs".into(), rootfs.clone())];
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -116,6 +99,7 @@ fn guest_boots_answers_pings_execs_and_shuts_down() {
                     prefix_len: 24,
                     gateway: "10.0.4.1".into(),
                     nameservers: vec![],
+                    mac: Some("02:aa:bb:cc:dd:ee".into()),
                 }),
                 root_device: "/dev/vda".into(),
                 clock: Some((1_800_000_000, 0)),
@@ -173,7 +157,6 @@ fn guest_boots_answers_pings_execs_and_shuts_down() {
         );
     }));
     rt.block_on(mgr.remove("boot")).expect("remove");
-    let _ = Path::new(&uds);
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }

@@ -48,6 +48,9 @@ fn run(state: &mut State, rc: RunConfig) -> Result<(), String> {
     }
     sys::add_entropy(&rc.entropy).map_err(|e| format!("entropy: {e}"))?;
     if let Some(net) = &rc.net {
+        if let Some(mac) = &net.mac {
+            sys::set_mac("eth0", mac).map_err(|e| format!("eth0 MAC: {e}"))?;
+        }
         let parse = |s: &str| {
             s.parse::<Ipv4Addr>()
                 .map_err(|e| format!("bad IPv4 {s:?}: {e}"))

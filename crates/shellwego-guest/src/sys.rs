@@ -180,6 +180,34 @@ fn inet_socket() -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
+/// Sets an interface's MAC address ("02:ab:...").
+pub fn set_mac(name: &str, mac: &str) -> io::Result<()> {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|p| u8::from_str_radix(p, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("bad MAC {mac:?}")))?;
+    if bytes.len() != 6 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad MAC {mac:?}"),
+        ));
+    }
+    let sock = inet_socket()?;
+    let mut req = ifreq(name)?;
+    // SAFETY: writing the hardware address into the ifreq union, then one ioctl.
+    unsafe {
+        req.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        for (dst, src) in req.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(&bytes) {
+            *dst = *src as libc::c_char;
+        }
+        check(
+            libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFHWADDR, &req),
+            "SIOCSIFHWADDR",
+        )
+    }
+}
+
 /// Brings an interface up.
 pub fn link_up(name: &str) -> io::Result<()> {
     let sock = inet_socket()?;

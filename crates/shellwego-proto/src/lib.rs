@@ -32,6 +32,10 @@ pub struct NetConfig {
     pub gateway: String,
     #[serde(default)]
     pub nameservers: Vec<String>,
+    /// MAC to give eth0 ("xx:xx:..."); a VM restored from a template starts with the
+    /// template's.
+    #[serde(default)]
+    pub mac: Option<String>,
 }
 
 /// What the app is and how it runs. Secrets travel only here and end up only in the

@@ -100,3 +100,19 @@ impl NetNs {
         guest.ip(&["link", "set", guest_end, "up"]);
     }
 }
+
+impl NetNs {
+    /// A bridge with `cidr` on it, up.
+    pub fn bridge(&self, name: &str, cidr: &str) {
+        self.ip(&["link", "add", name, "type", "bridge"]);
+        self.ip(&["addr", "add", cidr, "dev", name]);
+        self.ip(&["link", "set", name, "up"]);
+    }
+
+    /// A persistent TAP attached to `bridge`, up.
+    pub fn bridged_tap(&self, name: &str, bridge: &str) {
+        self.ip(&["tuntap", "add", "dev", name, "mode", "tap"]);
+        self.ip(&["link", "set", name, "master", bridge]);
+        self.ip(&["link", "set", name, "up"]);
+    }
+}

@@ -251,3 +251,69 @@ mod tests {
         assert!(nested.ends_with(" quiet"));
     }
 }
+
+/// Where a VM's pieces are, for [`guest_vm_config`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestLayout {
+    pub kernel: String,
+    pub initrd: String,
+    /// The root drive as Firecracker opens it (relative paths resolve in the VM's
+    /// runtime directory, which is what lets snapshot clones use their own disks).
+    pub root_drive: String,
+    /// The vsock socket, likewise (relative = per VM).
+    pub vsock: String,
+    /// TAP and MAC of eth0, if the VM has a network.
+    pub nic: Option<(String, String)>,
+}
+
+/// The Firecracker configuration of a VM that runs the ShellWeGo guest init: the init
+/// comes from the initramfs, the app's root is the `rootfs` drive (`/dev/vda`, mounted
+/// by the init at `run`), `eth0` is the TAP, and the init listens on vsock CID 3.
+pub fn guest_vm_config(
+    vm_id: &str,
+    machine: MachineConfig,
+    kind: HostKind,
+    layout: &GuestLayout,
+) -> super::MicrovmConfig {
+    use super::models::{BootSource, Drive, NetworkInterface, Vsock};
+    super::MicrovmConfig {
+        vm_id: vm_id.to_string(),
+        machine,
+        boot: BootSource {
+            kernel_image_path: layout.kernel.clone(),
+            initrd_path: Some(layout.initrd.clone()),
+            boot_args: Some(boot_args(
+                kind,
+                kind == HostKind::NestedEmulated,
+                "rdinit=/init",
+            )),
+        },
+        drives: vec![Drive {
+            drive_id: "rootfs".into(),
+            path_on_host: layout.root_drive.clone(),
+            is_root_device: false,
+            is_read_only: false,
+            rate_limiter: None,
+        }],
+        network: layout
+            .nic
+            .iter()
+            .map(|(tap, mac)| NetworkInterface {
+                iface_id: "eth0".into(),
+                host_dev_name: tap.clone(),
+                guest_mac: Some(mac.clone()),
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            })
+            .collect(),
+        vsock: Some(Vsock {
+            guest_cid: GUEST_CID,
+            uds_path: layout.vsock.clone(),
+        }),
+        netns: None,
+        links: vec![],
+    }
+}
+
+/// The guest's vsock CID (every VM has its own vsock device, so one CID serves all).
+pub const GUEST_CID: u32 = 3;

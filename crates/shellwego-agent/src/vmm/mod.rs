@@ -31,6 +31,10 @@ pub struct MicrovmConfig {
     pub vsock: Option<Vsock>,
     /// Network namespace (`/run/netns/NAME`) the firecracker process runs in.
     pub netns: Option<PathBuf>,
+    /// Symlinks made in the VM's runtime directory before it is configured, as (name,
+    /// target): relative drive paths point through them to this VM's own files.
+    #[serde(default)]
+    pub links: Vec<(String, PathBuf)>,
 }
 
 /// What the agent records about a running firecracker so it can re-attach after a
@@ -185,6 +189,7 @@ impl VmmManager {
         &self,
         vm_id: &str,
         netns: Option<&Path>,
+        links: &[(String, PathBuf)],
     ) -> Result<FirecrackerApi, VmmError> {
         let mut vms = self.vms.lock().await;
         if vms.contains_key(vm_id) {
@@ -198,16 +203,18 @@ impl VmmManager {
             start_time: process_start_time(spawned.pid).unwrap_or(0),
             api_socket: rt.api_socket(),
         };
-        write_record(&rt, &record).map_err(Self::io(vm_id, "writing vm.json"))?;
+        let prepared = write_record(&rt, &record).and_then(|()| make_links(&rt, links));
         let api = spawned.api.clone();
-        vms.insert(
-            vm_id.to_string(),
-            VmHandle {
-                record,
-                api: spawned.api,
-                rt,
-            },
-        );
+        let handle = VmHandle {
+            record,
+            api: spawned.api,
+            rt,
+        };
+        if let Err(e) = prepared {
+            kill_and_clean(&handle).await;
+            return Err(Self::io(vm_id, "preparing runtime files")(e));
+        }
+        vms.insert(vm_id.to_string(), handle);
         Ok(api)
     }
 
@@ -381,9 +388,20 @@ fn write_record(rt: &RuntimeDir, record: &ProcessRecord) -> std::io::Result<()> 
     std::fs::rename(&tmp, rt.record())
 }
 
+/// Makes the symlinks a VM's relative paths go through.
+fn make_links(rt: &RuntimeDir, links: &[(String, PathBuf)]) -> std::io::Result<()> {
+    for (name, target) in links {
+        let link = rt.dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(target, &link)?;
+    }
+    Ok(())
+}
+
 async fn configure(h: &VmHandle, cfg: &MicrovmConfig) -> Result<(), VmmError> {
     let io = VmmManager::io(&cfg.vm_id, "preparing runtime files");
     write_record(&h.rt, &h.record).map_err(&io)?;
+    make_links(&h.rt, &cfg.links).map_err(&io)?;
     for path in [h.rt.firecracker_log(), h.rt.metrics()] {
         std::fs::OpenOptions::new()
             .create(true)
@@ -412,7 +430,8 @@ async fn configure(h: &VmHandle, cfg: &MicrovmConfig) -> Result<(), VmmError> {
         api.put_network_interface(n).await?;
     }
     if let Some(v) = &cfg.vsock {
-        let _ = std::fs::remove_file(&v.uds_path);
+        // A relative socket path lives in the runtime dir (firecracker's cwd).
+        let _ = std::fs::remove_file(h.rt.dir.join(&v.uds_path));
         api.put_vsock(v).await?;
     }
     Ok(())

@@ -21,6 +21,13 @@ pub struct Config {
     pub pool: String,
     /// Bridge the VMs' TAPs join. `SHELLWEGO_BRIDGE`.
     pub bridge: String,
+    /// Run each firecracker under Firecracker's jailer (chroot, own mount namespace).
+    /// `SHELLWEGO_JAILER=1`. Snapshots and warm starts are not available for jailed VMs.
+    pub jailer: bool,
+    /// The jailer binary; a bare name is looked up on PATH.
+    pub jailer_binary: PathBuf,
+    /// Where the jailer makes each VM's chroot.
+    pub chroot_base: PathBuf,
 }
 
 impl Default for Config {
@@ -32,6 +39,9 @@ impl Default for Config {
             kernel: PathBuf::from("/var/lib/shellwego/kernel/vmlinux"),
             pool: "shellwego".to_string(),
             bridge: "swg-br0".to_string(),
+            jailer: false,
+            jailer_binary: PathBuf::from("jailer"),
+            chroot_base: PathBuf::from("/srv/jailer"),
         }
     }
 }
@@ -95,6 +105,9 @@ impl Config {
         };
         string("SHELLWEGO_POOL", &mut self.pool);
         string("SHELLWEGO_BRIDGE", &mut self.bridge);
+        if let Some(v) = get("SHELLWEGO_JAILER") {
+            self.jailer = matches!(v.to_str(), Some("1" | "true" | "yes"));
+        }
     }
 }
 

@@ -269,3 +269,75 @@ fn a_new_manager_reattaches_to_running_vms() {
         assert!(!process_alive(record.pid));
     });
 }
+
+#[test]
+fn a_vm_under_the_jailer_runs_and_is_cleaned_up() {
+    let jailer = require_command(
+        "jailer",
+        "install it with `make setup` (it ships with firecracker)",
+    );
+    let kernel = guest::kernel();
+    let dir = tempfile::tempdir().unwrap();
+    let initrd = guest::busybox_initrd(
+        dir.path(),
+        "#!/bin/busybox sh\nwhile :; do /bin/busybox sleep 60; done\n",
+    );
+    // A drive on another file system (tmpfs) is bind-mounted into the chroot; the kernel
+    // and initramfs on the same one are hard-linked.
+    let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+    let drive = shm.path().join("data.img");
+    std::fs::File::create(&drive)
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let jail = driver::Jail {
+        jailer,
+        chroot_base: dir.path().join("jail"),
+        uid: 0,
+        gid: 0,
+    };
+    std::fs::create_dir_all(&jail.chroot_base).unwrap();
+    let mgr = VmmManager::new(&firecracker(), &dir.path().join("run")).with_jail(jail.clone());
+    rt().block_on(async {
+        let mut cfg = config("vm-jailed", &kernel, Some(&initrd));
+        cfg.drives.push(shellwego_agent::vmm::models::Drive {
+            drive_id: "data".into(),
+            path_on_host: drive.display().to_string(),
+            is_root_device: false,
+            is_read_only: false,
+            rate_limiter: None,
+        });
+        let record = mgr.create(&cfg).await.expect("create jailed VM");
+        let root = jail.root_of("vm-jailed");
+        assert!(
+            root.join("api.sock").exists(),
+            "API socket inside the chroot"
+        );
+        let seen = mgr
+            .api_of("vm-jailed")
+            .await
+            .unwrap()
+            .vm_config()
+            .await
+            .unwrap();
+        assert_eq!(seen.boot_source.unwrap().kernel_image_path, "/vmlinux");
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        assert!(
+            mounts.contains(&root.join("data").display().to_string()),
+            "drive bind-mounted"
+        );
+        mgr.start("vm-jailed").await.expect("start");
+        assert_eq!(
+            mgr.inspect("vm-jailed").await.unwrap().state.as_deref(),
+            Some("Running")
+        );
+        mgr.remove("vm-jailed").await.unwrap();
+        assert!(!process_alive(record.pid));
+        assert!(!root.parent().unwrap().exists(), "jail dir removed");
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        assert!(
+            !mounts.contains(&root.display().to_string()),
+            "no bind mount left"
+        );
+    });
+}

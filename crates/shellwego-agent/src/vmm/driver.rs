@@ -268,12 +268,22 @@ impl FirecrackerApi {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeDir {
     pub dir: PathBuf,
+    pub vm_id: String,
 }
 
 impl RuntimeDir {
     pub fn new(run_dir: &Path, vm_id: &str) -> RuntimeDir {
         RuntimeDir {
             dir: run_dir.join(vm_id),
+            vm_id: vm_id.to_string(),
+        }
+    }
+
+    /// The chroot of a jailed VM.
+    pub fn jailed(jail: &Jail, vm_id: &str) -> RuntimeDir {
+        RuntimeDir {
+            dir: jail.root_of(vm_id),
+            vm_id: vm_id.to_string(),
         }
     }
     pub fn api_socket(&self) -> PathBuf {
@@ -296,6 +306,26 @@ impl RuntimeDir {
     }
 }
 
+/// Firecracker's jailer: each VM's firecracker runs chrooted in
+/// `<chroot_base>/firecracker/<vm_id>/root`, as `uid:gid`, in its own mount namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jail {
+    pub jailer: PathBuf,
+    pub chroot_base: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Jail {
+    /// The chroot (= runtime dir) of a VM.
+    pub fn root_of(&self, vm_id: &str) -> PathBuf {
+        self.chroot_base
+            .join("firecracker")
+            .join(vm_id)
+            .join("root")
+    }
+}
+
 /// A started firecracker process.
 #[derive(Debug)]
 pub struct Spawned {
@@ -311,6 +341,18 @@ pub async fn spawn(
     binary: &Path,
     rt: &RuntimeDir,
     netns: Option<&Path>,
+    ready_timeout: Duration,
+) -> Result<Spawned, DriverError> {
+    spawn_with(binary, rt, netns, None, ready_timeout).await
+}
+
+/// Like [`spawn`]; with `jail`, firecracker is started through the jailer, chrooted in
+/// `rt.dir` (which must be `jail.root_of(vm_id)`), its API socket at `/api.sock` inside.
+pub async fn spawn_with(
+    binary: &Path,
+    rt: &RuntimeDir,
+    netns: Option<&Path>,
+    jail: Option<&Jail>,
     ready_timeout: Duration,
 ) -> Result<Spawned, DriverError> {
     std::fs::create_dir_all(&rt.dir).map_err(|source| DriverError::Io {
@@ -329,33 +371,52 @@ pub async fn spawn(
             path: rt.console_log(),
             source,
         })?;
-    let netns_file = match netns {
-        Some(p) => Some(std::fs::File::open(p).map_err(|source| DriverError::Io {
-            what: "opening network namespace",
-            path: p.to_path_buf(),
-            source,
-        })?),
-        None => None,
-    };
     let console_err = console.try_clone().map_err(|source| DriverError::Io {
         what: "duplicating console log",
         path: rt.console_log(),
         source,
     })?;
-    let mut cmd = std::process::Command::new(binary);
-    cmd.arg("--api-sock")
-        .arg(&socket)
-        .arg("--id")
-        .arg(
-            rt.dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        )
-        .stdin(Stdio::null())
-        .stdout(console)
-        .stderr(console_err)
-        .current_dir(&rt.dir);
+    let id = rt.vm_id.clone();
+    let mut cmd = match jail {
+        None => {
+            let mut cmd = std::process::Command::new(binary);
+            cmd.arg("--api-sock")
+                .arg(&socket)
+                .arg("--id")
+                .arg(&id)
+                .current_dir(&rt.dir);
+            cmd
+        }
+        Some(j) => {
+            let mut cmd = std::process::Command::new(&j.jailer);
+            cmd.args([
+                "--id",
+                &id,
+                "--uid",
+                &j.uid.to_string(),
+                "--gid",
+                &j.gid.to_string(),
+            ])
+            .arg("--exec-file")
+            .arg(binary)
+            .arg("--chroot-base-dir")
+            .arg(&j.chroot_base);
+            if let Some(ns) = netns {
+                cmd.arg("--netns").arg(ns);
+            }
+            cmd.args(["--", "--api-sock", "/api.sock"]);
+            cmd
+        }
+    };
+    cmd.stdin(Stdio::null()).stdout(console).stderr(console_err);
+    let netns_file = match (netns, jail) {
+        (Some(p), None) => Some(std::fs::File::open(p).map_err(|source| DriverError::Io {
+            what: "opening network namespace",
+            path: p.to_path_buf(),
+            source,
+        })?),
+        _ => None,
+    };
     // SAFETY: only async-signal-safe calls (setsid, setns) between fork and exec.
     unsafe {
         let fd = netns_file

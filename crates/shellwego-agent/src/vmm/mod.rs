@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use driver::{DriverError, FirecrackerApi, RuntimeDir};
+use driver::{DriverError, FirecrackerApi, Jail, RuntimeDir};
 use models::{
     ActionType, BootSource, Drive, Logger, MachineConfig, Metrics, NetworkInterface, Vsock,
 };
@@ -115,12 +115,14 @@ struct VmHandle {
     record: ProcessRecord,
     api: FirecrackerApi,
     rt: RuntimeDir,
+    jailed: bool,
 }
 
 /// The VMs of this host, keyed by vm_id.
 pub struct VmmManager {
     firecracker: PathBuf,
     run_dir: PathBuf,
+    jail: Option<Jail>,
     ready_timeout: Duration,
     vms: Mutex<BTreeMap<String, VmHandle>>,
 }
@@ -130,13 +132,48 @@ impl VmmManager {
         VmmManager {
             firecracker: firecracker.to_path_buf(),
             run_dir: run_dir.to_path_buf(),
+            jail: None,
             ready_timeout: Duration::from_secs(10),
             vms: Mutex::new(BTreeMap::new()),
         }
     }
 
+    /// Runs every VM's firecracker under the jailer (configuration `jailer = true`).
+    /// Kernel, initramfs and drives are hard-linked (same file system) or bind-mounted
+    /// into each VM's chroot. Snapshots of jailed VMs are not supported.
+    pub fn with_jail(mut self, jail: Jail) -> VmmManager {
+        self.jail = Some(jail);
+        self
+    }
+
     pub fn runtime_dir(&self, vm_id: &str) -> RuntimeDir {
-        RuntimeDir::new(&self.run_dir, vm_id)
+        match &self.jail {
+            Some(j) => RuntimeDir::jailed(j, vm_id),
+            None => RuntimeDir::new(&self.run_dir, vm_id),
+        }
+    }
+
+    /// Directories that may hold VM records (for re-attach).
+    fn record_dirs(&self) -> Vec<RuntimeDir> {
+        let (base, jailed) = match &self.jail {
+            Some(j) => (j.chroot_base.join("firecracker"), true),
+            None => (self.run_dir.clone(), false),
+        };
+        let Ok(entries) = std::fs::read_dir(&base) else {
+            return vec![];
+        };
+        entries
+            .flatten()
+            .map(|e| {
+                let id = e.file_name().to_string_lossy().into_owned();
+                let dir = if jailed {
+                    e.path().join("root")
+                } else {
+                    e.path()
+                };
+                RuntimeDir { dir, vm_id: id }
+            })
+            .collect()
     }
 
     fn io(vm_id: &str, what: &str) -> impl Fn(std::io::Error) -> VmmError {
@@ -157,13 +194,30 @@ impl VmmManager {
             return Err(VmmError::Exists(cfg.vm_id.clone()));
         }
         let rt = self.runtime_dir(&cfg.vm_id);
-        let spawned = driver::spawn(
+        let jailed;
+        let cfg = match &self.jail {
+            None => cfg,
+            Some(_) => {
+                jailed =
+                    jail_files(&rt, cfg).map_err(Self::io(&cfg.vm_id, "preparing the jail"))?;
+                &jailed
+            }
+        };
+        let spawned = match driver::spawn_with(
             &self.firecracker,
             &rt,
             cfg.netns.as_deref(),
+            self.jail.as_ref(),
             self.ready_timeout,
         )
-        .await?;
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                clean_dir(&rt, self.jail.is_some());
+                return Err(e.into());
+            }
+        };
         let record = ProcessRecord {
             vm_id: cfg.vm_id.clone(),
             pid: spawned.pid,
@@ -174,6 +228,7 @@ impl VmmManager {
             record: record.clone(),
             api: spawned.api,
             rt,
+            jailed: self.jail.is_some(),
         };
         if let Err(e) = configure(&handle, cfg).await {
             kill_and_clean(&handle).await;
@@ -195,6 +250,13 @@ impl VmmManager {
         if vms.contains_key(vm_id) {
             return Err(VmmError::Exists(vm_id.to_string()));
         }
+        if self.jail.is_some() {
+            return Err(VmmError::Io {
+                vm_id: vm_id.to_string(),
+                what: "restoring a snapshot".into(),
+                source: std::io::Error::other("snapshot restores are not supported for jailed VMs"),
+            });
+        }
         let rt = self.runtime_dir(vm_id);
         let spawned = driver::spawn(&self.firecracker, &rt, netns, self.ready_timeout).await?;
         let record = ProcessRecord {
@@ -209,6 +271,7 @@ impl VmmManager {
             record,
             api: spawned.api,
             rt,
+            jailed: false,
         };
         if let Err(e) = prepared {
             kill_and_clean(&handle).await;
@@ -333,10 +396,7 @@ impl VmmManager {
         let handle = self.vms.lock().await.remove(vm_id);
         match handle {
             Some(h) => kill_and_clean(&h).await,
-            None => {
-                let rt = self.runtime_dir(vm_id);
-                let _ = std::fs::remove_dir_all(&rt.dir);
-            }
+            None => clean_dir(&self.runtime_dir(vm_id), self.jail.is_some()),
         }
         Ok(())
     }
@@ -347,14 +407,9 @@ impl VmmManager {
     pub async fn reattach(&self) -> Result<(Vec<String>, Vec<String>), VmmError> {
         let mut attached = Vec::new();
         let mut dead = Vec::new();
-        let entries = match std::fs::read_dir(&self.run_dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((attached, dead)),
-            Err(e) => return Err(Self::io("-", "reading run dir")(e)),
-        };
+        let jailed = self.jail.is_some();
         let mut vms = self.vms.lock().await;
-        for entry in entries.flatten() {
-            let rt = RuntimeDir { dir: entry.path() };
+        for rt in self.record_dirs() {
             let Ok(bytes) = std::fs::read(rt.record()) else {
                 continue;
             };
@@ -371,10 +426,18 @@ impl VmmManager {
             if same_process && api.version().await.is_ok() {
                 info!(vm_id = %record.vm_id, pid = record.pid, "re-attached");
                 attached.push(record.vm_id.clone());
-                vms.insert(record.vm_id.clone(), VmHandle { record, api, rt });
+                vms.insert(
+                    record.vm_id.clone(),
+                    VmHandle {
+                        record,
+                        api,
+                        rt,
+                        jailed,
+                    },
+                );
             } else {
                 dead.push(record.vm_id.clone());
-                let _ = std::fs::remove_dir_all(&rt.dir);
+                clean_dir(&rt, jailed);
             }
         }
         Ok((attached, dead))
@@ -410,15 +473,17 @@ async fn configure(h: &VmHandle, cfg: &MicrovmConfig) -> Result<(), VmmError> {
             .map_err(&io)?;
     }
     let api = &h.api;
+    // Relative paths: they resolve in firecracker's working dir, which is also the
+    // chroot's root under the jailer.
     api.put_logger(&Logger {
-        log_path: h.rt.firecracker_log().to_string_lossy().into_owned(),
+        log_path: "firecracker.log".into(),
         level: "Warning".into(),
         show_level: true,
         show_log_origin: false,
     })
     .await?;
     api.put_metrics(&Metrics {
-        metrics_path: h.rt.metrics().to_string_lossy().into_owned(),
+        metrics_path: "metrics.json".into(),
     })
     .await?;
     api.put_machine_config(&cfg.machine).await?;
@@ -455,9 +520,90 @@ async fn kill_and_clean(h: &VmHandle) {
     {
         kill_pid(h.record.pid).await;
     }
-    if let Err(e) = std::fs::remove_dir_all(&h.rt.dir) {
+    clean_dir(&h.rt, h.jailed);
+}
+
+/// Removes a VM's runtime dir; for a jail, first the bind mounts in it, then the whole
+/// `<base>/firecracker/<vm_id>` tree.
+fn clean_dir(rt: &RuntimeDir, jailed: bool) {
+    let dir = if jailed {
+        if let Ok(mounts) = std::fs::read_to_string("/proc/mounts") {
+            let prefix = format!("{}/", rt.dir.display());
+            for mp in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
+                if mp.starts_with(&prefix) {
+                    if let Ok(c) = std::ffi::CString::new(mp) {
+                        // SAFETY: unmounting a bind mount this manager made.
+                        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                    }
+                }
+            }
+        }
+        rt.dir
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| rt.dir.clone())
+    } else {
+        rt.dir.clone()
+    };
+    if let Err(e) = std::fs::remove_dir_all(&dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
-            warn!(dir = %h.rt.dir.display(), error = %e, "cannot remove runtime dir");
+            warn!(dir = %dir.display(), error = %e, "cannot remove runtime dir");
         }
     }
+}
+
+/// Puts `target` at `rt.dir/name`: a hard link where it shares the file system, else a
+/// bind mount (the chroot cannot see outside paths or follow symlinks out).
+fn place_in_jail(rt: &RuntimeDir, name: &str, target: &Path) -> std::io::Result<()> {
+    let dest = rt.dir.join(name);
+    let _ = std::fs::remove_file(&dest);
+    let target = std::fs::canonicalize(target)?;
+    if std::fs::hard_link(&target, &dest).is_ok() {
+        return Ok(());
+    }
+    std::fs::File::create(&dest)?;
+    let (src, dst) = (
+        std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+            .map_err(std::io::Error::other)?,
+        std::ffi::CString::new(dest.as_os_str().as_encoded_bytes())
+            .map_err(std::io::Error::other)?,
+    );
+    // SAFETY: bind-mounting one file onto another with valid C strings.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The configuration as the jailed firecracker sees it: kernel, initramfs, links and
+/// absolute drive paths placed inside the chroot and named relative to its root.
+fn jail_files(rt: &RuntimeDir, cfg: &MicrovmConfig) -> std::io::Result<MicrovmConfig> {
+    std::fs::create_dir_all(&rt.dir)?;
+    let mut jailed = cfg.clone();
+    place_in_jail(rt, "vmlinux", Path::new(&cfg.boot.kernel_image_path))?;
+    jailed.boot.kernel_image_path = "/vmlinux".into();
+    if let Some(initrd) = &cfg.boot.initrd_path {
+        place_in_jail(rt, "initrd", Path::new(initrd))?;
+        jailed.boot.initrd_path = Some("/initrd".into());
+    }
+    for (name, target) in &cfg.links {
+        place_in_jail(rt, name, target)?;
+    }
+    jailed.links.clear();
+    for d in &mut jailed.drives {
+        if Path::new(&d.path_on_host).is_absolute() {
+            place_in_jail(rt, &d.drive_id, Path::new(&d.path_on_host))?;
+            d.path_on_host = d.drive_id.clone();
+        }
+    }
+    Ok(jailed)
 }

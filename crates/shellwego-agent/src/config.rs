@@ -28,6 +28,14 @@ pub struct Config {
     pub jailer_binary: PathBuf,
     /// Where the jailer makes each VM's chroot.
     pub chroot_base: PathBuf,
+    /// The guest init binary (static). `SHELLWEGO_GUEST_INIT`.
+    pub guest_init: PathBuf,
+    /// Registries (`host:port`) spoken to over plain HTTP. `SHELLWEGO_INSECURE_REGISTRIES`
+    /// (comma-separated).
+    pub insecure_registries: Vec<String>,
+    /// "warm" (restore a pre-booted template; the default) or "cold" (boot the kernel).
+    /// `SHELLWEGO_BOOT`.
+    pub boot: String,
 }
 
 impl Default for Config {
@@ -42,6 +50,9 @@ impl Default for Config {
             jailer: false,
             jailer_binary: PathBuf::from("jailer"),
             chroot_base: PathBuf::from("/srv/jailer"),
+            guest_init: PathBuf::from("/usr/local/lib/shellwego/shellwego-init"),
+            insecure_registries: Vec::new(),
+            boot: "warm".to_string(),
         }
     }
 }
@@ -61,6 +72,11 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The agent's API socket.
+    pub fn api_socket(&self) -> PathBuf {
+        self.run_dir.join("agent.sock")
+    }
+
     /// Loads the configuration. A missing default file is fine; a missing file that was
     /// named explicitly is an error.
     pub fn load() -> Result<Config, ConfigError> {
@@ -105,6 +121,16 @@ impl Config {
         };
         string("SHELLWEGO_POOL", &mut self.pool);
         string("SHELLWEGO_BRIDGE", &mut self.bridge);
+        path("SHELLWEGO_GUEST_INIT", &mut self.guest_init);
+        string("SHELLWEGO_BOOT", &mut self.boot);
+        if let Some(v) = get("SHELLWEGO_INSECURE_REGISTRIES").and_then(|v| v.into_string().ok()) {
+            self.insecure_registries = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+        }
         if let Some(v) = get("SHELLWEGO_JAILER") {
             self.jailer = matches!(v.to_str(), Some("1" | "true" | "yes"));
         }

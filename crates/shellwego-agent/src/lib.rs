@@ -2,15 +2,23 @@
 //! reconciliation planning, Firecracker machine configuration) and the host-facing
 //! pieces built on it (host detection, `doctor`).
 
+pub mod api;
+pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod doctor;
 pub mod guest;
+pub mod health;
 pub mod host;
 pub mod initrd;
+pub mod provision;
 pub mod reconciler;
 pub mod resources;
+pub mod runconfig;
 pub mod snapshot;
 pub mod spec;
+pub mod state;
 pub mod template;
+pub mod uds_http;
 pub mod units;
 pub mod vmm;

@@ -1,43 +1,99 @@
-//! `shellwego`: the ShellWeGo node agent's command line.
+//! `shellwego`: the ShellWeGo node agent and its command line.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use shellwego_agent::api::{uptime, ApplyRequest};
+use shellwego_agent::client::AgentClient;
 use shellwego_agent::config::Config;
-use shellwego_agent::spec::DesiredApp;
+use shellwego_agent::reconciler::{Health, VmState};
+use shellwego_agent::spec::{DesiredApp, SecretSource};
 use shellwego_agent::vmm::config::{machine_config, MachineLimits};
-use shellwego_agent::{doctor, host};
+use shellwego_agent::{daemon, doctor, host};
 
 /// ShellWeGo turns a Linux host into a microVM platform: apps declared in a spec file run
 /// as Firecracker microVMs on ZFS copy-on-write disks.
 #[derive(Parser)]
 #[command(name = "shellwego", version, about)]
 struct Cli {
+    /// The agent's API socket (default: <run dir>/agent.sock).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Commands,
 }
 
 #[derive(Subcommand)]
 enum Commands {
+    /// Run the agent: reconcile the desired state and serve the API (as root).
+    Agent,
+    /// Deploy or update an app from its spec file; returns when it is healthy or failed.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+        /// Return once the agent accepted the spec, without waiting.
+        #[arg(long)]
+        detach: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 900)]
+        timeout: u64,
+    },
+    /// List apps, their VMs, versions, IPs, health and uptime.
+    Ps {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an app's guest console (the app's stdout/stderr and the guest's messages).
+    Logs {
+        app: String,
+        #[arg(short = 'n', long, default_value_t = 200)]
+        lines: usize,
+        /// Keep printing new output.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Run a command in an app's VM: `shellwego exec APP -- CMD ARGS...`.
+    Exec {
+        app: String,
+        #[arg(last = true, required = true)]
+        cmd: Vec<String>,
+    },
+    /// Remove an app: its VMs, TAPs, leases and disks.
+    Rm { app: String },
+    /// Pulled images.
+    Images {
+        #[command(subcommand)]
+        command: ImagesCommand,
+    },
     /// Check this host's prerequisites (KVM, Firecracker, ZFS, networking, guest kernel)
     /// and print one line each with a fix; exits non-zero if a required one is missing.
     Doctor {
-        /// Print the checks as JSON.
         #[arg(long)]
         json: bool,
     },
     /// Validate an app spec file and show the VM it would get on this host.
     Validate {
-        /// The app spec (TOML).
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
-        /// Print the validated app as JSON.
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum ImagesCommand {
+    /// List pulled images.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image (by digest) and the layers no other image uses.
+    Rm { digest: String },
 }
 
 fn main() -> ExitCode {
@@ -48,7 +104,18 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -57,10 +124,230 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
+/// Reads each secret's value from its source; names only, never values, in errors.
+fn resolve_secrets(app: &DesiredApp) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for (name, source) in &app.secrets {
+        let value = match source {
+            SecretSource::Value(v) => v.clone(),
+            SecretSource::Env(var) => std::env::var(var).with_context(|| {
+                format!("secrets.{name}: environment variable {var} is not set")
+            })?,
+            SecretSource::File(path) => std::fs::read_to_string(path)
+                .with_context(|| format!("secrets.{name}: cannot read {}", path.display()))?
+                .trim_end_matches('\n')
+                .to_string(),
+        };
+        out.insert(name.clone(), value);
+    }
+    Ok(out)
+}
+
+async fn apply(
+    client: &AgentClient,
+    file: &PathBuf,
+    detach: bool,
+    timeout: Duration,
+) -> Result<ExitCode> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read spec file {}", file.display()))?;
+    let app = DesiredApp::from_toml(&text)
+        .with_context(|| format!("{} is not a valid app spec", file.display()))?;
+    let secrets = resolve_secrets(&app)?;
+    let since = client
+        .events(0, None)
+        .await?
+        .last()
+        .map(|e| e.seq)
+        .unwrap_or(0);
+    let accepted = client
+        .apply(
+            &app.name,
+            &ApplyRequest {
+                spec: text,
+                secrets,
+            },
+        )
+        .await?;
+    println!(
+        "{}: desired version {} accepted",
+        accepted.app, accepted.version
+    );
+    if detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let start = Instant::now();
+    let mut seen = since;
+    loop {
+        for ev in client.events(seen, Some(&app.name)).await? {
+            seen = ev.seq;
+            println!("  {}", ev.message);
+        }
+        let apps = client.apps().await?;
+        if let Some(status) = apps.iter().find(|a| a.name == app.name) {
+            if status.healthy {
+                let vm = status
+                    .vms
+                    .iter()
+                    .find(|v| v.version == accepted.version && v.health == Health::Healthy);
+                let ip = vm.and_then(|v| v.ip.clone()).unwrap_or_default();
+                println!(
+                    "{}: healthy at {ip} (after {:.1}s)",
+                    app.name,
+                    start.elapsed().as_secs_f64()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            if let Some(f) = status
+                .failure
+                .as_ref()
+                .filter(|f| f.version == accepted.version)
+            {
+                let reason = status
+                    .vms
+                    .iter()
+                    .filter_map(|v| v.last_error.clone())
+                    .next_back()
+                    .unwrap_or_else(|| "see `shellwego logs`".into());
+                bail!(
+                    "{}: version {} failed (attempt {}): {reason}; the agent retries with backoff",
+                    app.name,
+                    f.version,
+                    f.attempts
+                );
+            }
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "{}: not healthy after {timeout:?}; see `shellwego ps` and `shellwego logs {}`",
+                app.name,
+                app.name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn ps(client: &AgentClient, json: bool) -> Result<()> {
+    let apps = client.apps().await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&apps)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<14} {:<38} {:<9} {:<10} {:<15} {:>8}",
+        "APP", "VERSION", "VM", "STATE", "HEALTH", "IP", "UPTIME"
+    );
+    for a in &apps {
+        if a.vms.is_empty() {
+            let note = a
+                .failure
+                .as_ref()
+                .map(|f| format!("failed x{}, backing off", f.attempts))
+                .unwrap_or_else(|| "pending".into());
+            println!("{:<16} {:<14} {:<38} {note}", a.name, a.version, "-");
+        }
+        for v in &a.vms {
+            let state = match v.state {
+                VmState::Starting => "starting",
+                VmState::Running => "running",
+                VmState::Exited => "exited",
+            };
+            let health = match v.health {
+                Health::Unknown => "unknown",
+                Health::Healthy => "healthy",
+                Health::Unhealthy => "unhealthy",
+            };
+            println!(
+                "{:<16} {:<14} {:<38} {:<9} {:<10} {:<15} {:>7}s",
+                a.name,
+                v.version,
+                v.vm_id,
+                state,
+                health,
+                v.ip.clone().unwrap_or_else(|| "-".into()),
+                uptime(v)
+            );
+            if let Some(e) = &v.last_error {
+                println!("{:<16} last error: {e}", "");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let config = Config::load()?;
+    let client = AgentClient::new(&cli.socket.clone().unwrap_or_else(|| config.api_socket()));
     match cli.command {
+        Commands::Agent => {
+            daemon::run(config).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Apply {
+            file,
+            detach,
+            timeout,
+        } => apply(&client, &file, detach, Duration::from_secs(timeout)).await,
+        Commands::Ps { json } => ps(&client, json).await.map(|()| ExitCode::SUCCESS),
+        Commands::Logs { app, lines, follow } => {
+            let mut last = client.logs(&app, lines).await?;
+            print!("{last}");
+            println!();
+            while follow {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let now = client.logs(&app, lines).await?;
+                if now != last {
+                    // Print what was appended since the last look.
+                    let new = now.strip_prefix(last.as_str()).unwrap_or(&now);
+                    print!("{}", new.trim_start_matches('\n'));
+                    println!();
+                    last = now;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Exec { app, cmd } => {
+            let out = client.exec(&app, cmd).await?;
+            print!("{}", out.stdout);
+            eprint!("{}", out.stderr);
+            if out.timed_out {
+                eprintln!("(timed out)");
+            }
+            Ok(ExitCode::from(u8::try_from(out.code).unwrap_or(1)))
+        }
+        Commands::Rm { app } => {
+            client.remove(&app).await?;
+            println!("{app}: removal requested; `shellwego ps` shows when its VMs are gone");
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Images {
+            command: ImagesCommand::Ls { json },
+        } => {
+            let images = client.images().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&images)?);
+            } else {
+                println!("{:<73} {:>12} REFERENCES", "DIGEST", "SIZE");
+                for i in images {
+                    println!(
+                        "{:<73} {:>12} {}",
+                        i.digest,
+                        i.size(),
+                        i.references.join(", ")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Images {
+            command: ImagesCommand::Rm { digest },
+        } => {
+            client.remove_image(&digest).await?;
+            println!("removed {digest}");
+            Ok(ExitCode::SUCCESS)
+        }
         Commands::Doctor { json } => {
-            let config = Config::load()?;
             let checks = doctor::run_checks(&config);
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
@@ -81,11 +368,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let kind = host::detect().context("cannot read /proc/cpuinfo")?;
             let machine = machine_config(&app.resources, &MachineLimits::for_host(kind))?;
             if json {
-                let out = serde_json::json!({
-                    "app": app,
-                    "version": app.spec_hash(),
-                    "machine_config": machine.config,
-                });
+                let out = serde_json::json!({ "app": app, "version": app.spec_hash(), "machine_config": machine.config });
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 println!("app {} is valid (version {})", app.name, app.spec_hash());

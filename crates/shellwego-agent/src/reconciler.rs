@@ -18,6 +18,8 @@
 //!   VM is never touched before its successor is healthy.
 //! - more than one live VM of the desired version: the extras are removed.
 
+pub mod executor;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

@@ -20,7 +20,13 @@ use aya::Ebpf;
 
 use crate::link::check_name;
 
-static PROGRAM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/qos.bpf.o"));
+/// ELF parsing needs the object 8-byte aligned; `include_bytes!` alone guarantees 1.
+#[repr(C, align(8))]
+struct Aligned<B: ?Sized>(B);
+
+static PROGRAM_ALIGNED: &Aligned<[u8]> =
+    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/qos.bpf.o")));
+static PROGRAM: &[u8] = &PROGRAM_ALIGNED.0;
 
 /// The HTB class (1:10) the program marks packets for.
 const CLASS_ID: &str = "1:10";

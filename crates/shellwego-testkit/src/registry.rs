@@ -17,6 +17,8 @@ pub struct Registry {
     pub addr: String,
     child: Child,
     dir: tempfile::TempDir,
+    /// The network namespace it listens in (`None`: the test's own).
+    netns: Option<String>,
 }
 
 fn free_port() -> u16 {
@@ -38,8 +40,52 @@ fn answers(addr: &str) -> bool {
     s.read_exact(&mut buf).is_ok() && buf.starts_with(b"HTTP/1.")
 }
 
+/// A command, run inside `netns` if given.
+fn command_in(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        None => Command::new(program),
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+    }
+}
+
+/// `answers`, from inside `netns`.
+fn answers_in(netns: Option<&str>, addr: &str) -> bool {
+    let Some(ns) = netns else {
+        return answers(addr);
+    };
+    let (path, addr) = (format!("/run/netns/{ns}"), addr.to_string());
+    std::thread::spawn(move || {
+        let Ok(f) = std::fs::File::open(&path) else {
+            return false;
+        };
+        // SAFETY: setns on this short-lived thread only.
+        if unsafe {
+            libc::setns(
+                std::os::unix::io::AsRawFd::as_raw_fd(&f),
+                libc::CLONE_NEWNET,
+            )
+        } != 0
+        {
+            return false;
+        }
+        answers(&addr)
+    })
+    .join()
+    .unwrap_or(false)
+}
+
 impl Registry {
     pub fn start() -> Registry {
+        Registry::start_in(None)
+    }
+
+    /// Starts the registry on 127.0.0.1 of the network namespace `netns` (by name).
+    pub fn start_in(netns: Option<&crate::netns::NetNs>) -> Registry {
+        let netns = netns.map(|n| n.name.clone());
         let bin = require_command("docker-registry", FIX);
         require_command("skopeo", FIX);
         let dir = tempfile::tempdir().expect("registry temp dir");
@@ -56,7 +102,7 @@ impl Registry {
         )
         .expect("write registry config");
         let log = std::fs::File::create(dir.path().join("registry.log")).expect("registry log");
-        let child = Command::new(bin)
+        let child = command_in(netns.as_deref(), &bin)
             .arg("serve")
             .arg(&config)
             .stdin(Stdio::null())
@@ -64,9 +110,14 @@ impl Registry {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start docker-registry: {e}; {FIX}"));
-        let registry = Registry { addr, child, dir };
+        let registry = Registry {
+            addr,
+            child,
+            dir,
+            netns,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !answers(&registry.addr) {
+        while !answers_in(registry.netns.as_deref(), &registry.addr) {
             assert!(
                 Instant::now() < deadline,
                 "registry did not answer on {} within 20 s",
@@ -79,13 +130,15 @@ impl Registry {
 
     /// Pushes the image tagged `tag` in an OCI layout as `NAME:TAG` (e.g. `test/alpine:3.23`).
     pub fn push_layout(&self, layout: &Path, tag: &str, name_tag: &str) {
-        run_ok(Command::new("skopeo").args([
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            &format!("oci:{}:{tag}", layout.display()),
-            &format!("docker://{}/{name_tag}", self.addr),
-        ]));
+        run_ok(
+            command_in(self.netns.as_deref(), Path::new("skopeo")).args([
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                &format!("oci:{}:{tag}", layout.display()),
+                &format!("docker://{}/{name_tag}", self.addr),
+            ]),
+        );
     }
 
     /// The file the registry serves a blob from (tests corrupt it to play a lying registry).

@@ -15,14 +15,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::{Method, Request};
-use hyper_util::rt::TokioIo;
+use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tokio::net::UnixStream;
-use tracing::debug;
 
 use super::models::*;
 
@@ -109,44 +105,16 @@ impl FirecrackerApi {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Bytes, DriverError> {
-        let http = |e: &dyn std::fmt::Display| DriverError::Http {
-            socket: self.socket.clone(),
-            message: e.to_string(),
-        };
-        let stream =
-            UnixStream::connect(&self.socket)
-                .await
-                .map_err(|source| DriverError::Connect {
-                    socket: self.socket.clone(),
-                    source,
-                })?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        let (status, bytes) = crate::uds_http::request(&self.socket, method.clone(), path, body)
             .await
-            .map_err(|e| http(&e))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %e, "firecracker API connection closed");
-            }
-        });
-        let mut req = Request::builder()
-            .method(method.clone())
-            .uri(format!("http://localhost{path}"))
-            .header("Host", "localhost")
-            .header("Accept", "application/json");
-        if body.is_some() {
-            req = req.header("Content-Type", "application/json");
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| http(&e))?;
-        let resp = sender.send_request(req).await.map_err(|e| http(&e))?;
-        let status = resp.status();
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| http(&e))?
-            .to_bytes();
+            .map_err(|e| match e {
+                crate::uds_http::UdsHttpError::Connect { socket, source } => {
+                    DriverError::Connect { socket, source }
+                }
+                crate::uds_http::UdsHttpError::Http { socket, message } => {
+                    DriverError::Http { socket, message }
+                }
+            })?;
         if status.is_success() {
             return Ok(bytes);
         }

@@ -1,0 +1,96 @@
+//! The CLI's side of the agent API.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use hyper::Method;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::api::{AppStatus, ApplyRequest, ApplyResponse, ExecRequest, ExecResponse};
+use crate::state::Event;
+
+pub struct AgentClient {
+    socket: PathBuf,
+}
+
+impl AgentClient {
+    pub fn new(socket: &Path) -> AgentClient {
+        AgentClient {
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T> {
+        let body = body.map(serde_json::to_vec).transpose()?;
+        let (status, bytes) = crate::uds_http::request(&self.socket, method, path, body)
+            .await
+            .map_err(|e| anyhow!("{e} (is the agent running? start it with `shellwego agent`)"))?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["error"].as_str().map(str::to_string))
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("{msg}");
+        }
+        serde_json::from_slice(&bytes).with_context(|| format!("unexpected answer to {path}"))
+    }
+
+    pub async fn apps(&self) -> Result<Vec<AppStatus>> {
+        self.call(Method::GET, "/v1/apps", None::<&()>).await
+    }
+
+    pub async fn apply(&self, app: &str, req: &ApplyRequest) -> Result<ApplyResponse> {
+        self.call(Method::PUT, &format!("/v1/apps/{app}"), Some(req))
+            .await
+    }
+
+    pub async fn remove(&self, app: &str) -> Result<serde_json::Value> {
+        self.call(Method::DELETE, &format!("/v1/apps/{app}"), None::<&()>)
+            .await
+    }
+
+    pub async fn logs(&self, app: &str, lines: usize) -> Result<String> {
+        let v: serde_json::Value = self
+            .call(
+                Method::GET,
+                &format!("/v1/apps/{app}/logs?lines={lines}"),
+                None::<&()>,
+            )
+            .await?;
+        Ok(v["log"].as_str().unwrap_or_default().to_string())
+    }
+
+    pub async fn exec(&self, app: &str, argv: Vec<String>) -> Result<ExecResponse> {
+        let req = ExecRequest {
+            argv,
+            timeout_ms: 0,
+        };
+        self.call(Method::POST, &format!("/v1/apps/{app}/exec"), Some(&req))
+            .await
+    }
+
+    pub async fn events(&self, since: u64, app: Option<&str>) -> Result<Vec<Event>> {
+        let q = app.map(|a| format!("&app={a}")).unwrap_or_default();
+        self.call(
+            Method::GET,
+            &format!("/v1/events?since={since}{q}"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    pub async fn images(&self) -> Result<Vec<shellwego_storage::PulledImage>> {
+        self.call(Method::GET, "/v1/images", None::<&()>).await
+    }
+
+    pub async fn remove_image(&self, digest: &str) -> Result<serde_json::Value> {
+        self.call(Method::DELETE, &format!("/v1/images/{digest}"), None::<&()>)
+            .await
+    }
+}

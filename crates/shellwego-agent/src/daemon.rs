@@ -1,0 +1,130 @@
+//! `shellwego agent`: builds the platform from the configuration, re-attaches to what an
+//! earlier agent left running, then reconciles forever and serves the API.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use shellwego_network::{CniNetwork, NetworkConfig};
+use shellwego_storage::{ImageStore, RegistryConfig, RootfsBuilder, ZfsManager};
+use tokio::sync::Notify;
+use tracing::info;
+
+use crate::api::{self, ApiState};
+use crate::config::{find_executable, Config};
+use crate::provision::{BootMode, Platform};
+use crate::reconciler::executor::Executor;
+use crate::state::Store;
+use crate::template::TemplateStore;
+use crate::vmm::driver::Jail;
+use crate::vmm::VmmManager;
+
+/// Everything the daemon needs, checked up front with errors naming the fix.
+pub async fn platform(config: &Config) -> Result<Platform> {
+    let kind = crate::host::detect().context("cannot read /proc/cpuinfo")?;
+    let firecracker = find_executable(&config.firecracker).with_context(|| {
+        format!(
+            "firecracker not found at {} (run `make setup`)",
+            config.firecracker.display()
+        )
+    })?;
+    if !config.kernel.is_file() {
+        bail!(
+            "guest kernel {} is missing (run `make setup`, or set SHELLWEGO_KERNEL)",
+            config.kernel.display()
+        );
+    }
+    if !config.guest_init.is_file() {
+        bail!(
+            "guest init {} is missing (run `make setup`, or set SHELLWEGO_GUEST_INIT)",
+            config.guest_init.display()
+        );
+    }
+    let zfs = ZfsManager::new(&config.pool).context("zfs commands")?;
+    let health = zfs.pool_health().with_context(|| {
+        format!(
+            "ZFS pool {} is not reachable (see `shellwego doctor`)",
+            config.pool
+        )
+    })?;
+    if !health.is_online() {
+        bail!("ZFS pool {} is {}", config.pool, health.health);
+    }
+    let data = &config.data_dir;
+    let images = ImageStore::open(
+        &data.join("oci"),
+        RegistryConfig {
+            insecure: config.insecure_registries.clone(),
+            ..Default::default()
+        },
+    )?;
+    let network = CniNetwork::new(
+        NetworkConfig {
+            bridge: config.bridge.clone(),
+            ..Default::default()
+        },
+        &data.join("network"),
+    )?;
+    network
+        .ensure_bridge()
+        .await
+        .with_context(|| format!("setting up bridge {}", config.bridge))?;
+    let mut vmm = VmmManager::new(&firecracker, &config.run_dir.join("vms"));
+    if config.jailer {
+        let jailer = find_executable(&config.jailer_binary)
+            .context("jailer not found (it ships with firecracker)")?;
+        vmm = vmm.with_jail(Jail {
+            jailer,
+            chroot_base: config.chroot_base.clone(),
+            uid: 0,
+            gid: 0,
+        });
+    }
+    Ok(Platform {
+        kind,
+        firecracker,
+        kernel: config.kernel.clone(),
+        init: config.guest_init.clone(),
+        images: Arc::new(images),
+        rootfs: Arc::new(RootfsBuilder::new(zfs, data)),
+        network,
+        vmm,
+        templates: tokio::sync::Mutex::new(TemplateStore::open(&data.join("templates"))?),
+        template_tap: "swgtemplate".into(),
+    })
+}
+
+/// Runs the agent until killed.
+pub async fn run(config: Config) -> Result<()> {
+    let boot = match config.boot.as_str() {
+        "warm" if !config.jailer => BootMode::Warm,
+        "warm" | "cold" => BootMode::Cold,
+        other => bail!("boot = {other:?}: use \"warm\" or \"cold\""),
+    };
+    let platform = Arc::new(platform(&config).await?);
+    let store = Arc::new(Store::open(&config.data_dir.join("agent.redb"))?);
+    let exec = Arc::new(Executor::new(platform, store, boot));
+    exec.recover().await?;
+    let wake = Arc::new(Notify::new());
+    let socket = config.api_socket();
+    info!(socket = %socket.display(), ?boot, "agent running");
+    let state = Arc::new(ApiState {
+        exec: exec.clone(),
+        wake: wake.clone(),
+    });
+    let consoles = exec.platform.clone();
+    tokio::spawn(async move {
+        loop {
+            consoles
+                .vmm
+                .enforce_console_caps(crate::vmm::console::DEFAULT_CAP)
+                .await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+    tokio::spawn(exec.run(wake, Duration::from_secs(5)));
+    api::serve(Path::new(&socket), state)
+        .await
+        .with_context(|| format!("serving the API on {}", socket.display()))
+}

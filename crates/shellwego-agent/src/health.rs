@@ -1,0 +1,134 @@
+//! Host-side health checks of app VMs: an HTTP GET (2xx/3xx passes) or a TCP connect,
+//! with the spec's interval, timeout, retries and grace period.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::spec::{HealthCheck, Probe};
+
+/// One probe; `Err` says why it failed.
+pub async fn probe(ip: Ipv4Addr, check: &HealthCheck) -> Result<(), String> {
+    let addr = SocketAddr::from((ip, check.port));
+    let attempt = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let Probe::Http { path } = &check.probe else {
+            return Ok(());
+        };
+        let req =
+            format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\nUser-Agent: shellwego-health\r\n\r\n");
+        stream
+            .write_all(req.as_bytes())
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        let mut head = vec![0u8; 64];
+        let n = stream
+            .read(&mut head)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let line = String::from_utf8_lossy(&head[..n]);
+        let status: u16 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| {
+                format!(
+                    "not an HTTP answer: {:?}",
+                    line.lines().next().unwrap_or("")
+                )
+            })?;
+        if (200..400).contains(&status) {
+            Ok(())
+        } else {
+            Err(format!("GET {path} answered {status}"))
+        }
+    };
+    match tokio::time::timeout(check.timeout, attempt).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+    }
+}
+
+/// Probes every `interval` until one passes (Ok with the time it took) or `budget`
+/// (the grace period, stretched by the host kind's factor) runs out.
+pub async fn wait_healthy(
+    ip: Ipv4Addr,
+    check: &HealthCheck,
+    budget: Duration,
+) -> Result<Duration, String> {
+    let start = Instant::now();
+    let mut last = String::from("never probed");
+    while start.elapsed() < budget {
+        match probe(ip, check).await {
+            Ok(()) => return Ok(start.elapsed()),
+            Err(e) => last = e,
+        }
+        tokio::time::sleep(check.interval.min(budget.saturating_sub(start.elapsed()))).await;
+    }
+    Err(format!("not healthy within {budget:?}: {last}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(probe: Probe, port: u16) -> HealthCheck {
+        HealthCheck {
+            probe,
+            port,
+            interval: Duration::from_millis(50),
+            timeout: Duration::from_millis(500),
+            retries: 3,
+            grace: Duration::from_secs(2),
+        }
+    }
+
+    #[tokio::test]
+    async fn http_and_tcp_probes_against_a_real_listener() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = [0u8; 256];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let status = if req.starts_with("GET /ok ") {
+                    "200 OK"
+                } else {
+                    "503 Unavailable"
+                };
+                let _ = s
+                    .write_all(format!("HTTP/1.0 {status}\r\n\r\n").as_bytes())
+                    .await;
+            }
+        });
+        let lo = Ipv4Addr::LOCALHOST;
+        assert!(probe(lo, &check(Probe::Tcp, port)).await.is_ok());
+        assert!(probe(lo, &check(Probe::Http { path: "/ok".into() }, port))
+            .await
+            .is_ok());
+        let err = probe(
+            lo,
+            &check(
+                Probe::Http {
+                    path: "/bad".into(),
+                },
+                port,
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.contains("503"), "{err}");
+        let closed = TcpStream::connect(("127.0.0.1", 1)).await;
+        assert!(closed.is_err());
+        let err = wait_healthy(lo, &check(Probe::Tcp, 1), Duration::from_millis(200))
+            .await
+            .unwrap_err();
+        assert!(err.contains("not healthy"), "{err}");
+    }
+}

@@ -1,0 +1,375 @@
+//! The per-VM pipeline: image -> root disk -> network -> microVM -> guest identity, and
+//! its exact reverse. Used by the reconciler's executor and by the cold-start gauntlet.
+//!
+//! Every resource is keyed by the VM id, and `deprovision` removes whatever exists of
+//! them (VM, TAP, IFB, QoS, lease, dataset) — also for a VM that was only half built, so
+//! a failed or interrupted provision leaves nothing behind.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use shellwego_network::qos::Limits;
+use shellwego_network::{CniNetwork, VmNetwork};
+use shellwego_proto::NetConfig;
+use shellwego_storage::image::{ImageStore, Progress, PulledImage};
+use shellwego_storage::{RootfsBuilder, VmDisk};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use crate::guest::{wait_ready, GuestClient};
+use crate::host::HostKind;
+use crate::spec::DesiredApp;
+use crate::template::{TemplateInputs, TemplateStore};
+use crate::vmm::config::{
+    generate_mac, guest_vm_config, machine_config, GuestLayout, MachineLimits,
+};
+use crate::vmm::VmmManager;
+
+/// How a VM is started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootMode {
+    /// Restore the template of the VM's shape (built on first use).
+    Warm,
+    /// Boot the kernel.
+    Cold,
+}
+
+/// A named, timed step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Phase {
+    pub name: &'static str,
+    pub took: Duration,
+}
+
+/// What a provisioned VM is made of.
+#[derive(Debug, Clone)]
+pub struct ProvisionedVm {
+    pub vm_id: Uuid,
+    pub image: PulledImage,
+    pub disk: VmDisk,
+    pub net: VmNetwork,
+    pub mode: BootMode,
+    pub phases: Vec<Phase>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{phase}: {message}")]
+pub struct ProvisionError {
+    pub phase: &'static str,
+    pub message: String,
+}
+
+fn fail(phase: &'static str) -> impl Fn(&dyn std::fmt::Display) -> ProvisionError {
+    move |e| ProvisionError {
+        phase,
+        message: e.to_string(),
+    }
+}
+
+/// Everything one host needs to run VMs.
+pub struct Platform {
+    pub kind: HostKind,
+    pub firecracker: PathBuf,
+    pub kernel: PathBuf,
+    pub init: PathBuf,
+    pub images: Arc<ImageStore>,
+    pub rootfs: Arc<RootfsBuilder>,
+    pub network: CniNetwork,
+    pub vmm: VmmManager,
+    pub templates: Mutex<TemplateStore>,
+    /// A TAP on the bridge that template builds boot with (their clones get their own).
+    pub template_tap: String,
+}
+
+/// Progress events of a provision (for `apply`'s output).
+pub type ProgressFn<'a> = &'a (dyn Fn(String) + Send + Sync);
+
+impl Platform {
+    /// Budget for a guest to reach its init: boot or restore, by host kind.
+    pub fn boot_budget(&self, mode: BootMode) -> Duration {
+        match (self.kind, mode) {
+            (HostKind::Hardware, _) => Duration::from_secs(30),
+            (HostKind::NestedEmulated, BootMode::Cold) => Duration::from_secs(300),
+            (HostKind::NestedEmulated, BootMode::Warm) => Duration::from_secs(60),
+        }
+    }
+
+    /// Builds and starts the VM `vm_id` for `app` and gives it its run config. On any
+    /// failure everything already made for it is removed again.
+    pub async fn provision(
+        &self,
+        app: &DesiredApp,
+        vm_id: Uuid,
+        secrets: BTreeMap<String, String>,
+        mode: BootMode,
+        progress: ProgressFn<'_>,
+    ) -> Result<ProvisionedVm, ProvisionError> {
+        let result = self.build(app, vm_id, secrets, mode, progress).await;
+        if result.is_err() {
+            if let Err(e) = self.deprovision(vm_id).await {
+                warn!(%vm_id, error = %e, "cleanup after a failed provision");
+            }
+        }
+        result
+    }
+
+    async fn build(
+        &self,
+        app: &DesiredApp,
+        vm_id: Uuid,
+        secrets: BTreeMap<String, String>,
+        mode: BootMode,
+        progress: ProgressFn<'_>,
+    ) -> Result<ProvisionedVm, ProvisionError> {
+        let mut phases = Vec::new();
+        let id = vm_id.to_string();
+        let machine = machine_config(&app.resources, &MachineLimits::for_host(self.kind))
+            .map_err(|e| fail("resources")(&e))?;
+
+        let t = Instant::now();
+        progress(format!("pulling {}", app.image));
+        let report = |p: Progress| {
+            if let Progress::Downloading {
+                digest,
+                done,
+                total,
+            } = p
+            {
+                if done == total {
+                    progress(format!(
+                        "  layer {} ({total} bytes) downloaded",
+                        &digest[..19.min(digest.len())]
+                    ));
+                }
+            }
+        };
+        let image = self
+            .images
+            .pull(&app.image, &report)
+            .await
+            .map_err(|e| fail("pull")(&e))?;
+        phases.push(Phase {
+            name: "pull",
+            took: t.elapsed(),
+        });
+
+        let t = Instant::now();
+        progress(format!(
+            "building root disk from {}",
+            &image.digest[..19.min(image.digest.len())]
+        ));
+        let (rootfs, images, img, vm) = (
+            self.rootfs.clone(),
+            self.images.clone(),
+            image.clone(),
+            id.clone(),
+        );
+        let disk_bytes = app.resources.disk_bytes;
+        let disk = tokio::task::spawn_blocking(move || {
+            let base = rootfs.ensure_base(&images, &img)?;
+            rootfs.clone_for_vm(&base, &vm, Some(disk_bytes))
+        })
+        .await
+        .map_err(|e| fail("rootfs")(&e))?
+        .map_err(|e| fail("rootfs")(&e))?;
+        phases.push(Phase {
+            name: "rootfs",
+            took: t.elapsed(),
+        });
+
+        let t = Instant::now();
+        let mac = generate_mac(vm_id);
+        let limits = Limits {
+            download_bps: app.bandwidth.download_bps,
+            upload_bps: app.bandwidth.upload_bps,
+        };
+        let net = self
+            .network
+            .setup_vm(&id, &mac, limits)
+            .await
+            .map_err(|e| fail("network")(&e))?;
+        phases.push(Phase {
+            name: "network",
+            took: t.elapsed(),
+        });
+        progress(format!("network: {} on {} ({})", net.ip, net.tap, mac));
+
+        let t = Instant::now();
+        match mode {
+            BootMode::Warm => {
+                let inputs = TemplateInputs {
+                    machine: machine.config,
+                    kernel: self.kernel.clone(),
+                    init: self.init.clone(),
+                    firecracker: self.firecracker.clone(),
+                    kind: self.kind,
+                };
+                let mut templates = self.templates.lock().await;
+                self.network
+                    .create_tap(&self.template_tap)
+                    .await
+                    .map_err(|e| fail("template")(&e))?;
+                let (tpl, built) = templates
+                    .ensure(
+                        &self.vmm,
+                        &inputs,
+                        None,
+                        Some(self.template_tap.clone()),
+                        self.boot_budget(BootMode::Cold),
+                    )
+                    .await
+                    .map_err(|e| fail("template")(&e))?;
+                if built {
+                    progress(format!("built template {} (one cold boot)", tpl.id));
+                }
+                templates
+                    .warm_start(
+                        &self.vmm,
+                        &tpl.id,
+                        &id,
+                        &disk.image_path,
+                        Some(net.tap.clone()),
+                        None,
+                    )
+                    .await
+                    .map_err(|e| fail("vm")(&e))?;
+            }
+            BootMode::Cold => {
+                let initrd = self.vmm.runtime_dir(&id).dir.with_extension("initrd");
+                if let Some(parent) = initrd.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| fail("vm")(&e))?;
+                }
+                crate::initrd::write(&self.init, &initrd).map_err(|e| fail("vm")(&e))?;
+                let layout = GuestLayout {
+                    kernel: self.kernel.display().to_string(),
+                    initrd: initrd.display().to_string(),
+                    root_drive: "rootfs".into(),
+                    vsock: "vsock.sock".into(),
+                    nic: Some((net.tap.clone(), mac.clone())),
+                };
+                let mut cfg = guest_vm_config(&id, machine.config, self.kind, &layout);
+                cfg.links = vec![("rootfs".into(), disk.image_path.clone())];
+                self.vmm.create(&cfg).await.map_err(|e| fail("vm")(&e))?;
+                self.vmm.start(&id).await.map_err(|e| fail("vm")(&e))?;
+            }
+        }
+        phases.push(Phase {
+            name: "vm",
+            took: t.elapsed(),
+        });
+
+        let t = Instant::now();
+        progress("waiting for the guest init".into());
+        let uds = self.vmm.runtime_dir(&id).vsock();
+        let budget = self.boot_budget(mode);
+        let mut client = tokio::task::spawn_blocking(move || wait_ready(&uds, budget))
+            .await
+            .map_err(|e| fail("guest")(&e))?
+            .map_err(|e| ProvisionError {
+                phase: "guest",
+                message: format!(
+                    "{e}\n--- guest console ---\n{}",
+                    self.vmm.console_tail(&id, 20)
+                ),
+            })?
+            .0;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut entropy = vec![0u8; 32];
+        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+            use std::io::Read;
+            let _ = f.read_exact(&mut entropy);
+        }
+        let netcfg = NetConfig {
+            address: net.ip.to_string(),
+            prefix_len: net.prefix_len,
+            gateway: net.gateway.to_string(),
+            nameservers: vec![],
+            mac: Some(mac),
+        };
+        let rc = crate::runconfig::run_config(
+            app,
+            &image.config,
+            Some(netcfg),
+            secrets,
+            (now.as_secs() as i64, now.subsec_nanos()),
+            entropy,
+        )
+        .map_err(|e| fail("guest")(&e))?;
+        let run = tokio::task::spawn_blocking(move || client.run(rc))
+            .await
+            .map_err(|e| fail("guest")(&e))?;
+        run.map_err(|e| fail("guest")(&e))?;
+        phases.push(Phase {
+            name: "guest",
+            took: t.elapsed(),
+        });
+        info!(%vm_id, app = %app.name, ip = %net.ip, "VM provisioned");
+        Ok(ProvisionedVm {
+            vm_id,
+            image,
+            disk,
+            net,
+            mode,
+            phases,
+        })
+    }
+
+    /// A client to the VM's guest init.
+    pub fn guest(&self, vm_id: Uuid) -> Result<GuestClient, crate::guest::GuestError> {
+        GuestClient::connect(
+            &self.vmm.runtime_dir(&vm_id.to_string()).vsock(),
+            Duration::from_secs(60),
+        )
+    }
+
+    /// Stops the VM (asking its init first) and removes its TAP, IFB, QoS, lease and
+    /// disk. Idempotent; works on whatever part exists.
+    pub async fn deprovision(&self, vm_id: Uuid) -> Result<Vec<Phase>, ProvisionError> {
+        let id = vm_id.to_string();
+        let mut phases = Vec::new();
+        let t = Instant::now();
+        if self.vmm.list().await.contains(&id) {
+            let uds = self.vmm.runtime_dir(&id).vsock();
+            let _ = tokio::task::spawn_blocking(move || {
+                GuestClient::connect(&uds, Duration::from_secs(2))
+                    .and_then(|mut c| c.shutdown(Duration::from_secs(2)))
+            })
+            .await;
+            let _ = self.vmm.stop(&id, Duration::from_secs(2)).await;
+            self.vmm.remove(&id).await.map_err(|e| fail("stop")(&e))?;
+        } else {
+            self.vmm.remove(&id).await.map_err(|e| fail("stop")(&e))?;
+        }
+        let initrd = self.vmm.runtime_dir(&id).dir.with_extension("initrd");
+        let _ = std::fs::remove_file(initrd);
+        phases.push(Phase {
+            name: "stop vm",
+            took: t.elapsed(),
+        });
+        let t = Instant::now();
+        self.network
+            .teardown_vm(&id)
+            .await
+            .map_err(|e| fail("network teardown")(&e))?;
+        phases.push(Phase {
+            name: "network teardown",
+            took: t.elapsed(),
+        });
+        let t = Instant::now();
+        let rootfs = self.rootfs.clone();
+        tokio::task::spawn_blocking(move || rootfs.remove_vm_disk(&id))
+            .await
+            .map_err(|e| fail("disk removal")(&e))?
+            .map_err(|e| fail("disk removal")(&e))?;
+        phases.push(Phase {
+            name: "destroy dataset",
+            took: t.elapsed(),
+        });
+        Ok(phases)
+    }
+}

@@ -1,0 +1,305 @@
+//! The executor: observes what runs, asks `plan` what to do, and does it, recording every
+//! step in the agent's database before and after it runs.
+//!
+//! Crash safety: a VM record is written (`Starting`, step "provisioning") before anything
+//! is built for it. After an agent restart a record still `Starting` that no task of this
+//! process owns is an interrupted provision: it is observed as `Exited`, so the plan
+//! removes it — `deprovision` cleans whatever part exists (VM, TAP, IFB, QoS, lease,
+//! dataset) — and then creates a fresh VM. A `Running` record whose firecracker is gone
+//! is likewise `Exited`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::{plan, Action, ActualState, FailureRecord, Health, RemoveReason, VmState};
+use crate::health;
+use crate::provision::{BootMode, Platform};
+use crate::spec::DesiredApp;
+use crate::state::{now_secs, StateError, Store, VmRow};
+
+pub struct Executor {
+    pub platform: Arc<Platform>,
+    pub store: Arc<Store>,
+    pub mode: BootMode,
+    /// Secret values by app, as `apply` delivered them (kept in memory only).
+    secrets: Mutex<HashMap<String, BTreeMap<String, String>>>,
+    /// VMs whose provision runs in this process.
+    in_flight: Mutex<HashSet<Uuid>>,
+    /// Serialises reconcile passes.
+    pass: Mutex<()>,
+}
+
+impl Executor {
+    pub fn new(platform: Arc<Platform>, store: Arc<Store>, mode: BootMode) -> Executor {
+        Executor {
+            platform,
+            store,
+            mode,
+            secrets: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashSet::new()),
+            pass: Mutex::new(()),
+        }
+    }
+
+    pub async fn set_secrets(&self, app: &str, values: BTreeMap<String, String>) {
+        self.secrets.lock().await.insert(app.to_string(), values);
+    }
+
+    fn event(&self, app: &str, vm: Option<Uuid>, msg: impl Into<String>) {
+        let msg = msg.into();
+        info!(app, vm_id = ?vm, "{msg}");
+        if let Err(e) = self.store.event(app, vm, msg) {
+            warn!(error = %e, "cannot record event");
+        }
+    }
+
+    /// Re-attaches to VMs an earlier agent left running and restores their network QoS.
+    pub async fn recover(&self) -> Result<(), StateError> {
+        let (attached, dead) = self.platform.vmm.reattach().await.unwrap_or_default();
+        for id in &dead {
+            warn!(vm_id = %id, "VM found dead at start");
+        }
+        let desired = self.store.desired()?;
+        for row in self.store.vms()? {
+            if attached.contains(&row.vm_id.to_string()) {
+                if let Some(app) = desired.apps.get(&row.app) {
+                    let limits = shellwego_network::qos::Limits {
+                        download_bps: app.bandwidth.download_bps,
+                        upload_bps: app.bandwidth.upload_bps,
+                    };
+                    let mac = crate::vmm::config::generate_mac(row.vm_id);
+                    if let Err(e) = self
+                        .platform
+                        .network
+                        .setup_vm(&row.vm_id.to_string(), &mac, limits)
+                        .await
+                    {
+                        warn!(vm_id = %row.vm_id, error = %e, "cannot restore network of re-attached VM");
+                    }
+                }
+                self.event(&row.app, Some(row.vm_id), "re-attached after agent restart");
+            }
+        }
+        Ok(())
+    }
+
+    /// The recorded state corrected by what is observed: dead processes and interrupted
+    /// provisions are `Exited`.
+    async fn observe(&self) -> Result<ActualState, StateError> {
+        let in_flight = self.in_flight.lock().await.clone();
+        let known = self.platform.vmm.list().await;
+        for mut row in self.store.vms()? {
+            let id = row.vm_id.to_string();
+            let dead = match row.state {
+                VmState::Starting => !in_flight.contains(&row.vm_id),
+                VmState::Running => {
+                    !known.contains(&id)
+                        || !self
+                            .platform
+                            .vmm
+                            .inspect(&id)
+                            .await
+                            .map(|s| s.alive)
+                            .unwrap_or(false)
+                }
+                VmState::Exited => false,
+            };
+            if dead {
+                row.state = VmState::Exited;
+                row.last_error
+                    .get_or_insert_with(|| "the VM's process is gone".into());
+                self.store.put_vm(&row)?;
+            }
+        }
+        self.store.actual()
+    }
+
+    /// One pass: observe, plan, execute. Returns the number of actions carried out.
+    pub async fn reconcile_once(&self) -> Result<usize, StateError> {
+        let _pass = self.pass.lock().await;
+        let desired = self.store.desired()?;
+        let actual = self.observe().await?;
+        let actions = plan(&desired, &actual);
+        for action in &actions {
+            self.execute(action, &desired.apps).await?;
+        }
+        Ok(actions.len())
+    }
+
+    async fn execute(
+        &self,
+        action: &Action,
+        apps: &BTreeMap<String, DesiredApp>,
+    ) -> Result<(), StateError> {
+        match action {
+            Action::Create { app, version } | Action::Replace { app, version, .. } => {
+                let Some(spec) = apps.get(app) else {
+                    return Ok(());
+                };
+                self.create(spec, version).await
+            }
+            Action::Retire {
+                app,
+                vm_id,
+                successor,
+            } => {
+                self.event(
+                    app,
+                    Some(*vm_id),
+                    format!("{successor} is healthy: stopping the old VM"),
+                );
+                self.remove(app, *vm_id, None).await
+            }
+            Action::Remove { app, vm_id, reason } => {
+                let failed = match reason {
+                    RemoveReason::Failed {
+                        counts_as_failure: true,
+                    } => Some(()),
+                    _ => None,
+                };
+                self.event(app, Some(*vm_id), format!("removing VM ({reason:?})"));
+                self.remove(app, *vm_id, failed).await
+            }
+        }
+    }
+
+    async fn create(&self, app: &DesiredApp, version: &str) -> Result<(), StateError> {
+        let vm_id = Uuid::new_v4();
+        let mut row = VmRow {
+            vm_id,
+            app: app.name.clone(),
+            version: version.to_string(),
+            state: VmState::Starting,
+            health: Health::Unknown,
+            step: "provisioning".into(),
+            ip: None,
+            image_digest: None,
+            created_at: now_secs(),
+            last_error: None,
+        };
+        self.store.put_vm(&row)?;
+        self.in_flight.lock().await.insert(vm_id);
+        self.event(
+            &app.name,
+            Some(vm_id),
+            format!("creating VM for version {version}"),
+        );
+        let secrets = self
+            .secrets
+            .lock()
+            .await
+            .get(&app.name)
+            .cloned()
+            .unwrap_or_default();
+        let store = self.store.clone();
+        let name = app.name.clone();
+        let progress = move |line: String| {
+            let _ = store.event(&name, Some(vm_id), line);
+        };
+        let result = self
+            .platform
+            .provision(app, vm_id, secrets, self.mode, &progress)
+            .await;
+        self.in_flight.lock().await.remove(&vm_id);
+        match result {
+            Err(e) => {
+                row.state = VmState::Exited;
+                row.health = Health::Unhealthy;
+                row.step = "failed".into();
+                row.last_error = Some(e.to_string());
+                self.store.put_vm(&row)?;
+                self.event(&app.name, Some(vm_id), format!("failed: {e}"));
+            }
+            Ok(vm) => {
+                row.state = VmState::Running;
+                row.step = "running".into();
+                row.ip = Some(vm.net.ip.to_string());
+                row.image_digest = Some(vm.image.digest.clone());
+                self.store.put_vm(&row)?;
+                let phases: Vec<String> = vm
+                    .phases
+                    .iter()
+                    .map(|p| format!("{} {:.1}s", p.name, p.took.as_secs_f64()))
+                    .collect();
+                self.event(
+                    &app.name,
+                    Some(vm_id),
+                    format!("VM running at {} ({})", vm.net.ip, phases.join(", ")),
+                );
+                row.health = match &app.health {
+                    None => Health::Healthy,
+                    Some(check) => {
+                        self.event(&app.name, Some(vm_id), "waiting for the health check");
+                        let budget = check.grace * self.platform.kind.time_factor().min(10);
+                        match health::wait_healthy(vm.net.ip, check, budget).await {
+                            Ok(_) => Health::Healthy,
+                            Err(e) => {
+                                row.last_error = Some(e.clone());
+                                self.event(
+                                    &app.name,
+                                    Some(vm_id),
+                                    format!("health check failed: {e}"),
+                                );
+                                Health::Unhealthy
+                            }
+                        }
+                    }
+                };
+                self.store.put_vm(&row)?;
+                if row.health == Health::Healthy {
+                    self.store.clear_failure(&app.name)?;
+                    self.event(&app.name, Some(vm_id), "healthy");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, app: &str, vm_id: Uuid, failed: Option<()>) -> Result<(), StateError> {
+        if let Some(mut row) = self.store.vm(vm_id)? {
+            row.step = "removing".into();
+            self.store.put_vm(&row)?;
+            if failed.is_some() {
+                let prev = self.store.failures()?.remove(app);
+                let f = FailureRecord::next(prev.as_ref(), &row.version, now_secs());
+                self.event(
+                    app,
+                    Some(vm_id),
+                    format!(
+                        "attempt {} of version {} failed; next try after {}s",
+                        f.attempts,
+                        f.version,
+                        super::backoff(f.attempts).as_secs()
+                    ),
+                );
+                self.store.put_failure(app, &f)?;
+            }
+        }
+        if let Err(e) = self.platform.deprovision(vm_id).await {
+            self.event(
+                app,
+                Some(vm_id),
+                format!("cleanup failed (will retry): {e}"),
+            );
+            return Ok(());
+        }
+        self.store.remove_vm(vm_id)?;
+        self.event(app, Some(vm_id), "VM removed");
+        Ok(())
+    }
+
+    /// Reconciles every `period` and whenever `wake` is notified, forever.
+    pub async fn run(self: Arc<Self>, wake: Arc<tokio::sync::Notify>, period: Duration) {
+        loop {
+            if let Err(e) = self.reconcile_once().await {
+                warn!(error = %e, "reconcile pass failed");
+            }
+            let _ = tokio::time::timeout(period, wake.notified()).await;
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! The agent's durable records, in an embedded database (redb) under the data dir:
+//! desired apps, VM records, failure history and an event log. Every write is one
+//! transaction; a crash leaves the last committed state.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::reconciler::{ActualState, DesiredState, FailureRecord, Health, VmRecord, VmState};
+use crate::spec::DesiredApp;
+
+const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
+const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
+const FAILURES: TableDefinition<&str, &[u8]> = TableDefinition::new("failures");
+const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+
+#[derive(Debug, thiserror::Error)]
+#[error("agent database: {0}")]
+pub struct StateError(String);
+
+fn err(e: impl std::fmt::Display) -> StateError {
+    StateError(e.to_string())
+}
+
+/// One VM as the agent records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmRow {
+    pub vm_id: Uuid,
+    pub app: String,
+    pub version: String,
+    pub state: VmState,
+    pub health: Health,
+    /// The step in progress or last done ("provisioning", "running", "removing").
+    pub step: String,
+    pub ip: Option<String>,
+    pub image_digest: Option<String>,
+    pub created_at: u64,
+    pub last_error: Option<String>,
+}
+
+impl VmRow {
+    pub fn record(&self) -> VmRecord {
+        VmRecord {
+            vm_id: self.vm_id,
+            app: self.app.clone(),
+            version: self.version.clone(),
+            state: self.state,
+            health: self.health,
+        }
+    }
+}
+
+/// Something that happened, for `apply`'s progress and `ps`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub at: u64,
+    pub app: String,
+    pub vm_id: Option<Uuid>,
+    pub message: String,
+}
+
+pub struct Store {
+    db: Database,
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StateError> {
+    serde_json::to_vec(v).map_err(err)
+}
+
+fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, StateError> {
+    serde_json::from_slice(b).map_err(err)
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating) the database file.
+    pub fn open(path: &Path) -> Result<Store, StateError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let db =
+            Database::create(path).map_err(|e| StateError(format!("{}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(err)?;
+        {
+            txn.open_table(APPS).map_err(err)?;
+            txn.open_table(VMS).map_err(err)?;
+            txn.open_table(FAILURES).map_err(err)?;
+            txn.open_table(EVENTS).map_err(err)?;
+        }
+        txn.commit().map_err(err)?;
+        Ok(Store { db })
+    }
+
+    fn put<T: Serialize>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StateError> {
+        let bytes = encode(value)?;
+        let txn = self.db.begin_write().map_err(err)?;
+        txn.open_table(table)
+            .map_err(err)?
+            .insert(key, bytes.as_slice())
+            .map_err(err)?;
+        txn.commit().map_err(err)
+    }
+
+    fn delete(&self, table: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        txn.open_table(table)
+            .map_err(err)?
+            .remove(key)
+            .map_err(err)?;
+        txn.commit().map_err(err)
+    }
+
+    fn all<T: DeserializeOwned>(
+        &self,
+        table: TableDefinition<&str, &[u8]>,
+    ) -> Result<BTreeMap<String, T>, StateError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(table).map_err(err)?;
+        let mut out = BTreeMap::new();
+        for item in t.iter().map_err(err)? {
+            let (k, v) = item.map_err(err)?;
+            out.insert(k.value().to_string(), decode(v.value())?);
+        }
+        Ok(out)
+    }
+
+    pub fn put_app(&self, app: &DesiredApp) -> Result<(), StateError> {
+        self.put(APPS, &app.name, app)
+    }
+
+    pub fn remove_app(&self, name: &str) -> Result<(), StateError> {
+        self.delete(APPS, name)
+    }
+
+    pub fn desired(&self) -> Result<DesiredState, StateError> {
+        Ok(DesiredState {
+            apps: self.all(APPS)?,
+        })
+    }
+
+    pub fn put_vm(&self, row: &VmRow) -> Result<(), StateError> {
+        self.put(VMS, &row.vm_id.to_string(), row)
+    }
+
+    pub fn remove_vm(&self, vm_id: Uuid) -> Result<(), StateError> {
+        self.delete(VMS, &vm_id.to_string())
+    }
+
+    pub fn vms(&self) -> Result<Vec<VmRow>, StateError> {
+        Ok(self.all::<VmRow>(VMS)?.into_values().collect())
+    }
+
+    pub fn vm(&self, vm_id: Uuid) -> Result<Option<VmRow>, StateError> {
+        Ok(self.all::<VmRow>(VMS)?.remove(&vm_id.to_string()))
+    }
+
+    pub fn put_failure(&self, app: &str, f: &FailureRecord) -> Result<(), StateError> {
+        self.put(FAILURES, app, f)
+    }
+
+    pub fn clear_failure(&self, app: &str) -> Result<(), StateError> {
+        self.delete(FAILURES, app)
+    }
+
+    pub fn failures(&self) -> Result<BTreeMap<String, FailureRecord>, StateError> {
+        self.all(FAILURES)
+    }
+
+    /// The actual state as recorded (the executor overlays what it observes).
+    pub fn actual(&self) -> Result<ActualState, StateError> {
+        Ok(ActualState {
+            now: now_secs(),
+            vms: self.vms()?.iter().map(VmRow::record).collect(),
+            failures: self.failures()?,
+        })
+    }
+
+    /// Appends an event; returns its sequence number.
+    pub fn event(
+        &self,
+        app: &str,
+        vm_id: Option<Uuid>,
+        message: impl Into<String>,
+    ) -> Result<u64, StateError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        let seq = {
+            let mut t = txn.open_table(EVENTS).map_err(err)?;
+            let next = t
+                .last()
+                .map_err(err)?
+                .map(|(k, _)| k.value() + 1)
+                .unwrap_or(1);
+            let ev = Event {
+                seq: next,
+                at: now_secs(),
+                app: app.to_string(),
+                vm_id,
+                message: message.into(),
+            };
+            let bytes = encode(&ev)?;
+            t.insert(next, bytes.as_slice()).map_err(err)?;
+            next
+        };
+        txn.commit().map_err(err)?;
+        Ok(seq)
+    }
+
+    /// Events after `since`, oldest first, optionally for one app.
+    pub fn events(&self, since: u64, app: Option<&str>) -> Result<Vec<Event>, StateError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(EVENTS).map_err(err)?;
+        let mut out = Vec::new();
+        for item in t.range(since.saturating_add(1)..).map_err(err)? {
+            let (_, v) = item.map_err(err)?;
+            let ev: Event = decode(v.value())?;
+            if app.is_none_or(|a| a == ev.app) {
+                out.push(ev);
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.redb");
+        let app = DesiredApp::from_toml("name = \"web\"\nimage = \"alpine:3.23\"").unwrap();
+        let vm = VmRow {
+            vm_id: Uuid::from_u128(7),
+            app: "web".into(),
+            version: app.spec_hash(),
+            state: VmState::Running,
+            health: Health::Healthy,
+            step: "running".into(),
+            ip: Some("10.0.4.2".into()),
+            image_digest: None,
+            created_at: 1,
+            last_error: None,
+        };
+        {
+            let s = Store::open(&path).unwrap();
+            s.put_app(&app).unwrap();
+            s.put_vm(&vm).unwrap();
+            assert_eq!(s.event("web", None, "one").unwrap(), 1);
+            assert_eq!(s.event("other", None, "two").unwrap(), 2);
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.desired().unwrap().apps["web"], app);
+        assert_eq!(s.vms().unwrap(), vec![vm.clone()]);
+        assert_eq!(s.actual().unwrap().vms, vec![vm.record()]);
+        assert_eq!(s.events(0, Some("web")).unwrap().len(), 1);
+        assert_eq!(s.events(1, None).unwrap()[0].message, "two");
+        s.remove_vm(vm.vm_id).unwrap();
+        s.remove_app("web").unwrap();
+        assert!(s.vms().unwrap().is_empty());
+        assert!(s.desired().unwrap().apps.is_empty());
+    }
+}

@@ -21,7 +21,7 @@ APT_PACKAGES=(
   clang llvm libelf-dev zlib1g-dev libbpf-dev bpftool  # eBPF QoS program
   iperf3 nftables iproute2 e2fsprogs iputils-ping
   busybox-static    # a static busybox for test guests
-  unzip python3-pip qemu-utils gzip zstd cpio
+  unzip python3-pip qemu-utils gzip zstd cpio curl
   linux-source-6.1 bc flex bison libssl-dev  # the guest kernel build
 )
 
@@ -96,9 +96,20 @@ prepare_test_images() {
   step "alpine rootfs: $tarball"
 }
 
+install_guest_init() {
+  local built dest=/usr/local/lib/shellwego/shellwego-init
+  built=$(bash scripts/build-guest-init.sh | tail -n1) || die "guest init" "see the build's message above"
+  if ! cmp -s "$built" "$dest" 2>/dev/null; then
+    mkdir -p "$(dirname "$dest")"
+    install -m 0755 "$built" "$dest.tmp" && mv "$dest.tmp" "$dest"
+  fi
+  step "guest init: $dest"
+}
+
 cd "$(dirname "$0")/.."
 install_packages
 install_firecracker
 install_kernel
+install_guest_init
 prepare_test_images
 step "setup done"

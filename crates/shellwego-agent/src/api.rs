@@ -263,6 +263,10 @@ impl ApiState {
             );
         }
         self.exec.set_secrets(name, body.secrets).await;
+        // Applying again is an explicit retry: forget the backoff of earlier failures.
+        if let Err(e) = self.exec.store.clear_failure(name) {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, e);
+        }
         if let Err(e) = self.exec.store.put_app(&app) {
             return error(StatusCode::INTERNAL_SERVER_ERROR, e);
         }

@@ -105,6 +105,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Err(e) = enter_netns_from_env() {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -122,6 +126,33 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `SHELLWEGO_NETNS=NAME`: the whole process (bridge, TAPs, VMs, health checks) works in
+/// that network namespace. Entered before any thread starts, so every thread inherits it;
+/// unlike `ip netns exec`, the mount namespace stays the host's (ZFS mounts stay visible).
+fn enter_netns_from_env() -> Result<()> {
+    let Some(name) = std::env::var_os("SHELLWEGO_NETNS").filter(|n| !n.is_empty()) else {
+        return Ok(());
+    };
+    let path = std::path::Path::new("/run/netns").join(&name);
+    let file = std::fs::File::open(&path)
+        .with_context(|| format!("SHELLWEGO_NETNS: cannot open {}", path.display()))?;
+    // SAFETY: setns on the only thread that exists yet, with a valid namespace descriptor.
+    let rc = unsafe {
+        libc::setns(
+            std::os::unix::io::AsRawFd::as_raw_fd(&file),
+            libc::CLONE_NEWNET,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "SHELLWEGO_NETNS: setns into {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 /// Reads each secret's value from its source; names only, never values, in errors.
@@ -177,6 +208,7 @@ async fn apply(
         return Ok(ExitCode::SUCCESS);
     }
     let start = Instant::now();
+    let started_at = shellwego_agent::state::now_secs();
     let mut seen = since;
     loop {
         for ev in client.events(seen, Some(&app.name)).await? {
@@ -201,14 +233,13 @@ async fn apply(
             if let Some(f) = status
                 .failure
                 .as_ref()
-                .filter(|f| f.version == accepted.version)
+                .filter(|f| f.version == accepted.version && f.last_failed_at >= started_at)
             {
-                let reason = status
-                    .vms
-                    .iter()
-                    .filter_map(|v| v.last_error.clone())
-                    .next_back()
-                    .unwrap_or_else(|| "see `shellwego logs`".into());
+                let reason = if f.reason.is_empty() {
+                    "see `shellwego logs`".to_string()
+                } else {
+                    f.reason.clone()
+                };
                 bail!(
                     "{}: version {} failed (attempt {}): {reason}; the agent retries with backoff",
                     app.name,

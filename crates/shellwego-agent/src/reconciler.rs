@@ -89,6 +89,9 @@ pub struct FailureRecord {
     pub attempts: u32,
     /// Seconds since the Unix epoch of the last failure.
     pub last_failed_at: u64,
+    /// Why the last attempt failed (for `apply` and `ps`).
+    #[serde(default)]
+    pub reason: String,
 }
 
 impl FailureRecord {
@@ -102,6 +105,7 @@ impl FailureRecord {
             version: version.to_string(),
             attempts,
             last_failed_at: now,
+            reason: String::new(),
         }
     }
 
@@ -608,7 +612,7 @@ mod tests {
         fn tc_u2_failing_version_backs_off(attempts in 1u32..12, elapsed in 0u64..400) {
             let d = desired(&[("web", "img:2")]);
             let v2 = d.version_of("web").unwrap();
-            let failed = FailureRecord { version: v2, attempts, last_failed_at: 10_000 };
+            let failed = FailureRecord { version: v2, attempts, last_failed_at: 10_000, reason: String::new() };
             let a = ActualState {
                 now: 10_000 + elapsed,
                 vms: vec![vm(1, "web", "v1", VmState::Running, Health::Healthy)],

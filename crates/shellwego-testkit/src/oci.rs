@@ -271,6 +271,22 @@ impl TarBuilder {
     }
 }
 
+/// The real Alpine 3.23 root filesystem as a tar (from the rootfs tarball that
+/// `scripts/make-alpine-rootfs.sh` caches).
+pub fn alpine_layer_tar() -> Vec<u8> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-alpine-rootfs.sh");
+    let out = run_ok(Command::new("bash").arg(&script));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let tarball = PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("script prints the tarball path")
+            .trim(),
+    );
+    fs::read(&tarball).unwrap_or_else(|e| panic!("cannot read {}: {e}", tarball.display()))
+}
+
 /// The real Alpine 3.23 root filesystem as an OCI layout, built once per machine from the
 /// rootfs tarball that `scripts/make-alpine-rootfs.sh` caches (keyed by that tarball).
 pub fn alpine_layout() -> PathBuf {

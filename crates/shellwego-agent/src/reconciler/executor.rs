@@ -266,7 +266,8 @@ impl Executor {
             self.store.put_vm(&row)?;
             if failed.is_some() {
                 let prev = self.store.failures()?.remove(app);
-                let f = FailureRecord::next(prev.as_ref(), &row.version, now_secs());
+                let mut f = FailureRecord::next(prev.as_ref(), &row.version, now_secs());
+                f.reason = row.last_error.clone().unwrap_or_default();
                 self.event(
                     app,
                     Some(vm_id),

@@ -294,6 +294,11 @@ impl Jail {
     }
 }
 
+/// Firecracker's own log goes to `firecracker.log` in its working dir (the chroot's root
+/// under the jailer), at Warning and above, from the first moment: otherwise it logs to
+/// stdout, which is the guest console.
+const LOG_ARGS: [&str; 4] = ["--log-path", "firecracker.log", "--level", "Warning"];
+
 /// A started firecracker process.
 #[derive(Debug)]
 pub struct Spawned {
@@ -330,6 +335,15 @@ pub async fn spawn_with(
     })?;
     let socket = rt.api_socket();
     let _ = std::fs::remove_file(&socket);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(rt.firecracker_log())
+        .map_err(|source| DriverError::Io {
+            what: "creating firecracker log",
+            path: rt.firecracker_log(),
+            source,
+        })?;
     let console = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -352,6 +366,7 @@ pub async fn spawn_with(
                 .arg(&socket)
                 .arg("--id")
                 .arg(&id)
+                .args(LOG_ARGS)
                 .current_dir(&rt.dir);
             cmd
         }
@@ -372,7 +387,7 @@ pub async fn spawn_with(
             if let Some(ns) = netns {
                 cmd.arg("--netns").arg(ns);
             }
-            cmd.args(["--", "--api-sock", "/api.sock"]);
+            cmd.args(["--", "--api-sock", "/api.sock"]).args(LOG_ARGS);
             cmd
         }
     };

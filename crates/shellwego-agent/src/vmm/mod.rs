@@ -16,9 +16,7 @@ use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use driver::{DriverError, FirecrackerApi, Jail, RuntimeDir};
-use models::{
-    ActionType, BootSource, Drive, Logger, MachineConfig, Metrics, NetworkInterface, Vsock,
-};
+use models::{ActionType, BootSource, Drive, MachineConfig, Metrics, NetworkInterface, Vsock};
 
 /// Everything Firecracker needs to boot one VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -465,7 +463,7 @@ async fn configure(h: &VmHandle, cfg: &MicrovmConfig) -> Result<(), VmmError> {
     let io = VmmManager::io(&cfg.vm_id, "preparing runtime files");
     write_record(&h.rt, &h.record).map_err(&io)?;
     make_links(&h.rt, &cfg.links).map_err(&io)?;
-    for path in [h.rt.firecracker_log(), h.rt.metrics()] {
+    for path in [h.rt.metrics()] {
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -473,15 +471,8 @@ async fn configure(h: &VmHandle, cfg: &MicrovmConfig) -> Result<(), VmmError> {
             .map_err(&io)?;
     }
     let api = &h.api;
-    // Relative paths: they resolve in firecracker's working dir, which is also the
-    // chroot's root under the jailer.
-    api.put_logger(&Logger {
-        log_path: "firecracker.log".into(),
-        level: "Warning".into(),
-        show_level: true,
-        show_log_origin: false,
-    })
-    .await?;
+    // The logger was set on the command line (driver::spawn); metrics go next to it,
+    // relative to firecracker's working dir (the chroot's root under the jailer).
     api.put_metrics(&Metrics {
         metrics_path: "metrics.json".into(),
     })

@@ -83,7 +83,7 @@ impl GuestClient {
     }
 
     pub fn run(&mut self, rc: RunConfig) -> Result<(), GuestError> {
-        match self.request(&Request::Run(rc))? {
+        match self.request(&Request::Run(Box::new(rc)))? {
             Response::Ok => Ok(()),
             other => Err(GuestError::Unexpected(other)),
         }

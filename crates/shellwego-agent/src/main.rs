@@ -325,7 +325,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let mut last = client.logs(&app, lines).await?;
             print!("{last}");
             println!();
-            while follow {
+            if !follow {
+                return Ok(ExitCode::SUCCESS);
+            }
+            loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let now = client.logs(&app, lines).await?;
                 if now != last {
@@ -336,7 +339,6 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     last = now;
                 }
             }
-            Ok(ExitCode::SUCCESS)
         }
         Commands::Exec { app, cmd } => {
             let out = client.exec(&app, cmd).await?;

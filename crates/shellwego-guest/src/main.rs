@@ -97,7 +97,7 @@ fn handle(state: &mut State, req: Request) -> (Response, bool) {
             uptime_ms: sys::uptime_ms(),
             running_app: state.app.is_some(),
         },
-        Request::Run(rc) => match run(state, rc) {
+        Request::Run(rc) => match run(state, *rc) {
             Ok(()) => Response::Ok,
             Err(message) => Response::Error { message },
         },

@@ -81,7 +81,7 @@ pub enum Request {
     /// Is the init there? Answered with `Ready`.
     Hello,
     /// Mount the app's root, configure identity and network, start the app.
-    Run(RunConfig),
+    Run(Box<RunConfig>),
     /// Run a command (in the app's root and environment once the app runs) and return
     /// its exit code and output.
     Exec {

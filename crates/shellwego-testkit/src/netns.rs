@@ -14,6 +14,8 @@ pub struct NetNs {
     pub name: String,
 }
 
+// No `Default`: making a namespace is an action with a side effect, not a default value.
+#[allow(clippy::new_without_default)]
 impl NetNs {
     /// Creates `swg-test-<pid>-<n>` with its loopback up.
     pub fn new() -> NetNs {

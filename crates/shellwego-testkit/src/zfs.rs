@@ -117,6 +117,8 @@ pub fn ensure_daemon() {
                 Ok(())
             });
         }
+        // The daemon outlives this function: it is stopped (by pid) at process exit.
+        #[allow(clippy::zombie_processes)]
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start zfs-fuse: {e}; {SETUP_FIX}"));

@@ -155,8 +155,10 @@ mod tests {
 
     #[test]
     fn tc_u1_vcpus_round_up_and_cap() {
-        let mut spec = ResourceSpec::default();
-        spec.cpu_milli = 1001;
+        let mut spec = ResourceSpec {
+            cpu_milli: 1001,
+            ..ResourceSpec::default()
+        };
         assert_eq!(machine_config(&spec, &hw()).unwrap().config.vcpu_count, 2);
         spec.cpu_milli = 64_000;
         let plan = machine_config(&spec, &hw()).unwrap();
@@ -171,8 +173,10 @@ mod tests {
 
     #[test]
     fn tc_u1_memory_must_be_whole_mib_and_above_minimum() {
-        let mut spec = ResourceSpec::default();
-        spec.memory_bytes = 128_000_000;
+        let mut spec = ResourceSpec {
+            memory_bytes: 128_000_000,
+            ..ResourceSpec::default()
+        };
         let err = machine_config(&spec, &hw()).unwrap_err();
         assert_eq!(err, ConfigError::MemoryNotWholeMib { bytes: 128_000_000 });
         assert!(err.to_string().contains("resources.memory"));

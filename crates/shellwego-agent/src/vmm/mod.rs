@@ -463,7 +463,8 @@ async fn configure(h: &VmHandle, cfg: &MicrovmConfig) -> Result<(), VmmError> {
     let io = VmmManager::io(&cfg.vm_id, "preparing runtime files");
     write_record(&h.rt, &h.record).map_err(&io)?;
     make_links(&h.rt, &cfg.links).map_err(&io)?;
-    for path in [h.rt.metrics()] {
+    {
+        let path = h.rt.metrics();
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -1,5 +1,5 @@
 # ShellWeGo: the two commands a person needs are `make demo` and `make test`.
-.PHONY: setup demo test test-unit build lint bench
+.PHONY: setup demo test test-unit test-agent-real build lint bench
 
 CARGO ?= cargo
 
@@ -17,6 +17,10 @@ demo: setup build
 ## Set up the host and run the whole test suite (unit, property and real-hardware tests).
 test: setup
 	$(CARGO) test --workspace --locked
+
+## The agent's real-VM tests (root, /dev/kvm), one at a time.
+test-agent-real: setup
+	$(CARGO) test -p shellwego-agent --locked --test firecracker_real --test guest_boot --test snapshot_real --test gauntlet_real -- --test-threads=1
 
 ## Only the pure tests (no root, KVM or ZFS needed).
 test-unit:

@@ -16,7 +16,7 @@ demo: setup build
 
 ## Set up the host and run the whole test suite (unit, property and real-hardware tests).
 test: setup
-	$(CARGO) test --workspace --locked
+	$(CARGO) test --workspace --locked --no-fail-fast
 
 ## The agent's real-VM tests (root, /dev/kvm), one at a time.
 test-agent-real: setup

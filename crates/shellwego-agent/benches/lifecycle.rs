@@ -33,6 +33,7 @@ fn run_config(ip: &str) -> RunConfig {
             mac: None,
         }),
         root_device: "/dev/vda".into(),
+        root_device_bytes: Some(256 << 20),
         ..Default::default()
     }
 }

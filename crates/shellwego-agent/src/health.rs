@@ -9,6 +9,18 @@ use tokio::net::TcpStream;
 
 use crate::spec::{HealthCheck, Probe};
 
+/// The check as it applies on a host kind: on emulated hosts a guest answers slowly, so
+/// the probe timeout is stretched (the interval with it, as the timeout may not exceed it).
+pub fn for_host(check: &HealthCheck, kind: crate::host::HostKind) -> HealthCheck {
+    let factor = kind.time_factor().min(10);
+    HealthCheck {
+        timeout: check.timeout * factor,
+        interval: check.interval.max(check.timeout * factor),
+        grace: check.grace * factor,
+        ..check.clone()
+    }
+}
+
 /// One probe; `Err` says why it failed.
 pub async fn probe(ip: Ipv4Addr, check: &HealthCheck) -> Result<(), String> {
     let addr = SocketAddr::from((ip, check.port));

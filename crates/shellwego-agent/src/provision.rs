@@ -291,7 +291,8 @@ impl Platform {
             nameservers: vec![],
             mac: Some(mac),
         };
-        let rc = crate::runconfig::run_config(
+        let root_bytes = std::fs::metadata(&disk.image_path).map(|m| m.len()).ok();
+        let mut rc = crate::runconfig::run_config(
             app,
             &image.config,
             Some(netcfg),
@@ -300,6 +301,7 @@ impl Platform {
             entropy,
         )
         .map_err(|e| fail("guest")(&e))?;
+        rc.root_device_bytes = root_bytes;
         let run = tokio::task::spawn_blocking(move || client.run(rc))
             .await
             .map_err(|e| fail("guest")(&e))?;

@@ -74,6 +74,7 @@ pub fn run_config(
         clock: Some(clock),
         entropy,
         root_device: "/dev/vda".into(),
+        root_device_bytes: None,
     })
 }
 

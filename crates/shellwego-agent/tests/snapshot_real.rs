@@ -55,6 +55,9 @@ fn run_config(ip: &str, host: &str, vm: uuid::Uuid) -> RunConfig {
             mac: Some(generate_mac(vm)),
         }),
         root_device: "/dev/vda".into(),
+        // The images are 256 MiB (alpine_ext4 below); a restored template learns that
+        // size asynchronously and the init waits for it.
+        root_device_bytes: Some(256 << 20),
         clock: Some((
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)

@@ -36,6 +36,10 @@ fn run(state: &mut State, rc: RunConfig) -> Result<(), String> {
     if state.app.is_some() {
         return Err("an app is already running in this VM".into());
     }
+    if let (false, Some(bytes)) = (rc.root_device.is_empty(), rc.root_device_bytes) {
+        sys::wait_for_size(&rc.root_device, bytes, Duration::from_secs(60))
+            .map_err(|e| format!("root device: {e}"))?;
+    }
     if !rc.root_device.is_empty() {
         sys::switch_root(&rc.root_device)
             .map_err(|e| format!("mounting root {}: {e}", rc.root_device))?;

@@ -83,6 +83,28 @@ fn flush_block_cache(device: &str) -> io::Result<()> {
     check(ret, &format!("flushing {device}"))
 }
 
+/// Waits until the block device reports `bytes` (from /sys/block/NAME/size, in 512-byte
+/// sectors): after a restore the kernel learns a changed disk size from a config-change
+/// interrupt handled asynchronously.
+pub fn wait_for_size(device: &str, bytes: u64, timeout: std::time::Duration) -> io::Result<()> {
+    let name = device.rsplit('/').next().unwrap_or(device);
+    let path = format!("/sys/block/{name}/size");
+    let start = std::time::Instant::now();
+    loop {
+        let sectors: u64 = fs::read_to_string(&path)?.trim().parse().unwrap_or(0);
+        if sectors * 512 == bytes {
+            return Ok(());
+        }
+        if start.elapsed() > timeout {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("{device} reports {} bytes, expected {bytes}", sectors * 512),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Mounts `device` (ext4) and makes it the root: the pseudo file systems move along,
 /// then `/` is replaced (mount --move + chroot, as switch_root does).
 pub fn switch_root(device: &str) -> io::Result<()> {

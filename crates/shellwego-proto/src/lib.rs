@@ -56,6 +56,10 @@ pub struct RunConfig {
     pub entropy: Vec<u8>,
     /// The block device holding the app's root filesystem (e.g. "/dev/vda").
     pub root_device: String,
+    /// The root device's size in bytes as the host sees it. A VM restored from a template
+    /// learns its disk's size asynchronously; the init waits for it before mounting.
+    #[serde(default)]
+    pub root_device_bytes: Option<u64>,
 }
 
 impl std::fmt::Debug for RunConfig {
@@ -70,6 +74,7 @@ impl std::fmt::Debug for RunConfig {
             .field("hostname", &self.hostname)
             .field("net", &self.net)
             .field("root_device", &self.root_device)
+            .field("root_device_bytes", &self.root_device_bytes)
             .finish_non_exhaustive()
     }
 }

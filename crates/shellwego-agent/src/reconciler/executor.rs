@@ -32,6 +32,8 @@ pub struct Executor {
     in_flight: Mutex<HashSet<Uuid>>,
     /// Serialises reconcile passes.
     pass: Mutex<()>,
+    /// Consecutive failed health probes of running VMs.
+    probe_failures: Mutex<HashMap<Uuid, u32>>,
 }
 
 impl Executor {
@@ -43,6 +45,7 @@ impl Executor {
             secrets: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashSet::new()),
             pass: Mutex::new(()),
+            probe_failures: Mutex::new(HashMap::new()),
         }
     }
 
@@ -85,12 +88,86 @@ impl Executor {
                 self.event(&row.app, Some(row.vm_id), "re-attached after agent restart");
             }
         }
+        self.sweep_orphans(&attached).await
+    }
+
+    /// Removes what this agent owns but has no record of: VMs, disks and leases left by a
+    /// crash between making a resource and recording it.
+    async fn sweep_orphans(&self, attached: &[String]) -> Result<(), StateError> {
+        let known: HashSet<String> = self
+            .store
+            .vms()?
+            .iter()
+            .map(|r| r.vm_id.to_string())
+            .collect();
+        let mut orphans: HashSet<String> = attached
+            .iter()
+            .filter(|id| !known.contains(*id))
+            .cloned()
+            .collect();
+        orphans.extend(
+            self.platform
+                .rootfs
+                .vm_disks()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|id| !known.contains(id)),
+        );
+        if let Ok(leases) = self.platform.network.ipam().leases() {
+            orphans.extend(leases.into_keys().filter(|id| !known.contains(id)));
+        }
+        for id in orphans {
+            let Ok(vm_id) = id.parse::<Uuid>() else {
+                warn!(vm = %id, "unrecorded resource with a foreign name; left alone");
+                continue;
+            };
+            warn!(%vm_id, "removing an orphaned VM's resources");
+            if let Err(e) = self.platform.deprovision(vm_id).await {
+                warn!(%vm_id, error = %e, "orphan cleanup failed");
+            }
+        }
         Ok(())
+    }
+
+    /// Probes running, healthy VMs of apps with a health check; after `retries`
+    /// consecutive failures a VM counts as unhealthy (and the plan replaces it).
+    async fn monitor(&self, row: &mut VmRow, apps: &BTreeMap<String, DesiredApp>) -> bool {
+        let kind = self.platform.kind;
+        let check = apps
+            .get(&row.app)
+            .and_then(|a| a.health.as_ref())
+            .map(|c| health::for_host(c, kind));
+        let (Some(check), Some(ip)) = (check, row.ip.as_deref().and_then(|ip| ip.parse().ok()))
+        else {
+            return false;
+        };
+        let result = health::probe(ip, &check).await;
+        let mut fails = self.probe_failures.lock().await;
+        match result {
+            Ok(()) => {
+                fails.remove(&row.vm_id);
+                false
+            }
+            Err(e) => {
+                let n = fails.entry(row.vm_id).or_insert(0);
+                *n += 1;
+                if *n < check.retries {
+                    return false;
+                }
+                fails.remove(&row.vm_id);
+                row.health = Health::Unhealthy;
+                row.last_error = Some(format!("health check failed {} times: {e}", check.retries));
+                true
+            }
+        }
     }
 
     /// The recorded state corrected by what is observed: dead processes and interrupted
     /// provisions are `Exited`.
-    async fn observe(&self) -> Result<ActualState, StateError> {
+    async fn observe(
+        &self,
+        apps: &BTreeMap<String, DesiredApp>,
+    ) -> Result<ActualState, StateError> {
         let in_flight = self.in_flight.lock().await.clone();
         let known = self.platform.vmm.list().await;
         for mut row in self.store.vms()? {
@@ -114,6 +191,16 @@ impl Executor {
                 row.last_error
                     .get_or_insert_with(|| "the VM's process is gone".into());
                 self.store.put_vm(&row)?;
+            } else if row.state == VmState::Running
+                && row.health == Health::Healthy
+                && self.monitor(&mut row, apps).await
+            {
+                self.event(
+                    &row.app,
+                    Some(row.vm_id),
+                    row.last_error.clone().unwrap_or_default(),
+                );
+                self.store.put_vm(&row)?;
             }
         }
         self.store.actual()
@@ -123,7 +210,7 @@ impl Executor {
     pub async fn reconcile_once(&self) -> Result<usize, StateError> {
         let _pass = self.pass.lock().await;
         let desired = self.store.desired()?;
-        let actual = self.observe().await?;
+        let actual = self.observe(&desired.apps).await?;
         let actions = plan(&desired, &actual);
         for action in &actions {
             self.execute(action, &desired.apps).await?;
@@ -235,8 +322,8 @@ impl Executor {
                     None => Health::Healthy,
                     Some(check) => {
                         self.event(&app.name, Some(vm_id), "waiting for the health check");
-                        let budget = check.grace * self.platform.kind.time_factor().min(10);
-                        match health::wait_healthy(vm.net.ip, check, budget).await {
+                        let check = health::for_host(check, self.platform.kind);
+                        match health::wait_healthy(vm.net.ip, &check, check.grace).await {
                             Ok(_) => Health::Healthy,
                             Err(e) => {
                                 row.last_error = Some(e.clone());

@@ -128,7 +128,11 @@ impl CniNetwork {
     pub async fn create_tap(&self, name: &str) -> Result<LinkInfo, NetError> {
         let nl = Netlink::connect()?;
         let bridge = nl.require(&self.config.bridge).await?;
-        create_tap(name, self.config.tap_owner)?;
+        // An existing TAP may be held open by a running firecracker: the tun ioctls would
+        // fail with EBUSY, and it needs nothing from them anyway.
+        if nl.get(name).await?.is_none() {
+            create_tap(name, self.config.tap_owner)?;
+        }
         let tap = nl.require(name).await?;
         if tap.controller != Some(bridge.index) {
             nl.enslave(tap.index, bridge.index).await?;
@@ -177,6 +181,32 @@ impl CniNetwork {
             old.detach();
         }
         let attached = VmQos::attach(tap, &ifb, limits)?;
+        self.qos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vm_id.to_string(), attached);
+        Ok(())
+    }
+
+    /// Re-attaches the QoS of a VM whose TAP and lease already exist (after an agent
+    /// restart: the loaded programs lived in the old process). Touches nothing else and
+    /// removes nothing on failure.
+    pub async fn reattach_qos(&self, vm_id: &str, limits: Limits) -> Result<(), NetError> {
+        let tap = tap_name(vm_id);
+        let nl = Netlink::connect()?;
+        nl.require(&tap).await?;
+        let ifb = ifb_name(vm_id);
+        let ifb_link = nl.ensure_ifb(&ifb).await?;
+        nl.set_up(ifb_link.index).await?;
+        let previous = self
+            .qos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(vm_id);
+        if let Some(old) = previous {
+            old.detach();
+        }
+        let attached = VmQos::attach(&tap, &ifb, limits)?;
         self.qos
             .lock()
             .unwrap_or_else(|e| e.into_inner())

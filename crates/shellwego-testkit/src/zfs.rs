@@ -139,7 +139,32 @@ pub fn ensure_daemon() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+    sweep_dead_pool_dirs();
     *started = true;
+}
+
+/// Removes pool directories left by test processes that died before their teardown
+/// (their pools vanished with the daemon that served them; only the files stay).
+fn sweep_dead_pool_dirs() {
+    let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let Ok(entries) = fs::read_dir(TEST_ROOT) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("swgt")
+            .and_then(|r| r.split('x').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let path = e.path();
+        let in_use = mounts.contains(&format!(" {}/", path.display()));
+        if !alive(pid) && !in_use {
+            let _ = fs::remove_dir_all(&path);
+        }
+    }
 }
 
 fn register_atexit() {

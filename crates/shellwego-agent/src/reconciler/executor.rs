@@ -75,11 +75,10 @@ impl Executor {
                         download_bps: app.bandwidth.download_bps,
                         upload_bps: app.bandwidth.upload_bps,
                     };
-                    let mac = crate::vmm::config::generate_mac(row.vm_id);
                     if let Err(e) = self
                         .platform
                         .network
-                        .setup_vm(&row.vm_id.to_string(), &mac, limits)
+                        .reattach_qos(&row.vm_id.to_string(), limits)
                         .await
                     {
                         warn!(vm_id = %row.vm_id, error = %e, "cannot restore network of re-attached VM");

@@ -167,25 +167,7 @@ impl CniNetwork {
 
     async fn setup_links(&self, vm_id: &str, tap: &str, limits: Limits) -> Result<(), NetError> {
         self.create_tap(tap).await?;
-        let nl = Netlink::connect()?;
-        let ifb = ifb_name(vm_id);
-        let ifb_link = nl.ensure_ifb(&ifb).await?;
-        nl.set_up(ifb_link.index).await?;
-        // Re-running setup replaces the VM's QoS rather than stacking a second one.
-        let previous = self
-            .qos
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(vm_id);
-        if let Some(old) = previous {
-            old.detach();
-        }
-        let attached = VmQos::attach(tap, &ifb, limits)?;
-        self.qos
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(vm_id.to_string(), attached);
-        Ok(())
+        self.reattach_qos(vm_id, limits).await
     }
 
     /// Re-attaches the QoS of a VM whose TAP and lease already exist (after an agent

@@ -128,44 +128,35 @@ impl Netlink {
         Ok(out)
     }
 
-    /// Creates the bridge unless it exists; returns it.
-    pub async fn ensure_bridge(&self, name: &str) -> Result<LinkInfo, LinkError> {
+    /// Creates the link `msg` describes unless `name` exists; returns it.
+    async fn ensure_link(
+        &self,
+        name: &str,
+        kind: &str,
+        msg: LinkMessage,
+    ) -> Result<LinkInfo, LinkError> {
         check_name(name)?;
         if let Some(l) = self.get(name).await? {
             return Ok(l);
         }
-        match self
-            .handle
-            .link()
-            .add(LinkBridge::new(name).build())
-            .execute()
-            .await
-        {
+        match self.handle.link().add(msg).execute().await {
             Ok(()) => {}
             Err(e) if is_exists(&e) => {}
-            Err(e) => return Err(nl(format!("create bridge {name}"))(e)),
+            Err(e) => return Err(nl(format!("create {kind} {name}"))(e)),
         }
         self.require(name).await
     }
 
+    /// Creates the bridge unless it exists; returns it.
+    pub async fn ensure_bridge(&self, name: &str) -> Result<LinkInfo, LinkError> {
+        self.ensure_link(name, "bridge", LinkBridge::new(name).build())
+            .await
+    }
+
     /// Creates an IFB device unless it exists.
     pub async fn ensure_ifb(&self, name: &str) -> Result<LinkInfo, LinkError> {
-        check_name(name)?;
-        if let Some(l) = self.get(name).await? {
-            return Ok(l);
-        }
-        match self
-            .handle
-            .link()
-            .add(LinkIfb::new(name).build())
-            .execute()
+        self.ensure_link(name, "ifb", LinkIfb::new(name).build())
             .await
-        {
-            Ok(()) => {}
-            Err(e) if is_exists(&e) => {}
-            Err(e) => return Err(nl(format!("create ifb {name}"))(e)),
-        }
-        self.require(name).await
     }
 
     /// IPv4 addresses on an interface, with prefix lengths.

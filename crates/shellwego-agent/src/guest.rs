@@ -30,6 +30,9 @@ pub enum GuestError {
     NotReady { waited: Duration, last: String },
 }
 
+/// Longest wait for the answer to `run`.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// One connection to a guest's init.
 pub struct GuestClient {
     stream: UnixStream,
@@ -82,7 +85,17 @@ impl GuestClient {
         self.request(&Request::Hello)
     }
 
+    /// Sets how long a request may wait for its answer.
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), GuestError> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        self.stream.set_write_timeout(Some(timeout))?;
+        Ok(())
+    }
+
+    /// Gives the guest its identity and starts the app. On emulated hosts mounting the
+    /// root and starting the first process take a while: this waits up to `RUN_TIMEOUT`.
     pub fn run(&mut self, rc: RunConfig) -> Result<(), GuestError> {
+        self.set_timeout(RUN_TIMEOUT)?;
         match self.request(&Request::Run(Box::new(rc)))? {
             Response::Ok => Ok(()),
             other => Err(GuestError::Unexpected(other)),

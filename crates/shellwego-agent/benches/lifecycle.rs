@@ -135,6 +135,7 @@ fn main() {
         init: init.clone(),
         firecracker: firecracker.clone(),
         kind,
+        disk_bytes: 256 << 20,
     };
     let t = Instant::now();
     let (tpl, _) = rt

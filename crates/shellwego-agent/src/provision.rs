@@ -200,7 +200,11 @@ impl Platform {
         let t = Instant::now();
         match mode {
             BootMode::Warm => {
+                let disk_bytes = std::fs::metadata(&disk.image_path)
+                    .map(|m| m.len())
+                    .map_err(|e| fail("template")(&e))?;
                 let inputs = TemplateInputs {
+                    disk_bytes,
                     machine: machine.config,
                     kernel: self.kernel.clone(),
                     init: self.init.clone(),

@@ -12,9 +12,8 @@
 //!   namespace or chroot is needed for this.
 //! - **TAP**: `network_overrides` on snapshot load (Firecracker >= 1.12) names the VM's
 //!   own TAP.
-//! - **disk size**: after the load the drive is re-announced (`PATCH /drives`), so the
-//!   guest picks up the size of the VM's image; the init drops cached blocks before it
-//!   mounts.
+//! - **disk size**: templates are per disk size too, so a clone's disk has the size the
+//!   guest saw at boot; the init drops cached blocks before it mounts.
 //! - **identity**: MAC, IP, hostname, clock and entropy come with `run` over vsock.
 
 use std::path::{Path, PathBuf};
@@ -29,8 +28,6 @@ use crate::vmm::config::{guest_vm_config, GuestLayout, MachineConfig};
 use crate::vmm::driver::{self, FirecrackerApi};
 use crate::vmm::{VmmError, VmmManager};
 
-/// The template's placeholder root drive: replaced per VM through the `rootfs` link.
-const PLACEHOLDER_BYTES: u64 = 1 << 20;
 /// MAC the template boots with; every VM gets its own at `run`.
 const TEMPLATE_MAC: &str = "02:00:00:00:00:01";
 
@@ -58,6 +55,10 @@ pub struct TemplateInputs {
     pub init: PathBuf,
     pub firecracker: PathBuf,
     pub kind: HostKind,
+    /// Size of the root disks of VMs started from it. Part of the key: the guest learns a
+    /// disk's size at boot, and a size change after a restore reaches it only through an
+    /// asynchronous config-change interrupt, which proved unreliable on emulated hosts.
+    pub disk_bytes: u64,
 }
 
 fn fingerprint(h: &mut Sha256, path: &Path) {
@@ -75,7 +76,7 @@ fn fingerprint(h: &mut Sha256, path: &Path) {
 }
 
 impl TemplateInputs {
-    /// The cache key: shape, kernel, init, boot arguments and firecracker version.
+    /// The cache key: shape, disk size, kernel, init, boot arguments, firecracker version.
     pub fn key(&self) -> String {
         let mut h = Sha256::new();
         h.update([self.machine.vcpu_count]);
@@ -83,6 +84,7 @@ impl TemplateInputs {
         fingerprint(&mut h, &self.kernel);
         fingerprint(&mut h, &self.init);
         h.update(format!("{:?}", self.kind).as_bytes());
+        h.update(self.disk_bytes.to_le_bytes());
         h.update(
             driver::binary_version(&self.firecracker)
                 .unwrap_or_default()
@@ -144,7 +146,7 @@ impl TemplateStore {
         crate::initrd::write(&inputs.init, &initrd).map_err(Self::io(&initrd))?;
         let placeholder = self.root.join("placeholder.img");
         let f = std::fs::File::create(&placeholder).map_err(Self::io(&placeholder))?;
-        f.set_len(PLACEHOLDER_BYTES)
+        f.set_len(inputs.disk_bytes)
             .map_err(Self::io(&placeholder))?;
 
         let vm_id = format!("{key}-build");
@@ -211,7 +213,7 @@ impl TemplateStore {
             netns,
             tap,
             links: vec![("rootfs".into(), disk_image.to_path_buf())],
-            refresh_drives: vec!["rootfs".into()],
+            refresh_drives: vec![],
         };
         Ok(self
             .snapshots

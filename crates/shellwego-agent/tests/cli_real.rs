@@ -11,6 +11,7 @@ use shellwego_testkit::guest;
 use shellwego_testkit::netns::NetNs;
 use shellwego_testkit::oci::{alpine_layer_tar, ImageBuilder, LayerCompression, TarBuilder};
 use shellwego_testkit::prereq::require_command;
+use shellwego_testkit::process::KillVmsOnDrop;
 use shellwego_testkit::registry::Registry;
 use shellwego_testkit::zfs::TestPool;
 
@@ -138,6 +139,7 @@ fn cli_apply_ps_exec_logs_restart_and_rm() {
     )
     .unwrap();
     let log = dir.path().join("agent.log");
+    let _vms = KillVmsOnDrop(run.clone());
     let mut agent = env.agent(&log);
 
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -230,11 +232,6 @@ fn cli_apply_ps_exec_logs_restart_and_rm() {
             "--- agent log ---\n{}",
             std::fs::read_to_string(&log).unwrap_or_default()
         );
-        // Best effort: stop any VM the agent left, by its recorded pid.
-        let _ = Command::new("pkill")
-            .arg("-f")
-            .arg(run.display().to_string())
-            .status();
         std::panic::resume_unwind(p);
     }
 }

@@ -18,6 +18,7 @@ use shellwego_testkit::guest;
 use shellwego_testkit::netns::NetNs;
 use shellwego_testkit::oci::alpine_layout;
 use shellwego_testkit::prereq::require_command;
+use shellwego_testkit::process::KillVmsOnDrop;
 use shellwego_testkit::registry::Registry;
 use shellwego_testkit::zfs::TestPool;
 
@@ -43,6 +44,7 @@ fn tc_e2e_1_cold_start_gauntlet() {
     registry.push_layout(&alpine_layout(), "3.23", "library/alpine:3.23");
     let pool = TestPool::new(4 << 30);
     let data = pool.mount_root();
+    let _vms = KillVmsOnDrop(data.join("run"));
     let kernel = guest::kernel();
     let init = guest::init_binary();
     let spec = format!(

@@ -13,6 +13,7 @@ use shellwego_proto::{NetConfig, Response, RunConfig};
 use shellwego_testkit::guest;
 use shellwego_testkit::netns::NetNs;
 use shellwego_testkit::prereq::require_command;
+use shellwego_testkit::process::KillVmsOnDrop;
 
 /// Budget for a cold boot to reach the init, by host kind (GUEST.md: 55-64 s nested).
 fn boot_budget(kind: HostKind) -> Duration {
@@ -37,6 +38,7 @@ fn guest_boots_answers_pings_execs_and_shuts_down() {
 
     let vm_id = uuid::Uuid::new_v4();
     let run_dir = dir.path().join("run");
+    let _vms = KillVmsOnDrop(run_dir.clone());
     let mgr = VmmManager::new(&firecracker, &run_dir);
     let uds = mgr.runtime_dir("boot").vsock();
     // Relative drive and vsock paths resolve in the VM's runtime dir (firecracker's cwd):

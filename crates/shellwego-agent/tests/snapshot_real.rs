@@ -18,7 +18,7 @@ use shellwego_storage::ZfsManager;
 use shellwego_testkit::guest;
 use shellwego_testkit::netns::NetNs;
 use shellwego_testkit::prereq::require_command;
-use shellwego_testkit::process::run_ok;
+use shellwego_testkit::process::{run_ok, KillVmsOnDrop};
 use shellwego_testkit::zfs::TestPool;
 
 fn budget(kind: HostKind) -> Duration {
@@ -117,6 +117,7 @@ fn tc_i4_templates_snapshots_and_restores() {
         .build()
         .unwrap();
     let vmm = VmmManager::new(&firecracker, &dir.path().join("run"));
+    let _vms = KillVmsOnDrop(dir.path().join("run"));
     let inputs = TemplateInputs {
         machine: MachineConfig {
             vcpu_count: 1,
@@ -127,6 +128,7 @@ fn tc_i4_templates_snapshots_and_restores() {
         init: guest::init_binary(),
         firecracker: firecracker.clone(),
         kind,
+        disk_bytes: 256 << 20,
     };
     let mut store = TemplateStore::open(&dir.path().join("templates")).unwrap();
     let t = Instant::now();

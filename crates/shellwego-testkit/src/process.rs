@@ -70,3 +70,37 @@ pub fn run_quiet(cmd: &mut Command) -> bool {
         }
     }
 }
+
+/// Kills, on drop, every firecracker whose command line names a path under `0` (the
+/// test's own run dir): VMs a test started are ended even when it panics halfway.
+pub struct KillVmsOnDrop(pub std::path::PathBuf);
+
+impl Drop for KillVmsOnDrop {
+    fn drop(&mut self) {
+        let needle = self.0.display().to_string();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for e in entries.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let is_firecracker = args
+                .first()
+                .is_some_and(|a| a.ends_with("firecracker") || a.ends_with("jailer"));
+            if is_firecracker && args.iter().any(|a| a.contains(&needle)) {
+                terminate(pid, Duration::from_millis(100));
+                let mut status = 0;
+                // SAFETY: reaping a child of this test process if it is one.
+                unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            }
+        }
+    }
+}

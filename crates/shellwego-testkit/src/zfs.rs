@@ -1,8 +1,10 @@
 //! A zfs-fuse daemon shared by the tests of one process, and a throwaway pool per test.
 //!
-//! The daemon is started on first use and stopped when the test process exits (an
-//! `atexit` hook: libtest's `main` returns normally). A daemon left behind by a test
-//! process that was killed is adopted through a pid file and stopped by the next run.
+//! The daemon is started on first use and shared by every test process that needs it
+//! (there can be only one zfs-fuse per host). Each such process registers itself in
+//! `users/`; at exit (an `atexit` hook: libtest's `main` returns normally) it deregisters,
+//! and the last live user stops the daemon — only one the harness started (pid file). A
+//! daemon left by killed test processes is stopped by the next run's last user.
 //! Pools live on sparse files and carry a name unique to the process and test.
 
 use std::fs;
@@ -19,11 +21,34 @@ use crate::process::{alive, run_ok, run_quiet, terminate};
 /// Where test pools keep their backing files and mounts.
 pub const TEST_ROOT: &str = "/tmp/shellwego-test";
 const PID_FILE: &str = "/tmp/shellwego-test/zfs-fuse.pid";
+const USERS_DIR: &str = "/tmp/shellwego-test/users";
 const SETUP_FIX: &str = "install it with `make setup` (apt-get install zfs-fuse)";
 
-/// The daemon this process owns, if it started or adopted one.
-static OWNED_DAEMON: Mutex<Option<i32>> = Mutex::new(None);
 static STARTED: Mutex<bool> = Mutex::new(false);
+
+fn user_file(pid: u32) -> PathBuf {
+    Path::new(USERS_DIR).join(pid.to_string())
+}
+
+/// Other live processes registered as users of the daemon.
+fn other_live_users() -> bool {
+    let me = std::process::id().to_string();
+    let Ok(entries) = fs::read_dir(USERS_DIR) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let name = e.file_name().to_string_lossy().into_owned();
+        match name.parse::<i32>() {
+            Ok(pid) if name != me && alive(pid) => true,
+            _ => {
+                if name != me {
+                    let _ = fs::remove_file(e.path());
+                }
+                false
+            }
+        }
+    })
+}
 
 fn zpool_answers() -> bool {
     Command::new("zpool")
@@ -51,26 +76,28 @@ fn unmount_stale_mounts() {
     }
 }
 
-/// Reads `daemon_pid owner_pid` from the pid file.
-fn read_pid_file() -> Option<(i32, i32)> {
-    let text = fs::read_to_string(PID_FILE).ok()?;
-    let mut it = text.split_whitespace().map(|s| s.parse::<i32>().ok());
-    Some((it.next()??, it.next()??))
+/// The pid of the daemon the harness started, from the pid file.
+fn read_pid_file() -> Option<i32> {
+    fs::read_to_string(PID_FILE)
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn write_pid_file(daemon: i32) {
-    let me = std::process::id();
-    if let Err(e) = fs::write(PID_FILE, format!("{daemon} {me}\n")) {
+    if let Err(e) = fs::write(PID_FILE, format!("{daemon}\n")) {
         panic!("cannot write {PID_FILE}: {e}");
     }
 }
 
-extern "C" fn stop_owned_daemon() {
-    let pid = match OWNED_DAEMON.lock() {
-        Ok(mut guard) => guard.take(),
-        Err(_) => return,
-    };
-    if let Some(pid) = pid {
+extern "C" fn leave_daemon() {
+    let _ = fs::remove_file(user_file(std::process::id()));
+    if other_live_users() {
+        return;
+    }
+    if let Some(pid) = read_pid_file().filter(|p| alive(*p)) {
         // zfs-fuse needs seconds to exit after SIGTERM.
         terminate(pid, Duration::from_secs(20));
         let _ = fs::remove_file(PID_FILE);
@@ -87,16 +114,10 @@ pub fn ensure_daemon() {
     }
     require_command("zfs-fuse", SETUP_FIX);
     require_command("zpool", SETUP_FIX);
-    fs::create_dir_all(TEST_ROOT).unwrap_or_else(|e| panic!("cannot create {TEST_ROOT}: {e}"));
-
-    // A daemon started by an earlier test process that died: adopt it, so it is stopped.
-    if let Some((daemon, owner)) = read_pid_file() {
-        if alive(daemon) && !alive(owner) {
-            write_pid_file(daemon);
-            *OWNED_DAEMON.lock().unwrap_or_else(|e| e.into_inner()) = Some(daemon);
-            register_atexit();
-        }
-    }
+    fs::create_dir_all(USERS_DIR).unwrap_or_else(|e| panic!("cannot create {USERS_DIR}: {e}"));
+    fs::write(user_file(std::process::id()), b"")
+        .unwrap_or_else(|e| panic!("cannot register as a zfs-fuse user: {e}"));
+    register_atexit();
     if !zpool_answers() {
         unmount_stale_mounts();
         let log = fs::File::create(format!("{TEST_ROOT}/zfs-fuse.log"))
@@ -124,8 +145,6 @@ pub fn ensure_daemon() {
             .unwrap_or_else(|e| panic!("cannot start zfs-fuse: {e}; {SETUP_FIX}"));
         let pid = child.id() as i32;
         write_pid_file(pid);
-        *OWNED_DAEMON.lock().unwrap_or_else(|e| e.into_inner()) = Some(pid);
-        register_atexit();
         let deadline = Instant::now() + Duration::from_secs(30);
         while !zpool_answers() {
             assert!(
@@ -171,7 +190,7 @@ fn register_atexit() {
     static REGISTERED: std::sync::Once = std::sync::Once::new();
     REGISTERED.call_once(|| {
         // SAFETY: registering a plain extern "C" function.
-        unsafe { libc::atexit(stop_owned_daemon) };
+        unsafe { libc::atexit(leave_daemon) };
     });
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use shellwego_testkit::guest;
 use shellwego_testkit::netns::NetNs;
-use shellwego_testkit::oci::{alpine_layer_tar, ImageBuilder, LayerCompression, TarBuilder};
+use shellwego_testkit::oci::alpine_web_image;
 use shellwego_testkit::prereq::require_command;
 use shellwego_testkit::process::KillVmsOnDrop;
 use shellwego_testkit::registry::Registry;
@@ -74,27 +74,8 @@ impl Env {
 }
 
 fn web_image(registry: &Registry) {
-    let busybox = std::fs::read("/bin/busybox").expect("busybox-static (`make setup`)");
-    let web = TarBuilder::new()
-        .dir("usr/local/bin/", 0o755)
-        .file("usr/local/bin/busybox-httpd", 0o755, &busybox)
-        .dir("srv/", 0o755)
-        .file("srv/index.html", 0o644, b"served by a microVM\n")
-        .finish();
     let layout = tempfile::tempdir().unwrap();
-    ImageBuilder::new()
-        .layer(&alpine_layer_tar(), LayerCompression::Gzip)
-        .layer(&web, LayerCompression::Gzip)
-        .cmd(&[
-            "/usr/local/bin/busybox-httpd",
-            "httpd",
-            "-f",
-            "-p",
-            "8080",
-            "-h",
-            "/srv",
-        ])
-        .write_layout(layout.path(), "1");
+    alpine_web_image(layout.path(), b"served by a microVM\n");
     registry.push_layout(layout.path(), "1", "test/web:1");
 }
 

@@ -6,11 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::prereq::require_path;
-use crate::process::run_ok;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use crate::process::{repo_script_path, run_ok};
 
 /// The guest kernel: `SHELLWEGO_KERNEL` if set, else the cached build (building it if
 /// needed, which takes minutes).
@@ -20,14 +16,7 @@ pub fn kernel() -> PathBuf {
         require_path(&k, "SHELLWEGO_KERNEL names a missing file");
         return k;
     }
-    let out = run_ok(Command::new("bash").arg(repo_root().join("scripts/build-kernel.sh")));
-    let text = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(
-        text.lines()
-            .last()
-            .expect("build-kernel.sh prints the path")
-            .trim(),
-    )
+    repo_script_path("build-kernel.sh")
 }
 
 /// A newc initramfs with a static busybox as `/bin/busybox` and `init` as `/init`.
@@ -52,22 +41,13 @@ pub fn busybox_initrd(dir: &Path, init: &str) -> PathBuf {
 
 /// The guest init, built static by `scripts/build-guest-init.sh`.
 pub fn init_binary() -> PathBuf {
-    let out = run_ok(Command::new("bash").arg(repo_root().join("scripts/build-guest-init.sh")));
-    let text = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(
-        text.lines()
-            .last()
-            .expect("build-guest-init.sh prints the path")
-            .trim(),
-    )
+    repo_script_path("build-guest-init.sh")
 }
 
 /// An ext4 image of the real Alpine 3.23 root (from the cached rootfs tarball), sized
 /// `size_mib`, written to `dir/alpine.ext4`.
 pub fn alpine_ext4(dir: &Path, size_mib: u64) -> PathBuf {
-    let out = run_ok(Command::new("bash").arg(repo_root().join("scripts/make-alpine-rootfs.sh")));
-    let text = String::from_utf8_lossy(&out.stdout);
-    let tarball = PathBuf::from(text.lines().last().expect("tarball path").trim());
+    let tarball = repo_script_path("make-alpine-rootfs.sh");
     let root = dir.join("alpine-root");
     fs::create_dir_all(&root).expect("alpine root dir");
     run_ok(

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 
-use crate::process::run_ok;
+use crate::process::repo_script_path;
 
 fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
@@ -274,32 +274,14 @@ impl TarBuilder {
 /// The real Alpine 3.23 root filesystem as a tar (from the rootfs tarball that
 /// `scripts/make-alpine-rootfs.sh` caches).
 pub fn alpine_layer_tar() -> Vec<u8> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-alpine-rootfs.sh");
-    let out = run_ok(Command::new("bash").arg(&script));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let tarball = PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("script prints the tarball path")
-            .trim(),
-    );
+    let tarball = repo_script_path("make-alpine-rootfs.sh");
     fs::read(&tarball).unwrap_or_else(|e| panic!("cannot read {}: {e}", tarball.display()))
 }
 
 /// The real Alpine 3.23 root filesystem as an OCI layout, built once per machine from the
 /// rootfs tarball that `scripts/make-alpine-rootfs.sh` caches (keyed by that tarball).
 pub fn alpine_layout() -> PathBuf {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-alpine-rootfs.sh");
-    let out = run_ok(Command::new("bash").arg(&script));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let tarball = PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("script prints the tarball path")
-            .trim(),
-    );
+    let tarball = repo_script_path("make-alpine-rootfs.sh");
     let name = tarball
         .file_stem()
         .expect("tarball name")
@@ -319,4 +301,33 @@ pub fn alpine_layout() -> PathBuf {
         .write_layout(&tmp, "3.23");
     fs::rename(&tmp, &layout).expect("publish alpine layout");
     layout
+}
+
+/// An Alpine 3.23 web-app image: the real Alpine root plus a layer with a static busybox
+/// (Debian's busybox-static, which has `httpd`) serving `/srv/index.html` (= `page`) on
+/// port 8080. Written as an OCI layout tagged "1".
+pub fn alpine_web_image(out: &Path, page: &[u8]) {
+    let busybox = fs::read("/bin/busybox").unwrap_or_else(|e| {
+        panic!("cannot read /bin/busybox ({e}): apt-get install busybox-static (`make setup`)")
+    });
+    let web = TarBuilder::new()
+        .dir("usr/local/bin/", 0o755)
+        .file("usr/local/bin/busybox-httpd", 0o755, &busybox)
+        .dir("srv/", 0o755)
+        .file("srv/index.html", 0o644, page)
+        .finish();
+    ImageBuilder::new()
+        .layer(&alpine_layer_tar(), LayerCompression::Gzip)
+        .layer(&web, LayerCompression::Gzip)
+        .cmd(&[
+            "/usr/local/bin/busybox-httpd",
+            "httpd",
+            "-f",
+            "-v",
+            "-p",
+            "8080",
+            "-h",
+            "/srv",
+        ])
+        .write_layout(out, "1");
 }

@@ -104,3 +104,18 @@ impl Drop for KillVmsOnDrop {
         }
     }
 }
+
+/// Runs one of the repository's `scripts/NAME` (they print a path on their last line, after
+/// building or finding what they cache) and returns that path.
+pub fn repo_script_path(name: &str) -> std::path::PathBuf {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../scripts")
+        .join(name);
+    let out = run_ok(Command::new("bash").arg(&script));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("scripts/{name} printed no path"));
+    std::path::PathBuf::from(last.trim())
+}

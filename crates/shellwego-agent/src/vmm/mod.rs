@@ -279,21 +279,17 @@ impl VmmManager {
         Ok(api)
     }
 
-    async fn api(&self, vm_id: &str) -> Result<FirecrackerApi, VmmError> {
+    /// The API client of a known VM.
+    pub async fn api_of(&self, vm_id: &str) -> Result<FirecrackerApi, VmmError> {
         let vms = self.vms.lock().await;
         vms.get(vm_id)
             .map(|h| h.api.clone())
             .ok_or_else(|| VmmError::UnknownVm(vm_id.to_string()))
     }
 
-    /// The API client of a known VM.
-    pub async fn api_of(&self, vm_id: &str) -> Result<FirecrackerApi, VmmError> {
-        self.api(vm_id).await
-    }
-
     /// Boots the configured VM.
     pub async fn start(&self, vm_id: &str) -> Result<(), VmmError> {
-        self.api(vm_id)
+        self.api_of(vm_id)
             .await?
             .action(ActionType::InstanceStart)
             .await?;
@@ -301,7 +297,7 @@ impl VmmManager {
     }
 
     pub async fn pause(&self, vm_id: &str) -> Result<(), VmmError> {
-        self.api(vm_id)
+        self.api_of(vm_id)
             .await?
             .set_state(models::VmState::Paused)
             .await?;
@@ -309,7 +305,7 @@ impl VmmManager {
     }
 
     pub async fn resume(&self, vm_id: &str) -> Result<(), VmmError> {
-        self.api(vm_id)
+        self.api_of(vm_id)
             .await?
             .set_state(models::VmState::Resumed)
             .await?;

@@ -2,8 +2,7 @@
 //! (lease + TAP + IFB + eBPF/HTB QoS), and a QoS accuracy table (configured vs achieved,
 //! both directions, TCP with iperf3). `cargo bench -p shellwego-network` (root).
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use shellwego_network::link::Netlink;
 use shellwego_network::qos::{Limits, VmQos};
@@ -15,28 +14,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("runtime")
-}
-
-fn iperf(client: &NetNs, server: &NetNs, target: &str, reverse: bool) -> f64 {
-    let mut srv = Command::new("ip")
-        .args(["netns", "exec", &server.name, "iperf3", "-s", "-1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("iperf3 server");
-    std::thread::sleep(Duration::from_millis(300));
-    let mut args = vec!["iperf3", "-c", target, "-t", "4", "-O", "1", "-J"];
-    if reverse {
-        args.push("-R");
-    }
-    let out = client.exec(&args);
-    let _ = srv.kill();
-    let _ = srv.wait();
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-    json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0)
-        / 1e6
 }
 
 fn main() {
@@ -118,8 +95,8 @@ fn main() {
             qos.detach();
         });
         ready_rx.recv().expect("qos ready");
-        let down = iperf(&host, &guest, "10.0.4.2", false);
-        let up = iperf(&host, &guest, "10.0.4.2", true);
+        let down = host.iperf_mbit(&guest, "10.0.4.2", false);
+        let up = host.iperf_mbit(&guest, "10.0.4.2", true);
         drop(tx);
         worker.join().expect("worker");
         println!("| {mbit} | {down:.1} | {up:.1} |");

@@ -2,9 +2,7 @@
 //! network namespaces it creates (never the machine's own).
 
 use std::net::Ipv4Addr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use shellwego_network::ipam::{Ipam, IpamError, Subnet};
 use shellwego_network::link::Netlink;
@@ -250,40 +248,6 @@ fn nat_masquerades_egress_and_blocks_metadata() {
     );
 }
 
-fn iperf_server(ns: &NetNs) -> Child {
-    Command::new("ip")
-        .args([
-            "netns", "exec", &ns.name, "iperf3", "-s", "-1", "-B", "0.0.0.0",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("iperf3 server")
-}
-
-/// Achieved TCP rate in Mbit/s from `ns` to `target` (reverse: target sends).
-fn iperf(ns: &NetNs, server_ns: &NetNs, target: &str, reverse: bool) -> f64 {
-    let mut server = iperf_server(server_ns);
-    std::thread::sleep(Duration::from_millis(300));
-    let mut args = vec!["iperf3", "-c", target, "-t", "4", "-O", "1", "-J"];
-    if reverse {
-        args.push("-R");
-    }
-    let out = ns.exec(&args);
-    let _ = server.kill();
-    let _ = server.wait();
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "iperf3 output: {e}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
-    json["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .expect("rate in iperf3 JSON")
-        / 1e6
-}
-
 #[test]
 fn qos_holds_50_mbit_both_ways_and_leaves_others_alone() {
     require_command("iperf3", "apt-get install iperf3 (`make setup`)");
@@ -346,9 +310,9 @@ fn qos_holds_50_mbit_both_ways_and_leaves_others_alone() {
     });
     let _ = done_rx.recv().unwrap();
 
-    let down = iperf(&host, &limited, "10.0.4.2", false);
-    let up = iperf(&host, &limited, "10.0.4.2", true);
-    let free_down = iperf(&host, &free, "10.0.4.3", false);
+    let down = host.iperf_mbit(&limited, "10.0.4.2", false);
+    let up = host.iperf_mbit(&limited, "10.0.4.2", true);
+    let free_down = host.iperf_mbit(&free, "10.0.4.3", false);
     println!("QoS 50 Mbit/s: download {down:.1}, upload {up:.1}; unlimited neighbour {free_down:.1} Mbit/s");
     assert!(
         (45.0..=55.0).contains(&down),
@@ -370,7 +334,7 @@ fn qos_holds_50_mbit_both_ways_and_leaves_others_alone() {
     })
     .unwrap();
     let _ = done_rx.recv().unwrap();
-    let down20 = iperf(&host, &limited, "10.0.4.2", false);
+    let down20 = host.iperf_mbit(&limited, "10.0.4.2", false);
     println!("QoS changed live to 20 Mbit/s: download {down20:.1} Mbit/s");
     assert!(
         (18.0..=22.0).contains(&down20),

@@ -118,3 +118,35 @@ impl NetNs {
         self.ip(&["link", "set", name, "up"]);
     }
 }
+
+impl NetNs {
+    /// Achieved TCP rate in Mbit/s, measured with iperf3 for 4 s (1 s omitted) from this
+    /// namespace to `target`, with the one-shot server in `server`; `reverse`: the server
+    /// sends.
+    pub fn iperf_mbit(&self, server: &NetNs, target: &str, reverse: bool) -> f64 {
+        let mut srv = std::process::Command::new("ip")
+            .args(["netns", "exec", &server.name, "iperf3", "-s", "-1"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("iperf3 server (apt-get install iperf3)");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut args = vec!["iperf3", "-c", target, "-t", "4", "-O", "1", "-J"];
+        if reverse {
+            args.push("-R");
+        }
+        let out = self.exec(&args);
+        let _ = srv.kill();
+        let _ = srv.wait();
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "iperf3 output: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        json["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .expect("rate in iperf3 JSON")
+            / 1e6
+    }
+}

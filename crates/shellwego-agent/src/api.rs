@@ -166,7 +166,12 @@ impl ApiState {
             }
             (Method::DELETE, ["v1", "apps", name]) => {
                 let name = name.to_string();
-                match self.exec.store.remove_app(&name) {
+                let removed = self
+                    .exec
+                    .store
+                    .remove_app(&name)
+                    .and_then(|()| self.exec.forget_secrets(&name));
+                match removed {
                     Ok(()) => {
                         let _ =
                             self.exec
@@ -262,7 +267,15 @@ impl ApiState {
                 format!("secrets.{missing}: no value was delivered"),
             );
         }
-        self.exec.set_secrets(name, body.secrets).await;
+        if let Some(bad) = body.secrets.keys().find(|k| !app.secrets.contains_key(*k)) {
+            return error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!("secret {bad:?} is not declared in the spec's [secrets]"),
+            );
+        }
+        if let Err(e) = self.exec.set_secrets(name, &body.secrets) {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, e);
+        }
         // Applying again is an explicit retry: forget the backoff of earlier failures.
         if let Err(e) = self.exec.store.clear_failure(name) {
             return error(StatusCode::INTERNAL_SERVER_ERROR, e);

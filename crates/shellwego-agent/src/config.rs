@@ -36,6 +36,12 @@ pub struct Config {
     /// "warm" (restore a pre-booted template; the default) or "cold" (boot the kernel).
     /// `SHELLWEGO_BOOT`.
     pub boot: String,
+    /// The key that seals secret values in the database: 32 random bytes, created on
+    /// first start (mode 0600). Keep it off the data dir's backups. `SHELLWEGO_SECRETS_KEY`.
+    pub secrets_key: PathBuf,
+    /// The address apps' published ports (`[[ports]] host = N`) listen on.
+    /// `SHELLWEGO_PUBLISH_ADDRESS`.
+    pub publish_address: std::net::IpAddr,
 }
 
 impl Default for Config {
@@ -53,6 +59,8 @@ impl Default for Config {
             guest_init: PathBuf::from("/usr/local/lib/shellwego/shellwego-init"),
             insecure_registries: Vec::new(),
             boot: "warm".to_string(),
+            secrets_key: PathBuf::from("/etc/shellwego/secrets.key"),
+            publish_address: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         }
     }
 }
@@ -122,6 +130,13 @@ impl Config {
         string("SHELLWEGO_POOL", &mut self.pool);
         string("SHELLWEGO_BRIDGE", &mut self.bridge);
         path("SHELLWEGO_GUEST_INIT", &mut self.guest_init);
+        path("SHELLWEGO_SECRETS_KEY", &mut self.secrets_key);
+        if let Some(addr) = get("SHELLWEGO_PUBLISH_ADDRESS")
+            .and_then(|v| v.into_string().ok())
+            .and_then(|v| v.parse().ok())
+        {
+            self.publish_address = addr;
+        }
         string("SHELLWEGO_BOOT", &mut self.boot);
         if let Some(v) = get("SHELLWEGO_INSECURE_REGISTRIES").and_then(|v| v.into_string().ok()) {
             self.insecure_registries = v

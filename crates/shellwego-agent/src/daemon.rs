@@ -13,10 +13,12 @@ use tracing::info;
 
 use crate::api::{self, ApiState};
 use crate::config::{find_executable, Config};
+use crate::endpoint::Endpoints;
 use crate::provision::{BootMode, Platform};
 use crate::reconciler::executor::Executor;
 use crate::state::Store;
 use crate::template::TemplateStore;
+use crate::vault::Vault;
 use crate::vmm::driver::Jail;
 use crate::vmm::VmmManager;
 
@@ -104,7 +106,10 @@ pub async fn run(config: Config) -> Result<()> {
     };
     let platform = Arc::new(platform(&config).await?);
     let store = Arc::new(Store::open(&config.data_dir.join("agent.redb"))?);
-    let exec = Arc::new(Executor::new(platform, store, boot));
+    crate::fault::check_configured().map_err(anyhow::Error::msg)?;
+    let vault = Vault::open_or_create(&config.secrets_key)?;
+    let endpoints = Endpoints::new(config.publish_address);
+    let exec = Arc::new(Executor::new(platform, store, boot, vault, endpoints));
     exec.recover().await?;
     let wake = Arc::new(Notify::new());
     let socket = config.api_socket();

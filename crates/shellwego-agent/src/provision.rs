@@ -155,6 +155,7 @@ impl Platform {
             name: "pull",
             took: t.elapsed(),
         });
+        crate::fault::point("after-pull", progress).await;
 
         let t = Instant::now();
         progress(format!(
@@ -179,6 +180,7 @@ impl Platform {
             name: "rootfs",
             took: t.elapsed(),
         });
+        crate::fault::point("after-clone", progress).await;
 
         let t = Instant::now();
         let mac = generate_mac(vm_id);
@@ -264,6 +266,7 @@ impl Platform {
             name: "vm",
             took: t.elapsed(),
         });
+        crate::fault::point("after-vm-start", progress).await;
 
         let t = Instant::now();
         progress("waiting for the guest init".into());

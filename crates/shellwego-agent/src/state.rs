@@ -1,6 +1,7 @@
 //! The agent's durable records, in an embedded database (redb) under the data dir:
-//! desired apps, VM records, failure history and an event log. Every write is one
-//! transaction; a crash leaves the last committed state.
+//! desired apps, VM records, failure history, sealed secrets and an event log. Every
+//! write is one transaction; a crash leaves the last committed state. Secret values are
+//! stored only as sealed by [`crate::vault::Vault`], never in plaintext.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,6 +18,7 @@ const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const FAILURES: TableDefinition<&str, &[u8]> = TableDefinition::new("failures");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
 
 #[derive(Debug, thiserror::Error)]
 #[error("agent database: {0}")]
@@ -97,6 +99,7 @@ impl Store {
             txn.open_table(VMS).map_err(err)?;
             txn.open_table(FAILURES).map_err(err)?;
             txn.open_table(EVENTS).map_err(err)?;
+            txn.open_table(SECRETS).map_err(err)?;
         }
         txn.commit().map_err(err)?;
         Ok(Store { db })
@@ -152,6 +155,26 @@ impl Store {
         Ok(DesiredState {
             apps: self.all(APPS)?,
         })
+    }
+
+    /// Stores an app's sealed secrets (replacing earlier ones).
+    pub fn put_sealed_secrets(&self, app: &str, sealed: &[u8]) -> Result<(), StateError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        txn.open_table(SECRETS)
+            .map_err(err)?
+            .insert(app, sealed)
+            .map_err(err)?;
+        txn.commit().map_err(err)
+    }
+
+    pub fn sealed_secrets(&self, app: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(SECRETS).map_err(err)?;
+        Ok(t.get(app).map_err(err)?.map(|v| v.value().to_vec()))
+    }
+
+    pub fn remove_sealed_secrets(&self, app: &str) -> Result<(), StateError> {
+        self.delete(SECRETS, app)
     }
 
     pub fn put_vm(&self, row: &VmRow) -> Result<(), StateError> {

@@ -7,27 +7,53 @@
 //! removes it — `deprovision` cleans whatever part exists (VM, TAP, IFB, QoS, lease,
 //! dataset) — and then creates a fresh VM. A `Running` record whose firecracker is gone
 //! is likewise `Exited`.
+//!
+//! Blue-green: a new version's VM starts beside the old one; once its health check
+//! passes, the app's endpoint (see [`crate::endpoint`]) is switched to it, and only then
+//! does the plan retire the old VM: its open connections drain (bounded by
+//! `DRAIN_LIMIT`), then it is stopped and removed. A new VM that never becomes healthy
+//! is removed and the old one keeps serving.
+//!
+//! Secrets: `apply` hands their values over once; they are sealed with the vault's key
+//! and stored, and opened again for every VM that is created (also after an agent
+//! restart), then sent to the guest init over vsock only.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::{plan, Action, ActualState, FailureRecord, Health, RemoveReason, VmState};
+use crate::endpoint::{Backend, Endpoints, Published};
 use crate::health;
+use crate::vault::{Vault, VaultError};
 use crate::provision::{BootMode, Platform};
 use crate::spec::DesiredApp;
 use crate::state::{now_secs, StateError, Store, VmRow};
+
+/// How long a retired VM's open connections may take to finish before it is stopped.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
+/// Why an app's secrets could not be stored or read.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretsError {
+    #[error(transparent)]
+    Vault(#[from] VaultError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
 
 pub struct Executor {
     pub platform: Arc<Platform>,
     pub store: Arc<Store>,
     pub mode: BootMode,
-    /// Secret values by app, as `apply` delivered them (kept in memory only).
-    secrets: Mutex<HashMap<String, BTreeMap<String, String>>>,
+    pub endpoints: Endpoints,
+    /// Seals secret values before they reach the database.
+    vault: Vault,
     /// VMs whose provision runs in this process.
     in_flight: Mutex<HashSet<Uuid>>,
     /// Serialises reconcile passes.
@@ -37,20 +63,49 @@ pub struct Executor {
 }
 
 impl Executor {
-    pub fn new(platform: Arc<Platform>, store: Arc<Store>, mode: BootMode) -> Executor {
+    pub fn new(
+        platform: Arc<Platform>,
+        store: Arc<Store>,
+        mode: BootMode,
+        vault: Vault,
+        endpoints: Endpoints,
+    ) -> Executor {
         Executor {
             platform,
             store,
             mode,
-            secrets: Mutex::new(HashMap::new()),
+            endpoints,
+            vault,
             in_flight: Mutex::new(HashSet::new()),
             pass: Mutex::new(()),
             probe_failures: Mutex::new(HashMap::new()),
         }
     }
 
-    pub async fn set_secrets(&self, app: &str, values: BTreeMap<String, String>) {
-        self.secrets.lock().await.insert(app.to_string(), values);
+    /// Seals and stores an app's secret values (replacing earlier ones).
+    pub fn set_secrets(
+        &self,
+        app: &str,
+        values: &BTreeMap<String, String>,
+    ) -> Result<(), SecretsError> {
+        if values.is_empty() {
+            return Ok(self.store.remove_sealed_secrets(app)?);
+        }
+        let sealed = self.vault.seal(app, values)?;
+        Ok(self.store.put_sealed_secrets(app, &sealed)?)
+    }
+
+    /// The app's secret values, opened from the database.
+    fn secrets(&self, app: &str) -> Result<BTreeMap<String, String>, SecretsError> {
+        match self.store.sealed_secrets(app)? {
+            None => Ok(BTreeMap::new()),
+            Some(sealed) => Ok(self.vault.open(app, &sealed)?),
+        }
+    }
+
+    /// Forgets an app's secrets (when the app is removed).
+    pub fn forget_secrets(&self, app: &str) -> Result<(), StateError> {
+        self.store.remove_sealed_secrets(app)
     }
 
     fn event(&self, app: &str, vm: Option<Uuid>, msg: impl Into<String>) {
@@ -121,7 +176,7 @@ impl Executor {
                 continue;
             };
             warn!(%vm_id, "removing an orphaned VM's resources");
-            if let Err(e) = self.platform.deprovision(vm_id).await {
+        if let Err(e) = self.platform.deprovision(vm_id).await {
                 warn!(%vm_id, error = %e, "orphan cleanup failed");
             }
         }
@@ -210,6 +265,7 @@ impl Executor {
         let _pass = self.pass.lock().await;
         let desired = self.store.desired()?;
         let actual = self.observe(&desired.apps).await?;
+        self.sync_endpoints(&desired.apps, Scope::All)?;
         let actions = plan(&desired, &actual);
         for action in &actions {
             self.execute(action, &desired.apps).await?;
@@ -234,10 +290,28 @@ impl Executor {
                 vm_id,
                 successor,
             } => {
+                if self
+                    .endpoints
+                    .backend(app)
+                    .is_some_and(|b| b.vm_id == *vm_id)
+                {
+                    // The endpoint could not be switched: the old VM keeps serving.
+                    return Ok(());
+                }
                 self.event(
                     app,
                     Some(*vm_id),
-                    format!("{successor} is healthy: stopping the old VM"),
+                    format!("{successor} is healthy and serves the endpoint: draining the old VM"),
+                );
+                let t = Instant::now();
+                let open = self.endpoints.drain(*vm_id, DRAIN_LIMIT).await;
+                self.event(
+                    app,
+                    Some(*vm_id),
+                    format!(
+                        "drained in {:.1}s ({open} connections still open)",
+                        t.elapsed().as_secs_f64()
+                    ),
                 );
                 self.remove(app, *vm_id, None).await
             }
@@ -275,22 +349,19 @@ impl Executor {
             Some(vm_id),
             format!("creating VM for version {version}"),
         );
-        let secrets = self
-            .secrets
-            .lock()
-            .await
-            .get(&app.name)
-            .cloned()
-            .unwrap_or_default();
         let store = self.store.clone();
         let name = app.name.clone();
         let progress = move |line: String| {
             let _ = store.event(&name, Some(vm_id), line);
         };
-        let result = self
-            .platform
-            .provision(app, vm_id, secrets, self.mode, &progress)
-            .await;
+        let result = match self.secrets(&app.name) {
+            Ok(secrets) => self
+                .platform
+                .provision(app, vm_id, secrets, self.mode, &progress)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(format!("secrets: {e}")),
+        };
         self.in_flight.lock().await.remove(&vm_id);
         match result {
             Err(e) => {
@@ -321,6 +392,10 @@ impl Executor {
                     None => Health::Healthy,
                     Some(check) => {
                         self.event(&app.name, Some(vm_id), "waiting for the health check");
+                        crate::fault::point("health-wait", |m| {
+                            self.event(&app.name, Some(vm_id), m)
+                        })
+                        .await;
                         let check = health::for_host(check, self.platform.kind);
                         match health::wait_healthy(vm.net.ip, &check, check.grace).await {
                             Ok(_) => Health::Healthy,
@@ -340,6 +415,12 @@ impl Executor {
                 if row.health == Health::Healthy {
                     self.store.clear_failure(&app.name)?;
                     self.event(&app.name, Some(vm_id), "healthy");
+                    let apps = BTreeMap::from([(app.name.clone(), app.clone())]);
+                    self.sync_endpoints(&apps, Scope::These)?;
+                    crate::fault::point("after-switch", |m| {
+                        self.event(&app.name, Some(vm_id), m)
+                    })
+                    .await;
                 }
             }
         }
@@ -367,6 +448,7 @@ impl Executor {
                 self.store.put_failure(app, &f)?;
             }
         }
+        self.event(app, Some(vm_id), "stopping the VM");
         if let Err(e) = self.platform.deprovision(vm_id).await {
             self.event(
                 app,
@@ -380,6 +462,64 @@ impl Executor {
         Ok(())
     }
 
+    /// Points each app's endpoint at the VM that should serve it: the desired version's
+    /// VM once it is healthy, otherwise the newest healthy VM of the app. Listeners of apps
+    /// that are gone, or publish no port any more, are closed when `apps` is the whole
+    /// desired state (`Scope::All`).
+    fn sync_endpoints(
+        &self,
+        apps: &BTreeMap<String, DesiredApp>,
+        scope: Scope,
+    ) -> Result<(), StateError> {
+        let rows = self.store.vms()?;
+        if scope == Scope::All {
+            for name in self.endpoints.published_apps() {
+                if apps.get(&name).is_none_or(|a| published(a).is_empty()) {
+                    self.endpoints.unpublish(&name);
+                    self.event(&name, None, "endpoint closed");
+                }
+            }
+        }
+        for (name, app) in apps {
+            let ports = published(app);
+            if ports.is_empty() {
+                continue;
+            }
+            let version = app.spec_hash();
+            let serving = rows
+                .iter()
+                .filter(|r| {
+                    r.app == *name && r.state == VmState::Running && r.health == Health::Healthy
+                })
+                .filter_map(|r| Some((r, r.ip.as_deref()?.parse::<Ipv4Addr>().ok()?)))
+                .max_by_key(|(r, _)| (r.version == version, r.created_at));
+            let Some((row, ip)) = serving else {
+                continue;
+            };
+            let backend = Backend {
+                vm_id: row.vm_id,
+                ip,
+            };
+            if self.endpoints.is_current(name, &ports, backend) {
+                continue;
+            }
+            let hosts: Vec<String> = ports.iter().map(|p| format!(":{}", p.host)).collect();
+            match self.endpoints.publish(name, &ports, backend) {
+                Ok(previous) => self.event(
+                    name,
+                    Some(row.vm_id),
+                    format!(
+                        "endpoint {} switched to {ip} (was {})",
+                        hosts.join(","),
+                        previous.map_or("none".to_string(), |p| p.ip.to_string())
+                    ),
+                ),
+                Err(e) => self.event(name, Some(row.vm_id), format!("endpoint: {e}")),
+            }
+        }
+        Ok(())
+    }
+
     /// Reconciles every `period` and whenever `wake` is notified, forever.
     pub async fn run(self: Arc<Self>, wake: Arc<tokio::sync::Notify>, period: Duration) {
         loop {
@@ -389,4 +529,26 @@ impl Executor {
             let _ = tokio::time::timeout(period, wake.notified()).await;
         }
     }
+}
+
+/// The app's published ports.
+fn published(app: &DesiredApp) -> Vec<Published> {
+    app.ports
+        .iter()
+        .filter_map(|p| {
+            Some(Published {
+                host: p.host?,
+                guest: p.guest,
+            })
+        })
+        .collect()
+}
+
+/// Which apps `sync_endpoints` was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// The whole desired state: endpoints of other apps are closed.
+    All,
+    /// Only these apps: other endpoints are left alone.
+    These,
 }

@@ -1,0 +1,182 @@
+//! Secret values at rest: sealed with ChaCha20-Poly1305 under a 256-bit key that lives in
+//! its own root-only file, outside the agent's database.
+//!
+//! A sealed blob is `nonce (12 bytes) || ciphertext || tag (16 bytes)`; the app's name is
+//! the associated data, so a blob moved to another app's record does not open. The key
+//! file is created once (mode 0600, `O_EXCL`) with bytes from the OS's random source; a
+//! key file that is readable by others, or of the wrong length, is refused.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305, NONCE_LEN};
+use ring::rand::{SecureRandom, SystemRandom};
+
+const KEY_LEN: usize = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VaultError {
+    #[error("secrets key file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("secrets key file {path}: {reason}")]
+    BadKey { path: PathBuf, reason: String },
+    #[error("the OS random source failed")]
+    Random,
+    #[error("sealed secrets of app {0:?} do not open with this key (wrong key file, or the record was altered)")]
+    Open(String),
+    #[error("secrets encoding: {0}")]
+    Encoding(String),
+}
+
+/// Seals and opens secret values with the key from one file.
+pub struct Vault {
+    key: LessSafeKey,
+    rng: SystemRandom,
+}
+
+impl Vault {
+    /// Opens the key file, creating it (0600, random key) when it does not exist.
+    pub fn open_or_create(path: &Path) -> Result<Vault, VaultError> {
+        let io = |source| VaultError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let rng = SystemRandom::new();
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    return Err(VaultError::BadKey {
+                        path: path.to_path_buf(),
+                        reason: format!(
+                            "mode {:o} lets others read it; run `chmod 600 {}`",
+                            mode & 0o777,
+                            path.display()
+                        ),
+                    });
+                }
+                Self::from_bytes(path, &bytes, rng)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(io)?;
+                }
+                let mut key = [0u8; KEY_LEN];
+                rng.fill(&mut key).map_err(|_| VaultError::Random)?;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(io)?;
+                f.write_all(&key).map_err(io)?;
+                f.sync_all().map_err(io)?;
+                Self::from_bytes(path, &key, rng)
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    fn from_bytes(path: &Path, bytes: &[u8], rng: SystemRandom) -> Result<Vault, VaultError> {
+        let bad = |reason: String| VaultError::BadKey {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if bytes.len() != KEY_LEN {
+            return Err(bad(format!(
+                "holds {} bytes, a key is {KEY_LEN}",
+                bytes.len()
+            )));
+        }
+        let key = UnboundKey::new(&CHACHA20_POLY1305, bytes).map_err(|_| bad("unusable".into()))?;
+        Ok(Vault {
+            key: LessSafeKey::new(key),
+            rng,
+        })
+    }
+
+    /// Seals an app's secret values.
+    pub fn seal(&self, app: &str, values: &BTreeMap<String, String>) -> Result<Vec<u8>, VaultError> {
+        let mut data =
+            serde_json::to_vec(values).map_err(|e| VaultError::Encoding(e.to_string()))?;
+        let mut nonce = [0u8; NONCE_LEN];
+        self.rng.fill(&mut nonce).map_err(|_| VaultError::Random)?;
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(app.as_bytes()),
+                &mut data,
+            )
+            .map_err(|_| VaultError::Encoding("sealing failed".into()))?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&data);
+        Ok(out)
+    }
+
+    /// Opens what `seal` made for the same app.
+    pub fn open(&self, app: &str, sealed: &[u8]) -> Result<BTreeMap<String, String>, VaultError> {
+        if sealed.len() < NONCE_LEN {
+            return Err(VaultError::Open(app.to_string()));
+        }
+        let (nonce, rest) = sealed.split_at(NONCE_LEN);
+        let nonce = Nonce::try_assume_unique_for_key(nonce)
+            .map_err(|_| VaultError::Open(app.to_string()))?;
+        let mut buf = rest.to_vec();
+        let plain = self
+            .key
+            .open_in_place(nonce, Aad::from(app.as_bytes()), &mut buf)
+            .map_err(|_| VaultError::Open(app.to_string()))?;
+        serde_json::from_slice(plain).map_err(|e| VaultError::Encoding(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values() -> BTreeMap<String, String> {
+        BTreeMap::from([("SOVEREIGN_KEY".to_string(), "topsecret".to_string())])
+    }
+
+    #[test]
+    fn seal_open_round_trip_and_no_plaintext() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k/secrets.key");
+        let v = Vault::open_or_create(&key).unwrap();
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let sealed = v.seal("web", &values()).unwrap();
+        assert!(!sealed.windows(9).any(|w| w == b"topsecret"));
+        assert_ne!(sealed, v.seal("web", &values()).unwrap(), "fresh nonce");
+        // The same key file opens it again, in another process's lifetime.
+        let again = Vault::open_or_create(&key).unwrap();
+        assert_eq!(again.open("web", &sealed).unwrap(), values());
+        // Another app's record, a flipped bit, a truncated blob: refused.
+        assert!(matches!(again.open("db", &sealed), Err(VaultError::Open(_))));
+        let mut flipped = sealed.clone();
+        flipped[20] ^= 1;
+        assert!(again.open("web", &flipped).is_err());
+        assert!(again.open("web", &sealed[..5]).is_err());
+    }
+
+    #[test]
+    fn refuses_a_readable_or_short_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("secrets.key");
+        std::fs::write(&key, [7u8; 32]).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Vault::open_or_create(&key).err().unwrap().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::write(&key, [7u8; 5]).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = Vault::open_or_create(&key).err().unwrap().to_string();
+        assert!(e.contains("5 bytes"), "{e}");
+    }
+}

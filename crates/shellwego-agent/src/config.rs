@@ -36,6 +36,10 @@ pub struct Config {
     /// "warm" (restore a pre-booted template; the default) or "cold" (boot the kernel).
     /// `SHELLWEGO_BOOT`.
     pub boot: String,
+    /// Where pre-booted templates are kept (default: `<data_dir>/templates`). They hold no
+    /// app data, so hosts or test runs with the same kernel, init and firecracker may share
+    /// them. `SHELLWEGO_TEMPLATE_DIR`.
+    pub template_dir: Option<PathBuf>,
     /// The key that seals secret values in the database: 32 random bytes, created on
     /// first start (mode 0600). Keep it off the data dir's backups. `SHELLWEGO_SECRETS_KEY`.
     pub secrets_key: PathBuf,
@@ -59,6 +63,7 @@ impl Default for Config {
             guest_init: PathBuf::from("/usr/local/lib/shellwego/shellwego-init"),
             insecure_registries: Vec::new(),
             boot: "warm".to_string(),
+            template_dir: None,
             secrets_key: PathBuf::from("/etc/shellwego/secrets.key"),
             publish_address: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         }
@@ -83,6 +88,13 @@ impl Config {
     /// The agent's API socket.
     pub fn api_socket(&self) -> PathBuf {
         self.run_dir.join("agent.sock")
+    }
+
+    /// Where templates are kept.
+    pub fn templates(&self) -> PathBuf {
+        self.template_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("templates"))
     }
 
     /// Loads the configuration. A missing default file is fine; a missing file that was
@@ -131,6 +143,9 @@ impl Config {
         string("SHELLWEGO_BRIDGE", &mut self.bridge);
         path("SHELLWEGO_GUEST_INIT", &mut self.guest_init);
         path("SHELLWEGO_SECRETS_KEY", &mut self.secrets_key);
+        if let Some(v) = get("SHELLWEGO_TEMPLATE_DIR").filter(|v| !v.is_empty()) {
+            self.template_dir = Some(PathBuf::from(v));
+        }
         if let Some(addr) = get("SHELLWEGO_PUBLISH_ADDRESS")
             .and_then(|v| v.into_string().ok())
             .and_then(|v| v.parse().ok())

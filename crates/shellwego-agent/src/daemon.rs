@@ -92,7 +92,7 @@ pub async fn platform(config: &Config) -> Result<Platform> {
         rootfs: Arc::new(RootfsBuilder::new(zfs, data)),
         network,
         vmm,
-        templates: tokio::sync::Mutex::new(TemplateStore::open(&data.join("templates"))?),
+        templates: tokio::sync::Mutex::new(TemplateStore::open(&config.templates())?),
         template_tap: "swgtemplate".into(),
     })
 }

@@ -332,7 +332,11 @@ mod tests {
         };
         assert_eq!(eps.publish("web", &ports, green).unwrap(), Some(blue));
         assert_eq!(eps.backend("web"), Some(green));
-        assert_eq!(ask(host).await, b"blue", "same server, now counted as green");
+        assert_eq!(
+            ask(host).await,
+            b"blue",
+            "same server, now counted as green"
+        );
 
         // A port that is taken is an error naming the app and the address.
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -348,13 +352,18 @@ mod tests {
             )
             .unwrap_err()
             .to_string();
-        assert!(err.contains("other") && err.contains(&busy.to_string()), "{err}");
+        assert!(
+            err.contains("other") && err.contains(&busy.to_string()),
+            "{err}"
+        );
 
         eps.unpublish("web");
-        assert!(TcpStream::connect(("127.0.0.1", host)).await.is_err() || {
-            // The listener task is aborted asynchronously; give it a moment.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            TcpStream::connect(("127.0.0.1", host)).await.is_err()
-        });
+        assert!(
+            TcpStream::connect(("127.0.0.1", host)).await.is_err() || {
+                // The listener task is aborted asynchronously; give it a moment.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                TcpStream::connect(("127.0.0.1", host)).await.is_err()
+            }
+        );
     }
 }

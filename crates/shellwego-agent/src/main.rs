@@ -65,6 +65,16 @@ enum Commands {
     },
     /// Remove an app: its VMs, TAPs, leases and disks.
     Rm { app: String },
+    /// The agent's event log (deploys, health, swaps, failures), oldest first.
+    Events {
+        /// Only this app's events.
+        app: Option<String>,
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        #[arg(long)]
+        json: bool,
+    },
     /// Pulled images.
     Images {
         #[command(subcommand)]
@@ -352,6 +362,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Commands::Rm { app } => {
             client.remove(&app).await?;
             println!("{app}: removal requested; `shellwego ps` shows when its VMs are gone");
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Events { app, since, json } => {
+            let events = client.events(since, app.as_deref()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&events)?);
+            } else {
+                for e in events {
+                    let vm = e
+                        .vm_id
+                        .map(|v| v.to_string()[..8].to_string())
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:>6} {:>10} {:<12} {:<8} {}",
+                        e.seq, e.at, e.app, vm, e.message
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Commands::Images {

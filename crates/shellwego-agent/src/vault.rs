@@ -101,7 +101,11 @@ impl Vault {
     }
 
     /// Seals an app's secret values.
-    pub fn seal(&self, app: &str, values: &BTreeMap<String, String>) -> Result<Vec<u8>, VaultError> {
+    pub fn seal(
+        &self,
+        app: &str,
+        values: &BTreeMap<String, String>,
+    ) -> Result<Vec<u8>, VaultError> {
         let mut data =
             serde_json::to_vec(values).map_err(|e| VaultError::Encoding(e.to_string()))?;
         let mut nonce = [0u8; NONCE_LEN];
@@ -159,7 +163,10 @@ mod tests {
         let again = Vault::open_or_create(&key).unwrap();
         assert_eq!(again.open("web", &sealed).unwrap(), values());
         // Another app's record, a flipped bit, a truncated blob: refused.
-        assert!(matches!(again.open("db", &sealed), Err(VaultError::Open(_))));
+        assert!(matches!(
+            again.open("db", &sealed),
+            Err(VaultError::Open(_))
+        ));
         let mut flipped = sealed.clone();
         flipped[20] ^= 1;
         assert!(again.open("web", &flipped).is_err());

@@ -77,32 +77,42 @@ pub struct KillVmsOnDrop(pub std::path::PathBuf);
 
 impl Drop for KillVmsOnDrop {
     fn drop(&mut self) {
-        let needle = self.0.display().to_string();
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        for e in entries.flatten() {
-            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                continue;
-            };
-            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-                continue;
-            };
-            let args: Vec<String> = cmdline
-                .split(|b| *b == 0)
-                .map(|a| String::from_utf8_lossy(a).into_owned())
-                .collect();
-            let is_firecracker = args
-                .first()
-                .is_some_and(|a| a.ends_with("firecracker") || a.ends_with("jailer"));
-            if is_firecracker && args.iter().any(|a| a.contains(&needle)) {
-                terminate(pid, Duration::from_millis(100));
-                let mut status = 0;
-                // SAFETY: reaping a child of this test process if it is one.
-                unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-            }
+        for pid in vm_pids(&self.0) {
+            terminate(pid, Duration::from_millis(100));
+            let mut status = 0;
+            // SAFETY: reaping a child of this test process if it is one.
+            unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
         }
     }
+}
+
+/// PIDs of the firecracker (or jailer) processes whose command line names a path under
+/// `dir`: the VMs started with that run dir.
+pub fn vm_pids(dir: &std::path::Path) -> Vec<i32> {
+    let needle = dir.display().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids = Vec::new();
+    for e in entries.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_firecracker = args
+            .first()
+            .is_some_and(|a| a.ends_with("firecracker") || a.ends_with("jailer"));
+        if is_firecracker && args.iter().any(|a| a.contains(&needle)) {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// Runs one of the repository's `scripts/NAME` (they print a path on their last line, after

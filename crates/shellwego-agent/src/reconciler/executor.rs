@@ -30,10 +30,10 @@ use uuid::Uuid;
 use super::{plan, Action, ActualState, FailureRecord, Health, RemoveReason, VmState};
 use crate::endpoint::{Backend, Endpoints, Published};
 use crate::health;
-use crate::vault::{Vault, VaultError};
 use crate::provision::{BootMode, Platform};
 use crate::spec::DesiredApp;
 use crate::state::{now_secs, StateError, Store, VmRow};
+use crate::vault::{Vault, VaultError};
 
 /// How long a retired VM's open connections may take to finish before it is stopped.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(30);
@@ -123,7 +123,29 @@ impl Executor {
             warn!(vm_id = %id, "VM found dead at start");
         }
         let desired = self.store.desired()?;
-        for row in self.store.vms()? {
+        for mut row in self.store.vms()? {
+            if row.state == VmState::Starting {
+                // A provision the last agent did not finish: whatever part of it exists
+                // is removed now, and the next pass starts the VM afresh. Not a failure
+                // of the version, so no backoff.
+                self.event(
+                    &row.app,
+                    Some(row.vm_id),
+                    format!(
+                        "provision interrupted by an agent restart (step {}): cleaning up, it starts again",
+                        row.step
+                    ),
+                );
+                match self.platform.deprovision(row.vm_id).await {
+                    Ok(_) => self.store.remove_vm(row.vm_id)?,
+                    Err(e) => {
+                        row.state = VmState::Exited;
+                        row.last_error = Some(format!("cleanup of an interrupted provision: {e}"));
+                        self.store.put_vm(&row)?;
+                    }
+                }
+                continue;
+            }
             if attached.contains(&row.vm_id.to_string()) {
                 if let Some(app) = desired.apps.get(&row.app) {
                     let limits = shellwego_network::qos::Limits {
@@ -176,7 +198,7 @@ impl Executor {
                 continue;
             };
             warn!(%vm_id, "removing an orphaned VM's resources");
-        if let Err(e) = self.platform.deprovision(vm_id).await {
+            if let Err(e) = self.platform.deprovision(vm_id).await {
                 warn!(%vm_id, error = %e, "orphan cleanup failed");
             }
         }
@@ -216,6 +238,56 @@ impl Executor {
         }
     }
 
+    /// A running VM whose health was still undecided when the last agent stopped (it died
+    /// during the health wait): one probe per pass decides it, within the boot budget plus
+    /// the grace period counted from the VM's creation. Returns true when decided.
+    async fn resume_health_wait(
+        &self,
+        row: &mut VmRow,
+        apps: &BTreeMap<String, DesiredApp>,
+    ) -> bool {
+        let check = apps
+            .get(&row.app)
+            .and_then(|a| a.health.as_ref())
+            .map(|c| health::for_host(c, self.platform.kind));
+        let ip = row.ip.as_deref().and_then(|ip| ip.parse().ok());
+        let verdict = match (check, ip) {
+            (None, _) => Ok(()),
+            (Some(_), None) => Err("the VM has no IP".to_string()),
+            (Some(check), Some(ip)) => match health::probe(ip, &check).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    let budget = self.platform.boot_budget(self.mode) + check.grace;
+                    if now_secs().saturating_sub(row.created_at) < budget.as_secs() {
+                        return false;
+                    }
+                    Err(format!("not healthy within {budget:?}: {e}"))
+                }
+            },
+        };
+        match verdict {
+            Ok(()) => {
+                row.health = Health::Healthy;
+                let _ = self.store.clear_failure(&row.app);
+                self.event(
+                    &row.app,
+                    Some(row.vm_id),
+                    "healthy (health wait resumed after an agent restart)",
+                );
+            }
+            Err(e) => {
+                row.health = Health::Unhealthy;
+                self.event(
+                    &row.app,
+                    Some(row.vm_id),
+                    format!("health check failed: {e}"),
+                );
+                row.last_error = Some(e);
+            }
+        }
+        true
+    }
+
     /// The recorded state corrected by what is observed: dead processes and interrupted
     /// provisions are `Exited`.
     async fn observe(
@@ -246,6 +318,13 @@ impl Executor {
                     .get_or_insert_with(|| "the VM's process is gone".into());
                 self.store.put_vm(&row)?;
             } else if row.state == VmState::Running
+                && row.health == Health::Unknown
+                && !in_flight.contains(&row.vm_id)
+            {
+                if self.resume_health_wait(&mut row, apps).await {
+                    self.store.put_vm(&row)?;
+                }
+            } else if row.state == VmState::Running
                 && row.health == Health::Healthy
                 && self.monitor(&mut row, apps).await
             {
@@ -265,7 +344,7 @@ impl Executor {
         let _pass = self.pass.lock().await;
         let desired = self.store.desired()?;
         let actual = self.observe(&desired.apps).await?;
-        self.sync_endpoints(&desired.apps, Scope::All)?;
+        self.sync_endpoints(&desired.apps, Scope::All).await?;
         let actions = plan(&desired, &actual);
         for action in &actions {
             self.execute(action, &desired.apps).await?;
@@ -416,11 +495,7 @@ impl Executor {
                     self.store.clear_failure(&app.name)?;
                     self.event(&app.name, Some(vm_id), "healthy");
                     let apps = BTreeMap::from([(app.name.clone(), app.clone())]);
-                    self.sync_endpoints(&apps, Scope::These)?;
-                    crate::fault::point("after-switch", |m| {
-                        self.event(&app.name, Some(vm_id), m)
-                    })
-                    .await;
+                    self.sync_endpoints(&apps, Scope::These).await?;
                 }
             }
         }
@@ -466,7 +541,7 @@ impl Executor {
     /// VM once it is healthy, otherwise the newest healthy VM of the app. Listeners of apps
     /// that are gone, or publish no port any more, are closed when `apps` is the whole
     /// desired state (`Scope::All`).
-    fn sync_endpoints(
+    async fn sync_endpoints(
         &self,
         apps: &BTreeMap<String, DesiredApp>,
         scope: Scope,
@@ -505,15 +580,19 @@ impl Executor {
             }
             let hosts: Vec<String> = ports.iter().map(|p| format!(":{}", p.host)).collect();
             match self.endpoints.publish(name, &ports, backend) {
-                Ok(previous) => self.event(
-                    name,
-                    Some(row.vm_id),
-                    format!(
-                        "endpoint {} switched to {ip} (was {})",
-                        hosts.join(","),
-                        previous.map_or("none".to_string(), |p| p.ip.to_string())
-                    ),
-                ),
+                Ok(previous) => {
+                    self.event(
+                        name,
+                        Some(row.vm_id),
+                        format!(
+                            "endpoint {} switched to {ip} (was {})",
+                            hosts.join(","),
+                            previous.map_or("none".to_string(), |p| p.ip.to_string())
+                        ),
+                    );
+                    crate::fault::point("after-switch", |m| self.event(name, Some(row.vm_id), m))
+                        .await;
+                }
                 Err(e) => self.event(name, Some(row.vm_id), format!("endpoint: {e}")),
             }
         }

@@ -1,4 +1,6 @@
-//! The agent's API, served on a Unix socket that only root can open (mode 0600).
+//! The agent's API, served on a Unix socket that only root can open (mode 0600), and
+//! optionally on TCP (`api_tcp`), where every request needs the bearer token kept in
+//! `api_token_file`.
 //!
 //! ```text
 //! GET    /v1/apps                      apps with their VMs (ps)
@@ -360,20 +362,57 @@ pub async fn serve(socket: &Path, state: Arc<ApiState>) -> std::io::Result<()> {
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
     loop {
         let (stream, _) = listener.accept().await?;
-        let state = state.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(state.handle(req).await) }
-            });
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                warn!(error = %e, "API connection");
-            }
-        });
+        tokio::spawn(serve_connection(stream, state.clone(), None));
     }
+}
+
+/// Serves the API on TCP: every request must carry `Authorization: Bearer <token>`.
+/// Plain HTTP: bind it to loopback or a private network, or put TLS in front of it.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    token: String,
+    state: Arc<ApiState>,
+) -> std::io::Result<()> {
+    let token = Arc::new(token);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(serve_connection(stream, state.clone(), Some(token.clone())));
+    }
+}
+
+async fn serve_connection<S>(stream: S, state: Arc<ApiState>, token: Option<Arc<String>>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req: Request<Incoming>| {
+        let state = state.clone();
+        let token = token.clone();
+        async move {
+            if let Some(token) = token {
+                if !authorized(&req, &token) {
+                    return Ok::<_, Infallible>(error(
+                        StatusCode::UNAUTHORIZED,
+                        "missing or wrong bearer token (see api_token_file)",
+                    ));
+                }
+            }
+            Ok::<_, Infallible>(state.handle(req).await)
+        }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+    {
+        warn!(error = %e, "API connection");
+    }
+}
+
+fn authorized(req: &Request<Incoming>, token: &str) -> bool {
+    req.headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| crate::vault::constant_time_eq(given.as_bytes(), token.as_bytes()))
 }
 
 /// Seconds since a VM row was created, for `ps`.

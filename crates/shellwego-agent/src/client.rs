@@ -10,14 +10,63 @@ use serde::Serialize;
 use crate::api::{AppStatus, ApplyRequest, ApplyResponse, ExecRequest, ExecResponse};
 use crate::state::Event;
 
+/// Where the agent's API is.
+#[derive(Debug, Clone)]
+enum Target {
+    /// The local Unix socket (root only).
+    Socket(PathBuf),
+    /// The TCP API (`host:port`), with its bearer token.
+    Tcp { addr: String, token: String },
+}
+
 pub struct AgentClient {
-    socket: PathBuf,
+    target: Target,
 }
 
 impl AgentClient {
     pub fn new(socket: &Path) -> AgentClient {
         AgentClient {
-            socket: socket.to_path_buf(),
+            target: Target::Socket(socket.to_path_buf()),
+        }
+    }
+
+    /// A client of the TCP API at `url` (`http://host:port` or `host:port`).
+    pub fn tcp(url: &str, token: String) -> Result<AgentClient> {
+        let addr = url
+            .strip_prefix("http://")
+            .unwrap_or(url)
+            .trim_end_matches('/');
+        if addr.is_empty() || addr.contains('/') || url.starts_with("https://") {
+            bail!("--api-url {url:?}: give http://HOST:PORT (the agent's api_tcp address)");
+        }
+        Ok(AgentClient {
+            target: Target::Tcp {
+                addr: addr.to_string(),
+                token,
+            },
+        })
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(hyper::StatusCode, hyper::body::Bytes)> {
+        match &self.target {
+            Target::Socket(socket) => crate::uds_http::request(socket, method, path, body)
+                .await
+                .map_err(|e| {
+                    anyhow!("{e} (is the agent running? start it with `shellwego agent`)")
+                }),
+            Target::Tcp { addr, token } => {
+                let stream = tokio::net::TcpStream::connect(addr.as_str())
+                    .await
+                    .with_context(|| format!("cannot connect to the agent API at {addr}"))?;
+                crate::uds_http::request_over(stream, method, path, body, Some(token))
+                    .await
+                    .map_err(|e| anyhow!("agent API at {addr}: {e}"))
+            }
         }
     }
 
@@ -28,9 +77,7 @@ impl AgentClient {
         body: Option<&impl Serialize>,
     ) -> Result<T> {
         let body = body.map(serde_json::to_vec).transpose()?;
-        let (status, bytes) = crate::uds_http::request(&self.socket, method, path, body)
-            .await
-            .map_err(|e| anyhow!("{e} (is the agent running? start it with `shellwego agent`)"))?;
+        let (status, bytes) = self.send(method, path, body).await?;
         if !status.is_success() {
             let msg = serde_json::from_slice::<serde_json::Value>(&bytes)
                 .ok()

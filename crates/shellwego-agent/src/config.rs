@@ -40,6 +40,12 @@ pub struct Config {
     /// app data, so hosts or test runs with the same kernel, init and firecracker may share
     /// them. `SHELLWEGO_TEMPLATE_DIR`.
     pub template_dir: Option<PathBuf>,
+    /// Also serve the API on this TCP address (e.g. "127.0.0.1:7070"); requests then need
+    /// the bearer token from `api_token_file`. Off by default. `SHELLWEGO_API_TCP`.
+    pub api_tcp: Option<std::net::SocketAddr>,
+    /// The TCP API's bearer token, created (0600, random) on first use.
+    /// `SHELLWEGO_API_TOKEN_FILE`.
+    pub api_token_file: PathBuf,
     /// The key that seals secret values in the database: 32 random bytes, created on
     /// first start (mode 0600). Keep it off the data dir's backups. `SHELLWEGO_SECRETS_KEY`.
     pub secrets_key: PathBuf,
@@ -64,6 +70,8 @@ impl Default for Config {
             insecure_registries: Vec::new(),
             boot: "warm".to_string(),
             template_dir: None,
+            api_tcp: None,
+            api_token_file: PathBuf::from("/etc/shellwego/api.token"),
             secrets_key: PathBuf::from("/etc/shellwego/secrets.key"),
             publish_address: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
         }
@@ -82,6 +90,12 @@ pub enum ConfigError {
     },
     #[error("config file {path} is invalid: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("{var}={value:?}: {expected}")]
+    Env {
+        var: &'static str,
+        value: String,
+        expected: &'static str,
+    },
 }
 
 impl Config {
@@ -109,7 +123,7 @@ impl Config {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => Config::default(),
             Err(source) => return Err(ConfigError::Read { path, source }),
         };
-        config.apply_env(|k| std::env::var_os(k));
+        config.apply_env(|k| std::env::var_os(k))?;
         Ok(config)
     }
 
@@ -121,7 +135,10 @@ impl Config {
     }
 
     /// Overrides fields from `SHELLWEGO_*` variables, read through `get`.
-    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<std::ffi::OsString>) {
+    pub fn apply_env(
+        &mut self,
+        get: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<(), ConfigError> {
         let path = |k: &str, field: &mut PathBuf| {
             if let Some(v) = get(k).filter(|v| !v.is_empty()) {
                 *field = PathBuf::from(v);
@@ -143,12 +160,18 @@ impl Config {
         string("SHELLWEGO_BRIDGE", &mut self.bridge);
         path("SHELLWEGO_GUEST_INIT", &mut self.guest_init);
         path("SHELLWEGO_SECRETS_KEY", &mut self.secrets_key);
+        path("SHELLWEGO_API_TOKEN_FILE", &mut self.api_token_file);
+        if let Some(addr) = parse_env(
+            &get,
+            "SHELLWEGO_API_TCP",
+            "expected an address like 127.0.0.1:7070",
+        )? {
+            self.api_tcp = Some(addr);
+        }
         if let Some(v) = get("SHELLWEGO_TEMPLATE_DIR").filter(|v| !v.is_empty()) {
             self.template_dir = Some(PathBuf::from(v));
         }
-        if let Some(addr) = get("SHELLWEGO_PUBLISH_ADDRESS")
-            .and_then(|v| v.into_string().ok())
-            .and_then(|v| v.parse().ok())
+        if let Some(addr) = parse_env(&get, "SHELLWEGO_PUBLISH_ADDRESS", "expected an IP address")?
         {
             self.publish_address = addr;
         }
@@ -164,7 +187,27 @@ impl Config {
         if let Some(v) = get("SHELLWEGO_JAILER") {
             self.jailer = matches!(v.to_str(), Some("1" | "true" | "yes"));
         }
+        Ok(())
     }
+}
+
+/// A `SHELLWEGO_*` variable parsed as `T`; unset or empty is `None`.
+fn parse_env<T: std::str::FromStr>(
+    get: &impl Fn(&str) -> Option<std::ffi::OsString>,
+    var: &'static str,
+    expected: &'static str,
+) -> Result<Option<T>, ConfigError> {
+    get(var)
+        .map(|v| v.to_string_lossy().into_owned())
+        .filter(|v| !v.is_empty())
+        .map(|value| {
+            value.parse().map_err(|_| ConfigError::Env {
+                var,
+                value: value.clone(),
+                expected,
+            })
+        })
+        .transpose()
 }
 
 /// Finds an executable: a path with a '/' is taken as is, a bare name is searched on PATH.
@@ -193,8 +236,14 @@ mod tests {
         let mut c = Config::from_toml(Path::new("x"), "pool = \"tank\"\n").unwrap();
         assert_eq!(c.pool, "tank");
         assert_eq!(c.bridge, "swg-br0");
-        c.apply_env(|k| (k == "SHELLWEGO_POOL").then(|| "other".into()));
+        c.apply_env(|k| (k == "SHELLWEGO_POOL").then(|| "other".into()))
+            .unwrap();
         assert_eq!(c.pool, "other");
+        let bad = c
+            .apply_env(|k| (k == "SHELLWEGO_API_TCP").then(|| "nowhere".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("SHELLWEGO_API_TCP"), "{bad}");
         let err = Config::from_toml(Path::new("x"), "pol = 1").unwrap_err();
         assert!(err.to_string().contains("pol"), "{err}");
     }

@@ -129,6 +129,19 @@ pub async fn run(config: Config) -> Result<()> {
         }
     });
     tokio::spawn(exec.run(wake, Duration::from_secs(5)));
+    if let Some(addr) = config.api_tcp {
+        let token = crate::vault::api_token(&config.api_token_file)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on api_tcp {addr}"))?;
+        info!(%addr, token_file = %config.api_token_file.display(), "API on TCP (bearer token)");
+        let tcp_state = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = api::serve_tcp(listener, token, tcp_state).await {
+                tracing::error!(error = %e, "TCP API stopped");
+            }
+        });
+    }
     api::serve(Path::new(&socket), state)
         .await
         .with_context(|| format!("serving the API on {}", socket.display()))

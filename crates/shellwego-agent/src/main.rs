@@ -24,6 +24,13 @@ struct Cli {
     /// The agent's API socket (default: <run dir>/agent.sock).
     #[arg(long, global = true)]
     socket: Option<PathBuf>,
+    /// Talk to the agent's TCP API instead (http://HOST:PORT, see `api_tcp`); the bearer
+    /// token comes from SHELLWEGO_API_TOKEN or the token file.
+    #[arg(long, global = true)]
+    api_url: Option<String>,
+    /// The TCP API's token file (default: the agent's `api_token_file`).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Commands,
 }
@@ -319,7 +326,30 @@ async fn ps(client: &AgentClient, json: bool) -> Result<()> {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     let config = Config::load()?;
-    let client = AgentClient::new(&cli.socket.clone().unwrap_or_else(|| config.api_socket()));
+    let client = match &cli.api_url {
+        None => AgentClient::new(&cli.socket.clone().unwrap_or_else(|| config.api_socket())),
+        Some(url) => {
+            let token = match std::env::var("SHELLWEGO_API_TOKEN") {
+                Ok(t) if !t.is_empty() => t,
+                _ => {
+                    let file = cli
+                        .token_file
+                        .clone()
+                        .unwrap_or(config.api_token_file.clone());
+                    std::fs::read_to_string(&file)
+                        .with_context(|| {
+                            format!(
+                                "cannot read the API token {} (set SHELLWEGO_API_TOKEN or --token-file)",
+                                file.display()
+                            )
+                        })?
+                        .trim()
+                        .to_string()
+                }
+            };
+            AgentClient::tcp(url, token)?
+        }
+    };
     match cli.command {
         Commands::Agent => {
             daemon::run(config).await?;

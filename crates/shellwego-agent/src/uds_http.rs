@@ -1,5 +1,6 @@
 //! HTTP/1.1 over a Unix socket (hyper), one connection per request: the client side of
-//! Firecracker's API and of the agent's own API.
+//! Firecracker's API and of the agent's own API. `request_over` speaks the same over any
+//! connected stream (the agent's optional TCP API).
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +8,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 use tracing::debug;
 
@@ -39,32 +41,51 @@ pub async fn request(
             socket: socket.to_path_buf(),
             source,
         })?;
+    request_over(stream, method, path, body, None)
+        .await
+        .map_err(|e| http(&e))
+}
+
+/// Sends one request over a connected stream, with an optional bearer token.
+pub async fn request_over<S>(
+    stream: S,
+    method: Method,
+    path: &str,
+    body: Option<Vec<u8>>,
+    bearer: Option<&str>,
+) -> Result<(StatusCode, Bytes), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| http(&e))?;
+        .map_err(|e| e.to_string())?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
-            debug!(error = %e, "unix-socket HTTP connection closed");
+            debug!(error = %e, "HTTP connection closed");
         }
     });
     let mut req = Request::builder()
         .method(method)
-        .uri(format!("http://localhost{path}"))
+        .uri(path)
         .header("Host", "localhost")
         .header("Accept", "application/json");
     if body.is_some() {
         req = req.header("Content-Type", "application/json");
     }
+    if let Some(token) = bearer {
+        req = req.header("Authorization", format!("Bearer {token}"));
+    }
     let req = req
         .body(Full::new(Bytes::from(body.unwrap_or_default())))
-        .map_err(|e| http(&e))?;
-    let resp = sender.send_request(req).await.map_err(|e| http(&e))?;
+        .map_err(|e| format!("bad request {path:?}: {e}"))?;
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
     let bytes = resp
         .into_body()
         .collect()
         .await
-        .map_err(|e| http(&e))?
+        .map_err(|e| e.to_string())?
         .to_bytes();
     Ok((status, bytes))
 }

@@ -42,44 +42,9 @@ pub struct Vault {
 impl Vault {
     /// Opens the key file, creating it (0600, random key) when it does not exist.
     pub fn open_or_create(path: &Path) -> Result<Vault, VaultError> {
-        let io = |source| VaultError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
         let rng = SystemRandom::new();
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
-                if mode & 0o077 != 0 {
-                    return Err(VaultError::BadKey {
-                        path: path.to_path_buf(),
-                        reason: format!(
-                            "mode {:o} lets others read it; run `chmod 600 {}`",
-                            mode & 0o777,
-                            path.display()
-                        ),
-                    });
-                }
-                Self::from_bytes(path, &bytes, rng)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                if let Some(dir) = path.parent() {
-                    std::fs::create_dir_all(dir).map_err(io)?;
-                }
-                let mut key = [0u8; KEY_LEN];
-                rng.fill(&mut key).map_err(|_| VaultError::Random)?;
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(io)?;
-                f.write_all(&key).map_err(io)?;
-                f.sync_all().map_err(io)?;
-                Self::from_bytes(path, &key, rng)
-            }
-            Err(e) => Err(io(e)),
-        }
+        let bytes = private_file(path, &rng, |key: &mut [u8; KEY_LEN]| key.to_vec())?;
+        Self::from_bytes(path, &bytes, rng)
     }
 
     fn from_bytes(path: &Path, bytes: &[u8], rng: SystemRandom) -> Result<Vault, VaultError> {
@@ -139,6 +104,74 @@ impl Vault {
     }
 }
 
+/// The agent API's bearer token from its file, created (0600, 256 random bits as hex)
+/// when it does not exist.
+pub fn api_token(path: &Path) -> Result<String, VaultError> {
+    let bytes = private_file(path, &SystemRandom::new(), |r: &mut [u8; KEY_LEN]| {
+        hex::encode(r).into_bytes()
+    })?;
+    let token = String::from_utf8_lossy(&bytes).trim().to_string();
+    if token.len() < 16 {
+        return Err(VaultError::BadKey {
+            path: path.to_path_buf(),
+            reason: "a token of at least 16 characters is needed".into(),
+        });
+    }
+    Ok(token)
+}
+
+/// Reads a file that must be private to its owner, or creates it (mode 0600, `O_EXCL`)
+/// with `make` applied to 32 random bytes.
+fn private_file(
+    path: &Path,
+    rng: &SystemRandom,
+    make: impl FnOnce(&mut [u8; KEY_LEN]) -> Vec<u8>,
+) -> Result<Vec<u8>, VaultError> {
+    let io = |source| VaultError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                return Err(VaultError::BadKey {
+                    path: path.to_path_buf(),
+                    reason: format!(
+                        "mode {:o} lets others read it; run `chmod 600 {}`",
+                        mode & 0o777,
+                        path.display()
+                    ),
+                });
+            }
+            Ok(bytes)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(io)?;
+            }
+            let mut random = [0u8; KEY_LEN];
+            rng.fill(&mut random).map_err(|_| VaultError::Random)?;
+            let bytes = make(&mut random);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io)?;
+            f.write_all(&bytes).map_err(io)?;
+            f.sync_all().map_err(io)?;
+            Ok(bytes)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +218,20 @@ mod tests {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
         let e = Vault::open_or_create(&key).err().unwrap().to_string();
         assert!(e.contains("5 bytes"), "{e}");
+    }
+
+    #[test]
+    fn api_token_is_created_private_and_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.token");
+        let t = api_token(&path).unwrap();
+        assert_eq!(t.len(), 64);
+        assert_eq!(api_token(&path).unwrap(), t);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert!(constant_time_eq(t.as_bytes(), t.as_bytes()));
+        assert!(!constant_time_eq(t.as_bytes(), b"nope"));
     }
 }

@@ -64,11 +64,12 @@ fn tc_e2e_3_blue_green_swap_without_failed_requests() {
     std::thread::sleep(Duration::from_secs(1));
     let tally = prober.finish();
     println!(
-        "swap: V2 healthy {:.1}s after apply, V1 removed {:.1}s later; {} requests, {} failed",
+        "swap: V2 healthy {:.1}s after apply, V1 removed {:.1}s later; {} requests, {} failed, slowest {:.2}s",
         healthy_after.as_secs_f64(),
         swap.as_secs_f64(),
         tally.ok + tally.failed.len(),
-        tally.failed.len()
+        tally.failed.len(),
+        tally.slowest.as_secs_f64()
     );
     assert!(
         tally.failed.is_empty(),

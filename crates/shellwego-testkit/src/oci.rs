@@ -323,7 +323,6 @@ pub fn alpine_web_image(out: &Path, page: &[u8]) {
             "/usr/local/bin/busybox-httpd",
             "httpd",
             "-f",
-            "-v",
             "-p",
             "8080",
             "-h",

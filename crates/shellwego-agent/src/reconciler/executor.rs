@@ -600,11 +600,21 @@ impl Executor {
     }
 
     /// Reconciles every `period` and whenever `wake` is notified, forever.
+    /// A pass that carried out actions is followed at once by another (a new VM that
+    /// became healthy lets the next pass retire the old one without waiting), up to
+    /// three in a row, so an action that keeps failing cannot spin.
     pub async fn run(self: Arc<Self>, wake: Arc<tokio::sync::Notify>, period: Duration) {
+        let mut back_to_back = 0;
         loop {
-            if let Err(e) = self.reconcile_once().await {
-                warn!(error = %e, "reconcile pass failed");
+            match self.reconcile_once().await {
+                Ok(n) if n > 0 && back_to_back < 3 => {
+                    back_to_back += 1;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "reconcile pass failed"),
             }
+            back_to_back = 0;
             let _ = tokio::time::timeout(period, wake.notified()).await;
         }
     }

@@ -175,9 +175,13 @@ fn validate(dir: &Path, id: &str) -> Result<SnapshotMeta, String> {
 }
 
 impl SnapshotManager {
-    /// Opens the directory and rebuilds the index from what is on disk.
+    /// Opens the directory (made private to root: a memory file holds whatever the
+    /// guest had in RAM) and rebuilds the index from what is on disk.
     pub fn open(root: &Path) -> Result<SnapshotManager, SnapshotError> {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(root).map_err(io("-", "creating snapshot dir"))?;
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .map_err(io("-", "making the snapshot dir private"))?;
         let mut mgr = SnapshotManager {
             root: root.to_path_buf(),
             index: BTreeMap::new(),

@@ -20,7 +20,12 @@ fn cli_apply_ps_exec_logs_restart_and_rm() {
              [env]\nGREETING = \"hi\"\n[health]\nhttp = \"/\"\nport = 8080\ninterval = \"1s\"\ntimeout = \"1s\"\n"
         ),
     );
-    stack.start_agent(&[]);
+    let token_file = stack.dir.path().join("keys/api.token");
+    let token_path = token_file.display().to_string();
+    stack.start_agent(&[
+        ("SHELLWEGO_API_TCP", "127.0.0.1:17070"),
+        ("SHELLWEGO_API_TOKEN_FILE", token_path.as_str()),
+    ]);
     let out = stack.run(&["apply", "-f", spec.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("healthy at 10.0.4."), "{text}");
@@ -30,6 +35,25 @@ fn cli_apply_ps_exec_logs_restart_and_rm() {
     );
 
     let ps = stack.ps();
+
+    // The same API over TCP: refused without the right bearer token, answered with it.
+    let tcp = ["--api-url", "http://127.0.0.1:17070", "ps", "--json"];
+    let denied = stack
+        .cmd(&tcp)
+        .env("SHELLWEGO_API_TOKEN", "not-the-token")
+        .output()
+        .unwrap();
+    assert!(!denied.status.success());
+    assert!(
+        String::from_utf8_lossy(&denied.stderr).contains("bearer token"),
+        "{}",
+        String::from_utf8_lossy(&denied.stderr)
+    );
+    let mut with_token = tcp.to_vec();
+    with_token.extend(["--token-file", token_path.as_str()]);
+    let remote: serde_json::Value =
+        serde_json::from_slice(&stack.run(&with_token).stdout).expect("ps over TCP");
+    assert_eq!(remote[0]["name"], "web");
     let vm = &ps[0]["vms"][0];
     assert_eq!(ps[0]["name"], "web");
     assert_eq!(vm["health"], "Healthy");

@@ -21,6 +21,16 @@ use shellwego_testkit::zfs::TestPool;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_shellwego");
 
+/// Resident memory of a process in KiB (VmRSS), 0 when it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Templates hold no app data and are keyed by kernel, init, firecracker and shape, so
 /// the agent tests of one run (and later runs) share them: one cold boot per shape.
 pub const SHARED_TEMPLATES: &str = "/var/cache/shellwego/test-templates";
@@ -153,6 +163,11 @@ impl Stack {
             assert!(Instant::now() < deadline, "the agent did not answer");
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// The running agent's PID.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
     }
 
     /// SIGKILL: the agent gets no chance to clean anything up.

@@ -1,0 +1,218 @@
+//! Agent-level figures with real VMs (root, /dev/kvm; many minutes on nested hosts):
+//!
+//! - the TC-E2E-1 gauntlet N times per combination of image cache (cold: fresh layer
+//!   store and no base dataset; warm: both there) and boot (warm start from a template;
+//!   cold boot), with the median of each phase;
+//! - blue-green swaps behind the app's endpoint under a request loop: apply -> new VM
+//!   healthy, new healthy -> old removed, failed requests (target 0), slowest answer;
+//! - the agent's resident memory idle and with 10 VMs, and the time to bring 10 up.
+//!
+//! `cargo bench -p shellwego-agent --bench agent`; `SWG_BENCH_RUNS` (default 3) sets N,
+//! `SWG_BENCH_ONLY=gauntlet|swap|ten` runs one part.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+#[path = "../tests/common/gauntlet.rs"]
+mod gauntlet;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::{rss_kib, Prober, Stack};
+use shellwego_agent::host;
+use shellwego_agent::provision::BootMode;
+use shellwego_testkit::netns::NetNs;
+use shellwego_testkit::oci::alpine_layout;
+use shellwego_testkit::prereq::require_command;
+use shellwego_testkit::process::KillVmsOnDrop;
+use shellwego_testkit::registry::Registry;
+use shellwego_testkit::zfs::TestPool;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn runs() -> usize {
+    std::env::var("SWG_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+}
+
+fn gauntlet_bench() {
+    let firecracker = require_command("firecracker", "run `make setup`");
+    let kind = host::detect().expect("host kind");
+    let ns = NetNs::new();
+    let registry = Registry::start_in(Some(&ns));
+    registry.push_layout(&alpine_layout(), "3.23", "library/alpine:3.23");
+    let pool = TestPool::new(4 << 30);
+    let data = pool.mount_root();
+    let _vms = KillVmsOnDrop(data.join("run"));
+    let app = gauntlet::app(&registry.addr);
+    let (pool_name, addr) = (pool.name.clone(), registry.addr.clone());
+    let n = runs();
+    println!("gauntlet x{n} on {}", kind.describe());
+    ns.run_in(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let platform = gauntlet::platform(&firecracker, &pool_name, &addr, &data).await;
+            // The template is built once per shape, outside the figures.
+            let t = Instant::now();
+            gauntlet::run(&platform, &app, BootMode::Warm).await;
+            println!("  template build + first warm start: {:.1}s", t.elapsed().as_secs_f64());
+            for mode in [BootMode::Warm, BootMode::Cold] {
+                for cache in ["cold", "warm"] {
+                    let mut phases: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+                    let mut totals = Vec::new();
+                    for _ in 0..n {
+                        if cache == "cold" {
+                            for image in platform.images.list().expect("images") {
+                                platform.images.remove(&image.digest).expect("forget image");
+                            }
+                            let bases = format!("{pool_name}/shellwego/images");
+                            let _ = std::process::Command::new("zfs")
+                                .args(["destroy", "-r", &bases])
+                                .status();
+                        }
+                        let (p, total) = gauntlet::run(&platform, &app, mode).await;
+                        for phase in p {
+                            phases.entry(phase.name).or_default().push(phase.took.as_secs_f64());
+                        }
+                        totals.push(total.as_secs_f64());
+                    }
+                    let parts: Vec<String> = phases
+                        .into_iter()
+                        .map(|(k, v)| format!("{k} {:.2}s", median(v)))
+                        .collect();
+                    println!(
+                        "  {mode:?} boot, image cache {cache}: median total {:.2}s (min {:.2}, max {:.2}) | {}",
+                        median(totals.clone()),
+                        totals.iter().copied().fold(f64::INFINITY, f64::min),
+                        totals.iter().copied().fold(0.0, f64::max),
+                        parts.join(", ")
+                    );
+                }
+            }
+        })
+    });
+}
+
+fn web_spec(name: &str, image: &str, port: Option<u16>) -> String {
+    let ports = port.map_or(String::new(), |p| {
+        format!("[[ports]]\nguest = 8080\nhost = {p}\n")
+    });
+    format!(
+        "name = \"{name}\"\nimage = \"{image}\"\n[resources]\nmemory = \"128Mi\"\n{ports}\
+         [health]\nhttp = \"/\"\nport = 8080\ninterval = \"1s\"\ntimeout = \"1s\"\n"
+    )
+}
+
+fn swap_bench() {
+    let mut stack = Stack::new();
+    let images = [stack.push_web("1", b"v1\n"), stack.push_web("2", b"v2\n")];
+    stack.start_agent(&[]);
+    let specs: Vec<_> = images
+        .iter()
+        .enumerate()
+        .map(|(i, img)| stack.spec(&format!("v{i}.toml"), &web_spec("shop", img, Some(18090))))
+        .collect();
+    stack.run(&["apply", "-f", specs[0].to_str().expect("path")]);
+    let n = runs();
+    let (mut healthy, mut swapped) = (Vec::new(), Vec::new());
+    let prober = Prober::start(&stack.ns, 18090);
+    for i in 1..=n {
+        let old = Stack::vms(&stack.ps(), "shop")[0]["vm_id"].clone();
+        let t = Instant::now();
+        stack.run(&["apply", "-f", specs[i % 2].to_str().expect("path")]);
+        healthy.push(t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        loop {
+            let vms = Stack::vms(&stack.ps(), "shop");
+            if vms.len() == 1 && vms[0]["vm_id"] != old {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "old VM never removed"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        swapped.push(t.elapsed().as_secs_f64());
+    }
+    let tally = prober.finish();
+    println!(
+        "swap x{n}: apply -> new VM healthy median {:.1}s; new healthy -> old removed median {:.2}s \
+         (max {:.2}s); {} requests, {} failed, slowest answer {:.2}s",
+        median(healthy),
+        median(swapped.clone()),
+        swapped.iter().copied().fold(0.0, f64::max),
+        tally.ok + tally.failed.len(),
+        tally.failed.len(),
+        tally.slowest.as_secs_f64()
+    );
+    stack.run(&["rm", "shop"]);
+    stack.wait_ps("removed", Duration::from_secs(120), |ps| {
+        ps.as_array().is_some_and(Vec::is_empty)
+    });
+}
+
+fn ten_bench() {
+    let mut stack = Stack::new();
+    let image = stack.push_web("1", b"many\n");
+    stack.start_agent(&[]);
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = stack.agent_pid().expect("agent pid");
+    println!("agent RSS idle: {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
+    let t = Instant::now();
+    for i in 0..10 {
+        let spec = stack.spec(
+            &format!("app{i}.toml"),
+            &web_spec(&format!("app{i}"), &image, None),
+        );
+        stack.run(&["apply", "-f", spec.to_str().expect("path"), "--detach"]);
+    }
+    stack.wait_ps("10 healthy VMs", Duration::from_secs(1800), |ps| {
+        ps.as_array()
+            .is_some_and(|apps| apps.len() == 10 && apps.iter().all(|a| a["healthy"] == true))
+    });
+    let up = t.elapsed();
+    std::thread::sleep(Duration::from_secs(3));
+    let vm_rss: u64 = shellwego_testkit::process::vm_pids(&stack.run)
+        .into_iter()
+        .map(|p| rss_kib(p as u32))
+        .sum();
+    println!(
+        "10 VMs (128 MiB each) healthy in {:.1}s; agent RSS with 10 VMs: {:.1} MiB; \
+         firecracker processes together: {:.0} MiB",
+        up.as_secs_f64(),
+        rss_kib(pid) as f64 / 1024.0,
+        vm_rss as f64 / 1024.0
+    );
+    for i in 0..10 {
+        stack.run(&["rm", &format!("app{i}")]);
+    }
+    stack.wait_ps("all removed", Duration::from_secs(300), |ps| {
+        ps.as_array().is_some_and(Vec::is_empty)
+    });
+}
+
+fn main() {
+    let only = std::env::var("SWG_BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "gauntlet" {
+        gauntlet_bench();
+    }
+    if only.is_empty() || only == "swap" {
+        swap_bench();
+    }
+    if only.is_empty() || only == "ten" {
+        ten_bench();
+    }
+}

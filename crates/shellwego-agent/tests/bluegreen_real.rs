@@ -137,7 +137,7 @@ fn tc_e2e_3_blue_green_swap_without_failed_requests() {
     assert_eq!(vms[0]["health"], "Healthy");
     stack
         .resources()
-        .assert_only(&[green.clone()], &nat_baseline);
+        .assert_only(std::slice::from_ref(&green), &nat_baseline);
 
     stack.run(&["rm", "shop"]);
     stack.wait_ps("app removed", Duration::from_secs(120), |ps| {

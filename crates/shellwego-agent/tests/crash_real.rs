@@ -79,7 +79,7 @@ fn tc_crash_1_kill9_during_deploy_and_swap_leaves_no_orphans() {
     let blue = converge(&mut stack, &version);
     stack
         .resources()
-        .assert_only(&[blue.clone()], &nat_baseline);
+        .assert_only(std::slice::from_ref(&blue), &nat_baseline);
     assert_eq!(http_get_in(&stack.ns, PORT).as_deref(), Ok("v1\n"));
     stack.kill_agent();
 
@@ -93,7 +93,7 @@ fn tc_crash_1_kill9_during_deploy_and_swap_leaves_no_orphans() {
     assert_ne!(green, blue);
     stack
         .resources()
-        .assert_only(&[green.clone()], &nat_baseline);
+        .assert_only(std::slice::from_ref(&green), &nat_baseline);
     assert_eq!(http_get_in(&stack.ns, PORT).as_deref(), Ok("v2\n"));
 
     stack.run(&["rm", "crashy"]);

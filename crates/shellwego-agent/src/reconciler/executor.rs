@@ -296,47 +296,65 @@ impl Executor {
     ) -> Result<ActualState, StateError> {
         let in_flight = self.in_flight.lock().await.clone();
         let known = self.platform.vmm.list().await;
-        for mut row in self.store.vms()? {
-            let id = row.vm_id.to_string();
-            let dead = match row.state {
-                VmState::Starting => !in_flight.contains(&row.vm_id),
-                VmState::Running => {
-                    !known.contains(&id)
-                        || !self
-                            .platform
-                            .vmm
-                            .inspect(&id)
-                            .await
-                            .map(|s| s.alive)
-                            .unwrap_or(false)
-                }
-                VmState::Exited => false,
-            };
-            if dead {
-                row.state = VmState::Exited;
-                row.last_error
-                    .get_or_insert_with(|| "the VM's process is gone".into());
-                self.store.put_vm(&row)?;
-            } else if row.state == VmState::Running
-                && row.health == Health::Unknown
-                && !in_flight.contains(&row.vm_id)
-            {
-                if self.resume_health_wait(&mut row, apps).await {
-                    self.store.put_vm(&row)?;
-                }
-            } else if row.state == VmState::Running
-                && row.health == Health::Healthy
-                && self.monitor(&mut row, apps).await
-            {
-                self.event(
-                    &row.app,
-                    Some(row.vm_id),
-                    row.last_error.clone().unwrap_or_default(),
-                );
-                self.store.put_vm(&row)?;
-            }
+        // Each VM is looked at on its own (probes of slow guests run side by side).
+        let looks = self
+            .store
+            .vms()?
+            .into_iter()
+            .map(|row| self.observe_vm(row, apps, &in_flight, &known));
+        for result in futures_util::future::join_all(looks).await {
+            result?;
         }
         self.store.actual()
+    }
+
+    /// Corrects one VM's record by what is observed (process gone, health decided).
+    async fn observe_vm(
+        &self,
+        mut row: VmRow,
+        apps: &BTreeMap<String, DesiredApp>,
+        in_flight: &HashSet<Uuid>,
+        known: &[String],
+    ) -> Result<(), StateError> {
+        let id = row.vm_id.to_string();
+        let dead = match row.state {
+            VmState::Starting => !in_flight.contains(&row.vm_id),
+            VmState::Running => {
+                !known.contains(&id)
+                    || !self
+                        .platform
+                        .vmm
+                        .inspect(&id)
+                        .await
+                        .map(|s| s.alive)
+                        .unwrap_or(false)
+            }
+            VmState::Exited => false,
+        };
+        if dead {
+            row.state = VmState::Exited;
+            row.last_error
+                .get_or_insert_with(|| "the VM's process is gone".into());
+            self.store.put_vm(&row)?;
+        } else if row.state == VmState::Running
+            && row.health == Health::Unknown
+            && !in_flight.contains(&row.vm_id)
+        {
+            if self.resume_health_wait(&mut row, apps).await {
+                self.store.put_vm(&row)?;
+            }
+        } else if row.state == VmState::Running
+            && row.health == Health::Healthy
+            && self.monitor(&mut row, apps).await
+        {
+            self.event(
+                &row.app,
+                Some(row.vm_id),
+                row.last_error.clone().unwrap_or_default(),
+            );
+            self.store.put_vm(&row)?;
+        }
+        Ok(())
     }
 
     /// One pass: observe, plan, execute. Returns the number of actions carried out.

@@ -18,6 +18,7 @@ const APPS: TableDefinition<&str, &[u8]> = TableDefinition::new("apps");
 const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vms");
 const FAILURES: TableDefinition<&str, &[u8]> = TableDefinition::new("failures");
 const EVENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("events");
+const CACHE_BYTES: usize = 4 << 20;
 const SECRETS: TableDefinition<&str, &[u8]> = TableDefinition::new("secrets");
 
 #[derive(Debug, thiserror::Error)]
@@ -91,8 +92,12 @@ impl Store {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
-        let db =
-            Database::create(path).map_err(|e| StateError(format!("{}: {e}", path.display())))?;
+        // The records are small; redb's default page cache (up to 1 GiB) would only
+        // grow the agent's memory.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| StateError(format!("{}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(err)?;
         {
             txn.open_table(APPS).map_err(err)?;

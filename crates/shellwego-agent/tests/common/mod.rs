@@ -35,6 +35,27 @@ pub fn rss_kib(pid: u32) -> u64 {
 /// the agent tests of one run (and later runs) share them: one cold boot per shape.
 pub const SHARED_TEMPLATES: &str = "/var/cache/shellwego/test-templates";
 
+/// Removes shared templates built more than a week ago, so those of an older kernel or
+/// init (never used again) do not pile up; a current one is simply rebuilt on next use.
+fn prune_shared_templates() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let dir = Path::new(SHARED_TEMPLATES).join("snapshots");
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > week);
+            if old {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    });
+}
+
 pub struct Stack {
     agent: Option<Child>,
     // Dropped in this order: VMs, then the pool under them, the registry, the namespace.
@@ -64,6 +85,7 @@ impl Drop for Stack {
 impl Stack {
     pub fn new() -> Stack {
         require_command("firecracker", "run `make setup`");
+        prune_shared_templates();
         let ns = NetNs::new();
         let registry = Registry::start_in(Some(&ns));
         let pool = TestPool::new(4 << 30);

@@ -167,16 +167,20 @@ fn swap_bench() {
 }
 
 fn ten_bench() {
+    let want: usize = std::env::var("SWG_BENCH_VMS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
     let mut stack = Stack::new();
     let image = stack.push_web("1", b"many\n");
     stack.start_agent(&[]);
     std::thread::sleep(Duration::from_secs(3));
     let pid = stack.agent_pid().expect("agent pid");
     println!("agent RSS idle: {:.1} MiB", rss_kib(pid) as f64 / 1024.0);
-    let t = Instant::now();
     // Idle apps without a health check: on emulated hosts every probe of a forking web
-    // server costs the guest real CPU, and ten of them would measure that, not the agent.
-    for i in 0..10 {
+    // server costs the guest real CPU, and many of them would measure that, not the agent.
+    let t = Instant::now();
+    for i in 0..want {
         let spec = stack.spec(
             &format!("app{i}.toml"),
             &format!(
@@ -186,34 +190,38 @@ fn ten_bench() {
         );
         stack.run(&["apply", "-f", spec.to_str().expect("path"), "--detach"]);
     }
-    stack.wait_ps("10 healthy VMs", Duration::from_secs(1800), |ps| {
-        ps.as_array()
-            .is_some_and(|apps| apps.len() == 10 && apps.iter().all(|a| a["healthy"] == true))
-    });
-    let up = t.elapsed();
-    std::thread::sleep(Duration::from_secs(3));
-    let vm_rss: u64 = shellwego_testkit::process::vm_pids(&stack.run)
-        .into_iter()
-        .map(|p| rss_kib(p as u32))
-        .sum();
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!(
-        "10 idle VMs (128 MiB each) running in {:.1}s; agent RSS with 10 VMs: {:.1} MiB; \
-         firecracker processes together: {:.0} MiB; load average {}",
-        up.as_secs_f64(),
-        rss_kib(pid) as f64 / 1024.0,
-        vm_rss as f64 / 1024.0,
-        load.split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    for i in 0..10 {
-        stack.run(&["rm", &format!("app{i}")]);
+    // Reports each step up; stops at `want` or when the host cannot start more in time.
+    let deadline = Instant::now() + Duration::from_secs(1500);
+    let mut reached = 0;
+    while reached < want && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(5));
+        let running = stack.ps().as_array().map_or(0, |apps| {
+            apps.iter().filter(|a| a["healthy"] == true).count()
+        });
+        if running > reached {
+            reached = running;
+            let vm_rss: u64 = shellwego_testkit::process::vm_pids(&stack.run)
+                .into_iter()
+                .map(|p| rss_kib(p as u32))
+                .sum();
+            let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+            println!(
+                "  {reached} VMs running after {:.0}s: agent RSS {:.1} MiB, firecracker processes \
+                 {:.0} MiB together, load {}",
+                t.elapsed().as_secs_f64(),
+                rss_kib(pid) as f64 / 1024.0,
+                vm_rss as f64 / 1024.0,
+                load.split_whitespace()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
     }
-    stack.wait_ps("all removed", Duration::from_secs(300), |ps| {
-        ps.as_array().is_some_and(Vec::is_empty)
-    });
+    if reached < want {
+        println!("  only {reached} of {want} VMs started within 1500 s on this host");
+    }
+    stack.kill_agent();
 }
 
 fn main() {

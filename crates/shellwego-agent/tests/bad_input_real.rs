@@ -89,10 +89,10 @@ fn agent_bad_input_fails_with_the_cause_and_leaves_nothing() {
     );
     remove(&stack, "down");
 
-    // A full pool: a quota leaves no room for the image's root disk.
-    let root = format!("{}/shellwego", stack.pool.name);
+    // A full pool: a quota on the pool leaves no room for the image's root disk.
+    let pool = stack.pool.name.clone();
     let quota = Command::new("zfs")
-        .args(["set", "quota=4M", &root])
+        .args(["set", "quota=4M", &pool])
         .output()
         .unwrap();
     assert!(
@@ -112,13 +112,13 @@ fn agent_bad_input_fails_with_the_cause_and_leaves_nothing() {
     );
     remove(&stack, "full");
     let _ = Command::new("zfs")
-        .args(["set", "quota=none", &root])
+        .args(["set", "quota=none", &pool])
         .status();
 
     stack.resources().assert_only(&[], &nat_baseline);
     let images = String::from_utf8_lossy(
         &Command::new("zfs")
-            .args(["list", "-H", "-o", "name", "-r", &format!("{root}/images")])
+            .args(["list", "-H", "-o", "name", "-r", &pool])
             .output()
             .unwrap()
             .stdout,

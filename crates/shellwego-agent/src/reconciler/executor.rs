@@ -367,6 +367,9 @@ impl Executor {
         for action in &actions {
             self.execute(action, &desired.apps).await?;
         }
+        if !actions.is_empty() {
+            release_freed_heap();
+        }
         Ok(actions.len())
     }
 
@@ -460,7 +463,6 @@ impl Executor {
             Err(e) => Err(format!("secrets: {e}")),
         };
         self.in_flight.lock().await.remove(&vm_id);
-        release_freed_heap();
         match result {
             Err(e) => {
                 row.state = VmState::Exited;
@@ -661,9 +663,9 @@ enum Scope {
     These,
 }
 
-/// Hands memory freed after a provision (layer unpacking, image and HTTP buffers) back to
-/// the OS: glibc keeps freed heap in its per-thread arenas, which showed as tens of MiB of
-/// resident memory in a long-running agent.
+/// Hands memory freed by a pass that did something (layer unpacking, image and HTTP
+/// buffers) back to the OS: glibc keeps freed heap in its per-thread arenas, which showed
+/// as tens of MiB of resident memory in a long-running agent.
 fn release_freed_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.

@@ -20,12 +20,6 @@ use std::time::{Duration, Instant};
 use common::{rss_kib, Prober, Stack};
 use shellwego_agent::host;
 use shellwego_agent::provision::BootMode;
-use shellwego_testkit::netns::NetNs;
-use shellwego_testkit::oci::alpine_layout;
-use shellwego_testkit::prereq::require_command;
-use shellwego_testkit::process::KillVmsOnDrop;
-use shellwego_testkit::registry::Registry;
-use shellwego_testkit::zfs::TestPool;
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -44,19 +38,14 @@ fn runs() -> usize {
 }
 
 fn gauntlet_bench() {
-    let firecracker = require_command("firecracker", "run `make setup`");
     let kind = host::detect().expect("host kind");
-    let ns = NetNs::new();
-    let registry = Registry::start_in(Some(&ns));
-    registry.push_layout(&alpine_layout(), "3.23", "library/alpine:3.23");
-    let pool = TestPool::new(4 << 30);
-    let data = pool.mount_root();
-    let _vms = KillVmsOnDrop(data.join("run"));
-    let app = gauntlet::app(&registry.addr);
-    let (pool_name, addr) = (pool.name.clone(), registry.addr.clone());
+    let rig = gauntlet::Rig::new();
+    let app = gauntlet::app(&rig.registry.addr);
+    let (firecracker, data) = (rig.firecracker.clone(), rig.data.clone());
+    let (pool_name, addr) = (rig.pool.name.clone(), rig.registry.addr.clone());
     let n = runs();
     println!("gauntlet x{n} on {}", kind.describe());
-    ns.run_in(move || {
+    rig.ns.run_in(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

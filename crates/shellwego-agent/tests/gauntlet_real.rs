@@ -11,30 +11,18 @@ use std::time::Instant;
 
 use shellwego_agent::host;
 use shellwego_agent::provision::BootMode;
-use shellwego_testkit::netns::NetNs;
-use shellwego_testkit::oci::alpine_layout;
-use shellwego_testkit::prereq::require_command;
-use shellwego_testkit::process::KillVmsOnDrop;
-use shellwego_testkit::registry::Registry;
-use shellwego_testkit::zfs::TestPool;
 
 #[test]
 fn tc_e2e_1_cold_start_gauntlet() {
-    let firecracker = require_command("firecracker", "run `make setup`");
     let kind = host::detect().unwrap();
-    let ns = NetNs::new();
-    // The registry listens where the agent side runs: inside the test's namespace.
-    let registry = Registry::start_in(Some(&ns));
-    registry.push_layout(&alpine_layout(), "3.23", "library/alpine:3.23");
-    let pool = TestPool::new(4 << 30);
-    let data = pool.mount_root();
-    let _vms = KillVmsOnDrop(data.join("run"));
-    let app = gauntlet::app(&registry.addr);
-    let pool_name = pool.name.clone();
-    let registry_addr = registry.addr.clone();
-    let ns_name = ns.name.clone();
+    let rig = gauntlet::Rig::new();
+    let app = gauntlet::app(&rig.registry.addr);
+    let (firecracker, data) = (rig.firecracker.clone(), rig.data.clone());
+    let pool_name = rig.pool.name.clone();
+    let registry_addr = rig.registry.addr.clone();
+    let ns_name = rig.ns.name.clone();
 
-    let leftovers = ns.run_in(move || {
+    let leftovers = rig.ns.run_in(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -4,7 +4,7 @@
 //! ZFS pool, bridge, firecracker), then pull -> rootfs -> network+QoS -> VM -> ping ->
 //! stop -> TAP/lease/QoS removed -> dataset destroyed, each phase timed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,44 @@ use shellwego_agent::vmm::VmmManager;
 use shellwego_network::{CniNetwork, NetworkConfig};
 use shellwego_storage::{ImageStore, RegistryConfig, RootfsBuilder, ZfsManager};
 use shellwego_testkit::guest;
+use shellwego_testkit::netns::NetNs;
+use shellwego_testkit::oci::alpine_layout;
+use shellwego_testkit::prereq::require_command;
+use shellwego_testkit::process::KillVmsOnDrop;
+use shellwego_testkit::registry::Registry;
+use shellwego_testkit::zfs::TestPool;
+
+/// The real parts around the platform: a namespace with the real Alpine image in a
+/// registry inside it, a ZFS pool whose mount holds the platform's data. Dropped in
+/// order: VMs, pool, registry, namespace.
+pub struct Rig {
+    _vms: KillVmsOnDrop,
+    pub pool: TestPool,
+    pub registry: Registry,
+    pub ns: NetNs,
+    pub firecracker: PathBuf,
+    pub data: PathBuf,
+}
+
+impl Rig {
+    pub fn new() -> Rig {
+        let firecracker = require_command("firecracker", "run `make setup`");
+        let ns = NetNs::new();
+        // The registry listens where the agent side runs: inside the test's namespace.
+        let registry = Registry::start_in(Some(&ns));
+        registry.push_layout(&alpine_layout(), "3.23", "library/alpine:3.23");
+        let pool = TestPool::new(4 << 30);
+        let data = pool.mount_root();
+        Rig {
+            _vms: KillVmsOnDrop(data.join("run")),
+            pool,
+            registry,
+            ns,
+            firecracker,
+            data,
+        }
+    }
+}
 
 /// The platform the agent would build, with its state under `data`.
 pub async fn platform(firecracker: &Path, pool: &str, registry: &str, data: &Path) -> Platform {

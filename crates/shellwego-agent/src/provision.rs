@@ -131,26 +131,29 @@ impl Platform {
 
         let t = Instant::now();
         progress(format!("pulling {}", app.image));
-        let report = |p: Progress| {
-            if let Progress::Downloading {
-                digest,
-                done,
-                total,
-            } = p
-            {
-                if done == total {
-                    progress(format!(
-                        "  layer {} ({total} bytes) downloaded",
-                        &digest[..19.min(digest.len())]
-                    ));
-                }
+        let report = |p: Progress| match &p {
+            // Bytes, rate and ETA of downloads that take more than a second; a line for
+            // each layer that arrived, and one for each that was cached.
+            Progress::Downloading { .. } | Progress::Cached { .. } | Progress::Verified { .. } => {
+                progress(format!("  {}", p.describe()))
             }
+            Progress::Resolved { .. } => {}
         };
-        let image = self
-            .images
-            .pull(&app.image, &report)
+        let (image, base) = self
+            .rootfs
+            .pull_base(&self.images, &app.image, &report)
             .await
             .map_err(|e| fail("pull")(&e))?;
+        if base.built_now {
+            let b = &base.timings;
+            progress(format!(
+                "  root disk base built: {} entries, {} MiB (unpack {:.1} s, mkfs {:.1} s)",
+                b.entries,
+                b.content_bytes >> 20,
+                b.unpack.as_secs_f64(),
+                b.mkfs.as_secs_f64()
+            ));
+        }
         phases.push(Phase {
             name: "pull",
             took: t.elapsed(),
@@ -159,23 +162,16 @@ impl Platform {
 
         let t = Instant::now();
         progress(format!(
-            "building root disk from {}",
-            &image.digest[..19.min(image.digest.len())]
+            "cloning root disk from {}",
+            shellwego_storage::image::short_digest(&image.digest)
         ));
-        let (rootfs, images, img, vm) = (
-            self.rootfs.clone(),
-            self.images.clone(),
-            image.clone(),
-            id.clone(),
-        );
+        let (rootfs, vm) = (self.rootfs.clone(), id.clone());
         let disk_bytes = app.resources.disk_bytes;
-        let disk = tokio::task::spawn_blocking(move || {
-            let base = rootfs.ensure_base(&images, &img)?;
-            rootfs.clone_for_vm(&base, &vm, Some(disk_bytes))
-        })
-        .await
-        .map_err(|e| fail("rootfs")(&e))?
-        .map_err(|e| fail("rootfs")(&e))?;
+        let disk =
+            tokio::task::spawn_blocking(move || rootfs.clone_for_vm(&base, &vm, Some(disk_bytes)))
+                .await
+                .map_err(|e| fail("rootfs")(&e))?
+                .map_err(|e| fail("rootfs")(&e))?;
         phases.push(Phase {
             name: "rootfs",
             took: t.elapsed(),

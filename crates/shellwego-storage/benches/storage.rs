@@ -60,7 +60,9 @@ fn main() {
     let zfs = ZfsManager::new(&pool.name).expect("zfs");
     let builder = Arc::new(RootfsBuilder::new(zfs, &data));
     let t = Instant::now();
-    let base = builder.ensure_base(&store, &image).expect("base");
+    let (_, base) = rt
+        .block_on(builder.pull_base(&store, &reference, &|_| {}))
+        .expect("base");
     println!(
         "base build (unpack + mkfs.ext4 {} bytes + snapshot): {}",
         base.size_bytes,

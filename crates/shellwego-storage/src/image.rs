@@ -1,21 +1,22 @@
-//! The image store: pulls OCI images with `oci-client`, verifies them, and keeps their
-//! layers in a cache by digest that all images share.
+//! The image store: resolves OCI images with `oci-client` (manifest and config, both
+//! verified), keeps their layers in a cache by digest that all images share, and records
+//! the images it pulled. Layers are fetched and checked in one pass by [`crate::fetch`].
 //!
 //! Layout under the store's root:
 //! ```text
-//! blobs/sha256/<hex>        compressed layers, each verified (digest and diff_id) before it
-//!                           is moved into place, so a file here is always whole and correct
+//! blobs/sha256/<hex>        compressed layers, moved into place only after their size and
+//!                           digest were checked (their diff_id is checked on every unpack)
 //! images/<hex>.json         one pulled image (manifest digest <hex>): config and layers
-//! tmp/                      downloads in progress
+//! tmp/                      downloads in progress (swept when the store opens)
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::str::FromStr;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::OciDescriptor;
@@ -23,8 +24,9 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWrite;
-use tracing::info;
+
+use crate::layer::LayerStreamError;
+use crate::spool::{Spool, SpoolError};
 
 /// Why an image could not be pulled or read.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +58,51 @@ pub enum ImageError {
     },
     #[error("image {0} is not in the store")]
     NotFound(String),
+    #[error("layer {digest} of {reference}: {source}")]
+    Layer {
+        reference: String,
+        digest: String,
+        #[source]
+        source: LayerFailure,
+    },
+}
+
+/// What went wrong with one layer.
+#[derive(Debug, thiserror::Error)]
+pub enum LayerFailure {
+    /// The compressed blob did not arrive whole and correct.
+    #[error(transparent)]
+    Blob(SpoolError),
+    /// Its uncompressed stream was wrong or over budget.
+    #[error(transparent)]
+    Stream(LayerStreamError),
+}
+
+/// Limits on what one image may make the node do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageBudget {
+    /// Uncompressed bytes of all layers together (a zip bomb stops here).
+    pub max_unpacked_bytes: u64,
+    /// Archive entries of all layers together.
+    pub max_entries: u64,
+    /// Layers downloaded at once (the store's total, across pulls).
+    pub parallel_downloads: usize,
+    /// Connecting to a registry.
+    pub connect_timeout: Duration,
+    /// Waiting for the next bytes from a registry.
+    pub read_timeout: Duration,
+}
+
+impl Default for ImageBudget {
+    fn default() -> ImageBudget {
+        ImageBudget {
+            max_unpacked_bytes: 2 << 30,
+            max_entries: 500_000,
+            parallel_downloads: 3,
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 fn io_at(path: &Path) -> impl Fn(io::Error) -> ImageError + '_ {
@@ -134,21 +181,85 @@ impl PulledImage {
     }
 }
 
-/// What `pull` reports as it goes.
+/// What a pull reports as it goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Progress {
     /// The manifest is known: this many layers, this many compressed bytes.
     Resolved { layers: usize, bytes: u64 },
     /// A layer was already in the cache.
     Cached { digest: String, bytes: u64 },
-    /// Bytes of a layer downloaded so far.
+    /// Bytes of a layer downloaded so far, `elapsed` after its download started
+    /// (reported about once a second while a download runs).
     Downloading {
         digest: String,
         done: u64,
         total: u64,
+        elapsed: Duration,
     },
-    /// A layer was downloaded and verified.
-    Verified { digest: String },
+    /// A layer was downloaded whole, with the right size and digest.
+    Verified {
+        digest: String,
+        bytes: u64,
+        elapsed: Duration,
+    },
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / f64::from(1u32 << 20)
+}
+
+/// `sha256:0123456789ab`: enough of a digest to tell layers apart.
+pub fn short_digest(digest: &str) -> &str {
+    &digest[..digest.len().min(19)]
+}
+
+impl Progress {
+    /// One line for a person: bytes, rate and time left of a download.
+    pub fn describe(&self) -> String {
+        match self {
+            Progress::Resolved { layers, bytes } => {
+                format!("{layers} layer(s), {:.1} MiB compressed", mib(*bytes))
+            }
+            Progress::Cached { digest, bytes } => {
+                format!(
+                    "layer {} cached ({:.1} MiB)",
+                    short_digest(digest),
+                    mib(*bytes)
+                )
+            }
+            Progress::Downloading {
+                digest,
+                done,
+                total,
+                elapsed,
+            } => {
+                let secs = elapsed.as_secs_f64();
+                let rate = if secs > 0.0 { *done as f64 / secs } else { 0.0 };
+                let eta = if rate > 0.0 {
+                    format!("{:.0} s left", total.saturating_sub(*done) as f64 / rate)
+                } else {
+                    "waiting for data".to_string()
+                };
+                format!(
+                    "layer {} {:.1}/{:.1} MiB, {:.1} MiB/s, {eta}",
+                    short_digest(digest),
+                    mib(*done),
+                    mib(*total),
+                    mib(rate as u64)
+                )
+            }
+            Progress::Verified {
+                digest,
+                bytes,
+                elapsed,
+            } => format!(
+                "layer {} downloaded and verified ({:.1} MiB in {:.1} s)",
+                short_digest(digest),
+                mib(*bytes),
+                elapsed.as_secs_f64()
+            ),
+        }
+    }
 }
 
 /// Credentials for one registry.
@@ -177,6 +288,22 @@ pub struct RegistryConfig {
     pub credentials: BTreeMap<String, Credentials>,
 }
 
+/// Removes downloads that a process which is gone left in `tmp/` (their names end in
+/// `.PID.N`); those of live processes (another store on this root) are kept.
+fn sweep_stale_downloads(tmp: &Path) {
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid = name.rsplit('.').nth(1).and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 /// Parses a user's image reference: `alpine:3.23` is `docker.io/library/alpine:3.23`.
 pub fn parse_reference(text: &str) -> Result<Reference, ImageError> {
     let bad = |reason: String| ImageError::BadReference {
@@ -192,64 +319,34 @@ pub fn parse_reference(text: &str) -> Result<Reference, ImageError> {
 /// Where pulled images and their layers live.
 pub struct ImageStore {
     root: PathBuf,
-    client: Client,
+    pub(crate) client: Client,
     registries: RegistryConfig,
+    pub(crate) budget: ImageBudget,
+    /// Downloads in progress by layer digest, so concurrent pulls share one.
+    pub(crate) inflight: Mutex<HashMap<String, Weak<Spool>>>,
+    pub(crate) download_slots: Arc<tokio::sync::Semaphore>,
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+/// An image whose manifest and config were fetched and checked; its layers not yet.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub image: PulledImage,
+    pub reference: Reference,
+    /// The manifest's layer descriptors, in layer order.
+    pub descriptors: Vec<OciDescriptor>,
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-fn hex_of(digest: &str) -> Result<&str, ImageError> {
+pub(crate) fn hex_of(digest: &str) -> Result<&str, ImageError> {
     match digest.strip_prefix("sha256:") {
         Some(h) if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) => Ok(h),
         _ => Err(ImageError::Invalid {
             reference: digest.to_string(),
             reason: "only well-formed sha256 digests are supported".into(),
         }),
-    }
-}
-
-/// Writes through to a file while hashing and counting.
-struct HashingWriter<'a> {
-    inner: tokio::fs::File,
-    hasher: Sha256,
-    done: u64,
-    total: u64,
-    digest: String,
-    progress: &'a (dyn Fn(Progress) + Send + Sync),
-    last_report: u64,
-}
-
-impl AsyncWrite for HashingWriter<'_> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_write(cx, buf) {
-            Poll::Ready(Ok(n)) => {
-                this.hasher.update(&buf[..n]);
-                this.done += n as u64;
-                if this.done - this.last_report >= 1 << 20 || this.done == this.total {
-                    this.last_report = this.done;
-                    (this.progress)(Progress::Downloading {
-                        digest: this.digest.clone(),
-                        done: this.done,
-                        total: this.total,
-                    });
-                }
-                Poll::Ready(Ok(n))
-            }
-            other => other,
-        }
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -286,38 +383,24 @@ struct RawRootfs {
     diff_ids: Vec<String>,
 }
 
-/// Opens a layer's tar stream, decompressing as needed.
-pub fn open_layer(path: &Path, compression: Compression) -> io::Result<Box<dyn Read + Send>> {
-    let file = io::BufReader::new(fs::File::open(path)?);
-    Ok(match compression {
-        Compression::None => Box::new(file),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(file)?),
-    })
-}
-
-/// sha256 of a layer's uncompressed tar.
-fn diff_id_of(path: &Path, compression: Compression) -> io::Result<String> {
-    let mut reader = open_layer(path, compression)?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = reader.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
-}
-
 impl ImageStore {
-    /// Opens (creating) a store under `root`.
+    /// Opens (creating) a store under `root`, with the default budget.
     pub fn open(root: &Path, registries: RegistryConfig) -> Result<ImageStore, ImageError> {
+        ImageStore::open_with(root, registries, ImageBudget::default())
+    }
+
+    /// Opens (creating) a store under `root`. Downloads that an earlier process left
+    /// unfinished in `tmp/` are removed.
+    pub fn open_with(
+        root: &Path,
+        registries: RegistryConfig,
+        budget: ImageBudget,
+    ) -> Result<ImageStore, ImageError> {
         for sub in ["blobs/sha256", "images", "tmp"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         }
+        sweep_stale_downloads(&root.join("tmp"));
         // rustls needs one process-wide crypto provider; a second install is harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let protocol = if registries.insecure.is_empty() {
@@ -328,13 +411,24 @@ impl ImageStore {
         let client = Client::new(ClientConfig {
             protocol,
             platform_resolver: Some(Box::new(oci_client::client::linux_amd64_resolver)),
+            connect_timeout: Some(budget.connect_timeout),
+            read_timeout: Some(budget.read_timeout),
             ..ClientConfig::default()
         });
         Ok(ImageStore {
             root: root.to_path_buf(),
             client,
             registries,
+            budget,
+            inflight: Mutex::new(HashMap::new()),
+            download_slots: Arc::new(tokio::sync::Semaphore::new(
+                budget.parallel_downloads.max(1),
+            )),
         })
+    }
+
+    pub fn budget(&self) -> ImageBudget {
+        self.budget
     }
 
     /// Where a verified layer blob lives.
@@ -342,10 +436,9 @@ impl ImageStore {
         Ok(self.root.join("blobs/sha256").join(hex_of(digest)?))
     }
 
-    /// Opens a cached layer's uncompressed tar stream.
-    pub fn open_layer(&self, layer: &Layer) -> Result<Box<dyn Read + Send>, ImageError> {
-        let path = self.blob_path(&layer.digest)?;
-        open_layer(&path, layer.compression).map_err(io_at(&path))
+    /// Where downloads in progress are written.
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
     }
 
     fn auth_for(&self, reference: &Reference) -> RegistryAuth {
@@ -362,14 +455,10 @@ impl ImageStore {
         }
     }
 
-    /// Pulls an image: resolves an index to its linux/amd64 manifest, verifies the
-    /// manifest, config and every layer (blob digest and uncompressed diff_id), and
-    /// downloads only layers the cache lacks.
-    pub async fn pull(
-        &self,
-        reference: &str,
-        progress: &(dyn Fn(Progress) + Send + Sync),
-    ) -> Result<PulledImage, ImageError> {
+    /// Resolves an image: an index to its linux/amd64 manifest; checks the manifest
+    /// (by oci-client, against the registry's digest and the reference's) and the config
+    /// (against the manifest). Fetches no layer.
+    pub async fn resolve(&self, reference: &str) -> Result<Resolved, ImageError> {
         let parsed = parse_reference(reference)?;
         let whole = parsed.whole();
         let registry_err = |source| ImageError::Registry {
@@ -427,16 +516,11 @@ impl ImageStore {
                 digest: desc.digest.clone(),
                 diff_id: diff_id.clone(),
                 compression: Compression::from_media_type(&desc.media_type, &desc.digest)?,
-                size: u64::try_from(desc.size).unwrap_or(0),
+                size: u64::try_from(desc.size).map_err(|_| ImageError::Invalid {
+                    reference: whole.clone(),
+                    reason: format!("layer {} has a negative size", desc.digest),
+                })?,
             });
-        }
-        progress(Progress::Resolved {
-            layers: layers.len(),
-            bytes: layers.iter().map(|l| l.size).sum(),
-        });
-        for (layer, desc) in layers.iter().zip(&manifest.layers) {
-            self.fetch_layer(&parsed, &whole, layer, desc, progress)
-                .await?;
         }
         let rc = raw.config.unwrap_or_default();
         let image = PulledImage {
@@ -452,81 +536,30 @@ impl ImageStore {
             },
             layers,
         };
-        self.record(image)
+        Ok(Resolved {
+            image,
+            reference: parsed,
+            descriptors: manifest.layers,
+        })
     }
 
-    async fn fetch_layer(
+    /// Pulls an image into the cache: resolves it and fetches the layers the cache lacks
+    /// (in parallel), each checked in one pass (size, digest, and diff_id while it is
+    /// decompressed). Building a root disk needs no separate pull:
+    /// [`crate::RootfsBuilder::pull_base`] unpacks in that same pass.
+    pub async fn pull(
         &self,
-        reference: &Reference,
-        whole: &str,
-        layer: &Layer,
-        desc: &OciDescriptor,
+        reference: &str,
         progress: &(dyn Fn(Progress) + Send + Sync),
-    ) -> Result<(), ImageError> {
-        let final_path = self.blob_path(&layer.digest)?;
-        if final_path.exists() {
-            progress(Progress::Cached {
-                digest: layer.digest.clone(),
-                bytes: layer.size,
-            });
-            return Ok(());
-        }
-        let tmp = self.root.join("tmp").join(format!(
-            "{}.{}",
-            hex_of(&layer.digest)?,
-            std::process::id()
-        ));
-        let file = tokio::fs::File::create(&tmp).await.map_err(io_at(&tmp))?;
-        let mut writer = HashingWriter {
-            inner: file,
-            hasher: Sha256::new(),
-            done: 0,
-            total: layer.size,
-            digest: layer.digest.clone(),
-            progress,
-            last_report: 0,
-        };
-        let result = self.client.pull_blob(reference, desc, &mut writer).await;
-        let actual = format!("sha256:{}", hex::encode(writer.hasher.finalize()));
-        drop(writer.inner);
-        let cleanup = |e: ImageError| {
-            let _ = fs::remove_file(&tmp);
-            e
-        };
-        result.map_err(|source| {
-            cleanup(ImageError::Registry {
-                reference: whole.to_string(),
-                source,
-            })
-        })?;
-        if actual != layer.digest {
-            return Err(cleanup(ImageError::DigestMismatch {
-                reference: whole.to_string(),
-                what: "layer".into(),
-                expected: layer.digest.clone(),
-                actual,
-            }));
-        }
-        let tmp_for_hash = tmp.clone();
-        let compression = layer.compression;
-        let diff_id = tokio::task::spawn_blocking(move || diff_id_of(&tmp_for_hash, compression))
+    ) -> Result<PulledImage, ImageError> {
+        let resolved = self.resolve(reference).await?;
+        let fetch = Arc::new(self.fetch(&resolved)?);
+        let checking = fetch.clone();
+        let check = tokio::task::spawn_blocking(move || checking.verify_downloaded());
+        crate::fetch::drive(check, &fetch, progress)
             .await
-            .map_err(|e| cleanup(io_at(&tmp)(io::Error::other(e))))?
-            .map_err(|e| cleanup(io_at(&tmp)(e)))?;
-        if diff_id != layer.diff_id {
-            return Err(cleanup(ImageError::DigestMismatch {
-                reference: whole.to_string(),
-                what: "uncompressed layer (diff_id)".into(),
-                expected: layer.diff_id.clone(),
-                actual: diff_id,
-            }));
-        }
-        fs::rename(&tmp, &final_path).map_err(|e| cleanup(io_at(&final_path)(e)))?;
-        info!(digest = %layer.digest, bytes = layer.size, "layer verified");
-        progress(Progress::Verified {
-            digest: layer.digest.clone(),
-        });
-        Ok(())
+            .map_err(|e| io_at(&self.root)(io::Error::other(e)))??;
+        self.record(resolved.image)
     }
 
     fn image_path(&self, digest: &str) -> Result<PathBuf, ImageError> {
@@ -537,7 +570,7 @@ impl ImageStore {
     }
 
     /// Saves the image record (atomically), merging the references it is known by.
-    fn record(&self, mut image: PulledImage) -> Result<PulledImage, ImageError> {
+    pub(crate) fn record(&self, mut image: PulledImage) -> Result<PulledImage, ImageError> {
         let path = self.image_path(&image.digest)?;
         if let Ok(old) = self.get(&image.digest) {
             for r in old.references {

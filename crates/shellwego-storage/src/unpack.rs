@@ -10,10 +10,11 @@
 //! are walked component by component with `lstat`, and nothing is ever opened through a
 //! symlink. A final component that is a symlink is replaced, not followed.
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::ffi::{CString, OsStr};
 use std::fs;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -46,6 +47,8 @@ pub enum UnpackError {
     },
     #[error("layer archive is unreadable: {0}")]
     Archive(#[source] io::Error),
+    #[error("the image has more than {limit} entries (its budget); refused")]
+    TooManyEntries { limit: u64 },
 }
 
 /// Counts of what a layer did, for progress and tests.
@@ -85,7 +88,13 @@ fn clean_relative(raw: &[u8], entry: &str) -> Result<Option<PathBuf>, UnpackErro
 /// Applies layers to one root directory.
 pub struct LayerApplier {
     root: PathBuf,
+    /// Entries all layers applied by this applier may have together.
+    entry_budget: u64,
+    entries: Cell<u64>,
 }
+
+/// File contents are copied through a buffer this big (few large writes, not many small).
+const COPY_BUFFER: usize = 256 << 10;
 
 fn io_err(entry: &str) -> impl Fn(io::Error) -> UnpackError + '_ {
     move |source| UnpackError::Io {
@@ -109,6 +118,27 @@ fn check(ret: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// Copies all of `from` into `to` through `buffer`: one write per buffer-full.
+fn copy_with(from: &mut impl Read, to: &mut fs::File, buffer: &mut [u8]) -> io::Result<u64> {
+    let mut total = 0;
+    loop {
+        let mut filled = 0;
+        while filled < buffer.len() {
+            match from.read(&mut buffer[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if filled == 0 {
+            return Ok(total);
+        }
+        to.write_all(&buffer[..filled])?;
+        total += filled as u64;
+    }
+}
+
 /// Removes whatever is at `path` without following a symlink there.
 fn remove_existing(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
@@ -123,7 +153,14 @@ impl LayerApplier {
     pub fn new(root: &Path) -> LayerApplier {
         LayerApplier {
             root: root.to_path_buf(),
+            entry_budget: u64::MAX,
+            entries: Cell::new(0),
         }
+    }
+
+    /// Refuses an image whose layers have more than `limit` entries together.
+    pub fn set_entry_budget(&mut self, limit: u64) {
+        self.entry_budget = limit;
     }
 
     /// Walks `rel`'s directories from the root, refusing symlinks; creates missing ones
@@ -170,6 +207,7 @@ impl LayerApplier {
         let mut stats = LayerStats::default();
         // Paths this layer wrote: an opaque whiteout hides only what lower layers put there.
         let mut created: HashSet<PathBuf> = HashSet::new();
+        let mut buffer = vec![0u8; COPY_BUFFER];
         for item in archive.entries().map_err(UnpackError::Archive)? {
             let mut e = item.map_err(UnpackError::Archive)?;
             let raw = e.path_bytes().into_owned();
@@ -178,6 +216,12 @@ impl LayerApplier {
                 continue; // the "./" entry: the root itself
             };
             stats.entries += 1;
+            self.entries.set(self.entries.get() + 1);
+            if self.entries.get() > self.entry_budget {
+                return Err(UnpackError::TooManyEntries {
+                    limit: self.entry_budget,
+                });
+            }
             let file_name = rel
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -236,7 +280,7 @@ impl LayerApplier {
                         .custom_flags(libc::O_NOFOLLOW)
                         .open(&path)
                         .map_err(io_err(&name))?;
-                    stats.bytes += io::copy(&mut e, &mut f).map_err(io_err(&name))?;
+                    stats.bytes += copy_with(&mut e, &mut f, &mut buffer).map_err(io_err(&name))?;
                 }
                 EntryType::Symlink => {
                     let target = e

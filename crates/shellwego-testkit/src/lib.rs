@@ -7,5 +7,6 @@ pub mod netns;
 pub mod oci;
 pub mod prereq;
 pub mod process;
+pub mod proxy;
 pub mod registry;
 pub mod zfs;

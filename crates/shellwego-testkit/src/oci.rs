@@ -79,6 +79,12 @@ impl ImageBuilder {
         self
     }
 
+    /// Makes the config give layer `index` a diff_id that its blob does not have.
+    pub fn lie_about_diff_id(mut self, index: usize) -> Self {
+        self.layers[index].1 = sha256(b"not what the layer holds");
+        self
+    }
+
     pub fn cmd(mut self, cmd: &[&str]) -> Self {
         self.cmd = cmd.iter().map(|s| s.to_string()).collect();
         self
@@ -269,6 +275,37 @@ impl TarBuilder {
     pub fn finish(self) -> Vec<u8> {
         self.builder.into_inner().expect("finish tar")
     }
+}
+
+/// A generated tree as a tar: `files` regular files of `bytes` each, spread over
+/// directories of 100, with content half pseudo-random and half text (so it compresses
+/// about as well as real programs and libraries do). Same `seed`, same bytes.
+pub fn generated_tree_tar(files: usize, bytes: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        // xorshift64*: fast, deterministic, good enough to defeat compression.
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    let mut tar = TarBuilder::new();
+    let mut data = vec![0u8; bytes];
+    for i in 0..files {
+        if i % 100 == 0 {
+            tar = tar.dir(&format!("data/d{:05}", i / 100), 0o755);
+        }
+        let random = bytes / 2;
+        for chunk in data[..random].chunks_mut(8) {
+            let r = next().to_le_bytes();
+            chunk.copy_from_slice(&r[..chunk.len()]);
+        }
+        for (j, b) in data[random..].iter_mut().enumerate() {
+            *b = b"the quick brown fox jumps over the lazy dog\n"[(i + j) % 44];
+        }
+        tar = tar.file(&format!("data/d{:05}/f{i:07}", i / 100), 0o644, &data);
+    }
+    tar.finish()
 }
 
 /// The real Alpine 3.23 root filesystem as a tar (from the rootfs tarball that

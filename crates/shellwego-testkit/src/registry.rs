@@ -15,10 +15,11 @@ const FIX: &str = "install it with `make setup` (apt-get install docker-registry
 pub struct Registry {
     /// `127.0.0.1:PORT`
     pub addr: String,
-    child: Child,
+    child: Option<Child>,
     dir: tempfile::TempDir,
     /// The network namespace it listens in (`None`: the test's own).
     netns: Option<String>,
+    bin: PathBuf,
 }
 
 fn free_port() -> u16 {
@@ -101,31 +102,59 @@ impl Registry {
             ),
         )
         .expect("write registry config");
-        let log = std::fs::File::create(dir.path().join("registry.log")).expect("registry log");
-        let child = command_in(netns.as_deref(), &bin)
+        let mut registry = Registry {
+            addr,
+            child: None,
+            dir,
+            netns,
+            bin,
+        };
+        registry.restart();
+        registry
+    }
+
+    /// Starts the registry again (same address and storage) after [`Registry::stop`].
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "the registry is running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("registry.log"))
+            .expect("registry log");
+        let child = command_in(self.netns.as_deref(), &self.bin)
             .arg("serve")
-            .arg(&config)
+            .arg(self.dir.path().join("config.yml"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start docker-registry: {e}; {FIX}"));
-        let registry = Registry {
-            addr,
-            child,
-            dir,
-            netns,
-        };
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !answers_in(registry.netns.as_deref(), &registry.addr) {
+        while !answers_in(self.netns.as_deref(), &self.addr) {
             assert!(
                 Instant::now() < deadline,
                 "registry did not answer on {} within 20 s",
-                registry.addr
+                self.addr
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        registry
+    }
+
+    /// Stops the registry process (kill -9: connections in flight are cut).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// How many times a blob was requested with GET (from the registry's access log).
+    pub fn blob_gets(&self, digest: &str) -> usize {
+        let log = std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains("\"GET /v2/") && l.contains(&format!("/blobs/{digest} ")))
+            .count()
     }
 
     /// Pushes the image tagged `tag` in an OCI layout as `NAME:TAG` (e.g. `test/alpine:3.23`).
@@ -155,7 +184,9 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        terminate(self.child.id() as i32, Duration::from_secs(5));
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            terminate(child.id() as i32, Duration::from_secs(5));
+            let _ = child.wait();
+        }
     }
 }

@@ -1,5 +1,5 @@
 # ShellWeGo: the two commands a person needs are `make demo` and `make test`.
-.PHONY: setup demo test test-unit test-agent-real build lint bench
+.PHONY: setup demo test test-unit test-agent-real build install lint bench
 
 CARGO ?= cargo
 
@@ -7,8 +7,13 @@ CARGO ?= cargo
 setup:
 	bash scripts/setup.sh
 
+## The optimized agent (and the demo's image builder): what the demo and `install` run.
 build:
-	$(CARGO) build --workspace --locked
+	$(CARGO) build --release --locked -p shellwego-agent -p shellwego-testkit --bins
+
+## Install the optimized agent as /usr/local/bin/shellwego (root).
+install: build
+	install -m 0755 $${CARGO_TARGET_DIR:-target}/release/shellwego /usr/local/bin/shellwego
 
 ## Set up the host and run the product's main job.
 demo: setup build

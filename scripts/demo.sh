@@ -11,8 +11,9 @@
 #                         created if missing, instead of the host's own
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/shellwego
-DEMO_IMAGE_BIN=${CARGO_TARGET_DIR:-$PWD/target}/debug/swg-demo-image
+# The optimized build (`make build`): the demo shows production speed.
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/shellwego
+DEMO_IMAGE_BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/swg-demo-image
 NS=${SHELLWEGO_NETNS:-}
 POOL=${SHELLWEGO_POOL:-shellwego}
 POOL_DIR=/var/lib/shellwego-pool
@@ -34,7 +35,7 @@ if ! zpool list "$POOL" >/dev/null 2>&1; then
   if ! zpool list >/dev/null 2>&1; then
     [ -e /dev/zfs ] && die "zfs" "the ZFS module is loaded but zpool does not answer"
     echo "starting zfs-fuse (no ZFS kernel module on this host)"
-    setsid zfs-fuse --no-daemon --no-kstat-mount >/var/log/shellwego-zfs-fuse.log 2>&1 < /dev/null &
+    setsid zfs-fuse --no-daemon --no-kstat-mount -o big_writes >/var/log/shellwego-zfs-fuse.log 2>&1 < /dev/null &
     echo $! > "$RUN/zfs-fuse.pid"
     for _ in $(seq 1 100); do zpool list >/dev/null 2>&1 && break; sleep 0.1; done
   fi

@@ -3,6 +3,7 @@
 //! unpacking (`unpack`), and the copy-on-write root disks of VMs (`rootfs`).
 
 pub mod atomic;
+pub mod ext4;
 pub mod fetch;
 pub mod image;
 pub mod layer;

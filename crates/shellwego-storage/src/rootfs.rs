@@ -13,7 +13,6 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use tracing::info;
 
+use crate::ext4::{base_inodes, base_size, copy_sparse, make_ext4, tree_size};
 use crate::fetch::LayerFetch;
 use crate::image::{ImageStore, Progress, PulledImage};
 use crate::unpack::{LayerApplier, UnpackError};
@@ -91,8 +91,10 @@ pub struct BuildTimings {
     pub unpack: Duration,
     /// Walking the tree for its size and inode count.
     pub sizing: Duration,
-    /// `mkfs.ext4 -d` writing the image file into the dataset.
+    /// `mkfs.ext4 -d` making the image file on local scratch space.
     pub mkfs: Duration,
+    /// Copying the image file into the dataset (the ZFS writes).
+    pub copy: Duration,
     /// Snapshot and read-only flag.
     pub snapshot: Duration,
     /// Entries in the tree and their bytes.
@@ -132,38 +134,6 @@ fn run(cmd: &mut Command) -> Result<(), RootfsError> {
     }
 }
 
-/// What a tree needs in ext4: its allocated bytes (plus an inode, 256 B, per entry) and
-/// its number of entries.
-fn tree_size(dir: &Path) -> io::Result<(u64, u64)> {
-    let (mut bytes, mut entries) = (0, 0);
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in fs::read_dir(&d)? {
-            let entry = entry?;
-            let meta = entry.metadata()?;
-            bytes += meta.blocks() * 512 + 256;
-            entries += 1;
-            if meta.is_dir() {
-                stack.push(entry.path());
-            }
-        }
-    }
-    Ok((bytes, entries))
-}
-
-/// The size of a base image: content plus a quarter and 64 MiB of headroom, whole MiB.
-pub fn base_size(content_bytes: u64) -> u64 {
-    let want = content_bytes + content_bytes / 4 + 64 * MIB;
-    want.div_ceil(MIB) * MIB
-}
-
-/// Inodes for a base image of `entries` entries and `size` bytes: the entries plus a
-/// quarter and 4096 for the app's own files, and never fewer than mkfs's default of
-/// one per 16 KiB (so a tree of many small files fits, and a large one keeps room).
-pub fn base_inodes(entries: u64, size: u64) -> u64 {
-    (entries + entries / 4 + 4096).max(size / (16 << 10))
-}
-
 /// Holds an exclusive `flock` on a file while alive (cross-process build lock).
 struct FileLock(fs::File);
 
@@ -190,7 +160,10 @@ impl Drop for FileLock {
 }
 
 impl RootfsBuilder {
+    /// A builder for bases and clones under `data_dir`. Unpack dirs and scratch images
+    /// that a process which is gone left in `<data_dir>/tmp` are removed.
     pub fn new(zfs: ZfsManager, data_dir: &Path) -> RootfsBuilder {
+        sweep_dead_builds(&data_dir.join("tmp"));
         RootfsBuilder {
             zfs,
             data_dir: data_dir.to_path_buf(),
@@ -300,8 +273,22 @@ impl RootfsBuilder {
         ));
         let _ = fs::remove_dir_all(&unpack_dir);
         fs::create_dir_all(&unpack_dir).map_err(io_err("creating", &unpack_dir))?;
-        let result = self.build_base(layers, image, &dataset, &snapshot, &mountpoint, &unpack_dir);
-        let _ = fs::remove_dir_all(&unpack_dir);
+        let scratch_image = unpack_dir.with_extension("ext4");
+        let _ = fs::remove_file(&scratch_image);
+        let result = self.build_base(
+            layers,
+            image,
+            &dataset,
+            &snapshot,
+            &mountpoint,
+            &unpack_dir,
+            &scratch_image,
+        );
+        let _ = fs::remove_file(&scratch_image);
+        // Removing a large tree takes a while: the base is ready, so do it behind.
+        std::thread::spawn(move || {
+            let _ = fs::remove_dir_all(&unpack_dir);
+        });
         if result.is_err() {
             let _ = self.zfs.destroy(&dataset);
         }
@@ -316,6 +303,7 @@ impl RootfsBuilder {
         snapshot: &str,
         mountpoint: &Path,
         unpack_dir: &Path,
+        scratch_image: &Path,
     ) -> Result<BaseImage, RootfsError> {
         let mut timings = BuildTimings::default();
         let t = Instant::now();
@@ -344,12 +332,20 @@ impl RootfsBuilder {
         timings.sizing = t.elapsed();
         timings.entries = entries;
         timings.content_bytes = content;
+        let t = Instant::now();
+        make_ext4(unpack_dir, scratch_image, size, inodes).map_err(|stderr| {
+            RootfsError::Command {
+                cmd: "mkfs.ext4".into(),
+                stderr,
+            }
+        })?;
+        timings.mkfs = t.elapsed();
         let mp = mountpoint.to_string_lossy();
         self.zfs.create(
             dataset,
             &[
                 ("mountpoint", mp.as_ref()),
-                ("compression", self.zfs.flavor().compression()),
+                ("compression", self.zfs.flavor().base_compression()),
             ],
         )?;
         let mounted = self
@@ -358,20 +354,8 @@ impl RootfsBuilder {
             .ok_or_else(|| RootfsError::NotMounted(dataset.to_string()))?;
         let file = mounted.join(IMAGE_FILE);
         let t = Instant::now();
-        run(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-L", "rootfs", "-N"])
-            .arg(inodes.to_string())
-            // The file is new and sparse: its holes already read as zeros, so inode
-            // tables and the journal need not be written out.
-            .args([
-                "-E",
-                "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-                "-d",
-            ])
-            .arg(unpack_dir)
-            .arg(&file)
-            .arg(format!("{}k", size / 1024)))?;
-        timings.mkfs = t.elapsed();
+        copy_sparse(scratch_image, &file).map_err(io_err("copying the image into", &file))?;
+        timings.copy = t.elapsed();
         let t = Instant::now();
         self.zfs.snapshot(snapshot)?;
         self.zfs.set(dataset, "readonly", "on")?;
@@ -470,32 +454,32 @@ impl RootfsBuilder {
     }
 }
 
+/// Removes `unpack-<digest>-<pid>[.ext4]` entries whose process is gone.
+fn sweep_dead_builds(tmp: &Path) {
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("unpack-") else {
+            continue;
+        };
+        let pid = rest
+            .trim_end_matches(".ext4")
+            .rsplit('-')
+            .next()
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            let path = entry.path();
+            let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
+        }
+    }
+}
+
 fn join_err(e: &tokio::task::JoinError) -> RootfsError {
     RootfsError::Io {
         what: "a blocking build task".into(),
         path: PathBuf::new(),
         source: io::Error::other(e.to_string()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base_size_has_headroom() {
-        assert_eq!(base_size(0), 64 * MIB);
-        assert_eq!(base_size(80 * MIB), 164 * MIB);
-        assert_eq!(base_size(1) % MIB, 0);
-    }
-
-    #[test]
-    fn many_small_files_get_their_inodes() {
-        // 200,000 files of one block: mkfs's default (one inode per 16 KiB) would give
-        // about 64,000 and fail with "Could not allocate".
-        let size = base_size(200_000 * 4096);
-        assert!(base_inodes(200_000, size) >= 250_000);
-        // A large image with few files keeps mkfs's default ratio.
-        assert_eq!(base_inodes(10, 1 << 30), (1 << 30) / (16 << 10));
     }
 }

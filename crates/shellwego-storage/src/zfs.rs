@@ -36,6 +36,17 @@ impl ZfsFlavor {
             ZfsFlavor::ZfsFuse => "on",
         }
     }
+
+    /// Compression for base images (one per image, shared by every clone). zfs-fuse's
+    /// only algorithm (lzjb, in the FUSE daemon) halved the speed of writing a base here
+    /// (2.3 s against 5.5 s for 693 MB), so bases stay uncompressed there; lz4 costs
+    /// nothing measurable on kernel ZFS.
+    pub fn base_compression(self) -> &'static str {
+        match self {
+            ZfsFlavor::OpenZfs => "lz4",
+            ZfsFlavor::ZfsFuse => "off",
+        }
+    }
 }
 
 /// A failed ZFS operation, with the command and what it printed.

@@ -148,7 +148,7 @@ fn pull_multi_layer_image_builds_with_every_digest_and_diff_id_checked_in_one_pa
     assert_eq!(
         base.timings.entries,
         2 + 1 + 3 + 300,
-        "etc, motd, data, 3 dirs, 300 files"
+        "etc, motd, data1, 3 dirs, 300 files"
     );
 
     let disk = rig
@@ -160,7 +160,7 @@ fn pull_multi_layer_image_builds_with_every_digest_and_diff_id_checked_in_one_pa
         debugfs(&disk.image_path, "stat /etc/removed").is_empty(),
         "the whiteout removed it"
     );
-    assert!(debugfs(&disk.image_path, "ls -l /data/d00002").contains("f0000299"));
+    assert!(debugfs(&disk.image_path, "ls -l /data1/d00002").contains("f0000299"));
 
     // Each blob was read from the registry exactly once and is now in the cache.
     for d in &digests {

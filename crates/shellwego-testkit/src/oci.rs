@@ -277,8 +277,8 @@ impl TarBuilder {
     }
 }
 
-/// A generated tree as a tar: `files` regular files of `bytes` each, spread over
-/// directories of 100, with content half pseudo-random and half text (so it compresses
+/// A generated tree as a tar: `files` regular files of `bytes` each under `data<seed>/`,
+/// spread over directories of 100, with content half pseudo-random and half text (so it compresses
 /// about as well as real programs and libraries do). Same `seed`, same bytes.
 pub fn generated_tree_tar(files: usize, bytes: usize, seed: u64) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -293,7 +293,7 @@ pub fn generated_tree_tar(files: usize, bytes: usize, seed: u64) -> Vec<u8> {
     let mut data = vec![0u8; bytes];
     for i in 0..files {
         if i % 100 == 0 {
-            tar = tar.dir(&format!("data/d{:05}", i / 100), 0o755);
+            tar = tar.dir(&format!("data{seed}/d{:05}", i / 100), 0o755);
         }
         let random = bytes / 2;
         for chunk in data[..random].chunks_mut(8) {
@@ -303,7 +303,7 @@ pub fn generated_tree_tar(files: usize, bytes: usize, seed: u64) -> Vec<u8> {
         for (j, b) in data[random..].iter_mut().enumerate() {
             *b = b"the quick brown fox jumps over the lazy dog\n"[(i + j) % 44];
         }
-        tar = tar.file(&format!("data/d{:05}/f{i:07}", i / 100), 0o644, &data);
+        tar = tar.file(&format!("data{seed}/d{:05}/f{i:07}", i / 100), 0o644, &data);
     }
     tar.finish()
 }

@@ -31,6 +31,7 @@ use tokio::net::UnixListener;
 use tokio::sync::Notify;
 use tracing::warn;
 
+use crate::conn;
 use crate::reconciler::executor::Executor;
 use crate::reconciler::{FailureRecord, Health, VmState};
 use crate::spec::DesiredApp;
@@ -82,6 +83,7 @@ pub struct ExecResponse {
 pub struct ApiState {
     pub exec: Arc<Executor>,
     pub wake: Arc<Notify>,
+    pub overcommit: crate::admission::Overcommit,
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -113,6 +115,41 @@ fn target_vm(vms: &[VmRow]) -> Option<&VmRow> {
 }
 
 impl ApiState {
+    /// Whether the host can take `app` next to the other apps (`Err(Ok)`: what is short;
+    /// `Err(Err)`: the host could not be measured).
+    async fn admit(
+        &self,
+        app: &DesiredApp,
+    ) -> Result<(), Result<crate::admission::Refusal, String>> {
+        let others: Vec<_> = match self.exec.store.desired() {
+            Ok(d) => d
+                .apps
+                .values()
+                .filter(|a| a.name != app.name)
+                .map(|a| a.resources)
+                .collect(),
+            Err(e) => return Err(Err(e.to_string())),
+        };
+        let zfs = self.exec.platform.rootfs.zfs().clone();
+        let pool = zfs.pool().to_string();
+        let measured = tokio::task::spawn_blocking(move || {
+            let mem = crate::admission::mem_total().map_err(|e| e.to_string())?;
+            let used = zfs.get_u64(&pool, "used").map_err(|e| e.to_string())?;
+            let avail = zfs.get_u64(&pool, "available").map_err(|e| e.to_string())?;
+            Ok::<_, String>((mem, used + avail))
+        })
+        .await
+        .map_err(|e| Err(e.to_string()))?;
+        let (mem, pool_size) = measured.map_err(Err)?;
+        let cap = crate::admission::Capacity::of_host(
+            mem,
+            pool_size,
+            self.overcommit.memory,
+            self.overcommit.disk,
+        );
+        crate::admission::admit(cap, &others, &app.resources).map_err(Ok)
+    }
+
     fn status(&self) -> Result<Vec<AppStatus>, String> {
         let store = &self.exec.store;
         let desired = store.desired().map_err(|e| e.to_string())?;
@@ -275,6 +312,16 @@ impl ApiState {
                 format!("secret {bad:?} is not declared in the spec's [secrets]"),
             );
         }
+        if let Err(e) = crate::bounds::check_secret_values(&body.secrets) {
+            return error(StatusCode::UNPROCESSABLE_ENTITY, e);
+        }
+        match self.admit(&app).await {
+            Ok(()) => {}
+            Err(Ok(refusal)) => return error(StatusCode::UNPROCESSABLE_ENTITY, refusal),
+            Err(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        }
+        // Inline values arrived with the others (to be sealed); the stored spec keeps none.
+        let app = app.without_secret_values();
         if let Err(e) = self.exec.set_secrets(name, &body.secrets) {
             return error(StatusCode::INTERNAL_SERVER_ERROR, e);
         }
@@ -360,9 +407,11 @@ pub async fn serve(socket: &Path, state: Arc<ApiState>) -> std::io::Result<()> {
     let _ = std::fs::remove_file(socket);
     let listener = UnixListener::bind(socket)?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(conn::API_MAX_CONNECTIONS));
     loop {
-        let (stream, _) = listener.accept().await?;
-        tokio::spawn(serve_connection(stream, state.clone(), None));
+        let ((stream, _), permit) =
+            conn::accept_bounded(&slots, "API socket", || listener.accept()).await;
+        tokio::spawn(serve_connection(stream, state.clone(), None, permit));
     }
 }
 
@@ -374,14 +423,25 @@ pub async fn serve_tcp(
     state: Arc<ApiState>,
 ) -> std::io::Result<()> {
     let token = Arc::new(token);
+    let slots = Arc::new(tokio::sync::Semaphore::new(conn::API_MAX_CONNECTIONS));
     loop {
-        let (stream, _) = listener.accept().await?;
-        tokio::spawn(serve_connection(stream, state.clone(), Some(token.clone())));
+        let ((stream, _), permit) =
+            conn::accept_bounded(&slots, "TCP API", || listener.accept()).await;
+        tokio::spawn(serve_connection(
+            stream,
+            state.clone(),
+            Some(token.clone()),
+            permit,
+        ));
     }
 }
 
-async fn serve_connection<S>(stream: S, state: Arc<ApiState>, token: Option<Arc<String>>)
-where
+async fn serve_connection<S>(
+    stream: S,
+    state: Arc<ApiState>,
+    token: Option<Arc<String>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |req: Request<Incoming>| {
@@ -399,11 +459,14 @@ where
             Ok::<_, Infallible>(state.handle(req).await)
         }
     });
-    if let Err(e) = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(stream), service)
-        .await
-    {
-        warn!(error = %e, "API connection");
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(conn::API_HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(conn::API_CONNECTION_LIMIT, connection).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "API connection"),
+        Err(_) => warn!("API connection open for too long; closed"),
     }
 }
 

@@ -52,6 +52,18 @@ pub struct Config {
     /// The address apps' published ports (`[[ports]] host = N`) listen on.
     /// `SHELLWEGO_PUBLISH_ADDRESS`.
     pub publish_address: std::net::IpAddr,
+    /// Uncompressed bytes one image may unpack to (a zip bomb stops here).
+    /// `SHELLWEGO_IMAGE_MAX_BYTES`.
+    pub image_max_bytes: u64,
+    /// Files, directories and links one image may have. `SHELLWEGO_IMAGE_MAX_ENTRIES`.
+    pub image_max_entries: u64,
+    /// Percent of the host's memory (less 512 MiB for the host) that the apps' VMs may be
+    /// given together; an app that would pass it is refused at `apply`.
+    /// `SHELLWEGO_MEMORY_OVERCOMMIT`.
+    pub memory_overcommit: u32,
+    /// Percent of the pool's size that the apps' disks may add up to (disks are thin
+    /// clones, so more than 100 is reasonable). `SHELLWEGO_DISK_OVERCOMMIT`.
+    pub disk_overcommit: u32,
 }
 
 impl Default for Config {
@@ -74,6 +86,10 @@ impl Default for Config {
             api_token_file: PathBuf::from("/etc/shellwego/api.token"),
             secrets_key: PathBuf::from("/etc/shellwego/secrets.key"),
             publish_address: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            image_max_bytes: 2 << 30,
+            image_max_entries: 500_000,
+            memory_overcommit: 100,
+            disk_overcommit: 400,
         }
     }
 }
@@ -176,6 +192,19 @@ impl Config {
             self.publish_address = addr;
         }
         string("SHELLWEGO_BOOT", &mut self.boot);
+        let number = "expected a whole number";
+        if let Some(v) = parse_env(&get, "SHELLWEGO_IMAGE_MAX_BYTES", number)? {
+            self.image_max_bytes = v;
+        }
+        if let Some(v) = parse_env(&get, "SHELLWEGO_IMAGE_MAX_ENTRIES", number)? {
+            self.image_max_entries = v;
+        }
+        if let Some(v) = parse_env(&get, "SHELLWEGO_MEMORY_OVERCOMMIT", number)? {
+            self.memory_overcommit = v;
+        }
+        if let Some(v) = parse_env(&get, "SHELLWEGO_DISK_OVERCOMMIT", number)? {
+            self.disk_overcommit = v;
+        }
         if let Some(v) = get("SHELLWEGO_INSECURE_REGISTRIES").and_then(|v| v.into_string().ok()) {
             self.insecure_registries = v
                 .split(',')

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use shellwego_network::{CniNetwork, NetworkConfig};
-use shellwego_storage::{ImageStore, RegistryConfig, RootfsBuilder, ZfsManager};
+use shellwego_storage::{ImageBudget, ImageStore, RegistryConfig, RootfsBuilder, ZfsManager};
 use tokio::sync::Notify;
 use tracing::info;
 
 use crate::api::{self, ApiState};
 use crate::config::{find_executable, Config};
 use crate::endpoint::Endpoints;
+use crate::hardening::{harden_process, private_dir, private_file};
 use crate::provision::{BootMode, Platform};
 use crate::reconciler::executor::Executor;
 use crate::state::Store;
@@ -54,11 +55,19 @@ pub async fn platform(config: &Config) -> Result<Platform> {
         bail!("ZFS pool {} is {}", config.pool, health.health);
     }
     let data = &config.data_dir;
-    let images = ImageStore::open(
+    for dir in [data, &config.run_dir] {
+        private_dir(dir).with_context(|| format!("cannot make {} root-only", dir.display()))?;
+    }
+    let images = ImageStore::open_with(
         &data.join("oci"),
         RegistryConfig {
             insecure: config.insecure_registries.clone(),
             ..Default::default()
+        },
+        ImageBudget {
+            max_unpacked_bytes: config.image_max_bytes,
+            max_entries: config.image_max_entries,
+            ..ImageBudget::default()
         },
     )?;
     let network = CniNetwork::new(
@@ -104,8 +113,11 @@ pub async fn run(config: Config) -> Result<()> {
         "warm" | "cold" => BootMode::Cold,
         other => bail!("boot = {other:?}: use \"warm\" or \"cold\""),
     };
+    harden_process();
     let platform = Arc::new(platform(&config).await?);
-    let store = Arc::new(Store::open(&config.data_dir.join("agent.redb"))?);
+    let db = config.data_dir.join("agent.redb");
+    let store = Arc::new(Store::open(&db)?);
+    private_file(&db).with_context(|| format!("cannot make {} root-only", db.display()))?;
     crate::fault::check_configured().map_err(anyhow::Error::msg)?;
     let vault = Vault::open_or_create(&config.secrets_key)?;
     let endpoints = Endpoints::new(config.publish_address);
@@ -117,6 +129,10 @@ pub async fn run(config: Config) -> Result<()> {
     let state = Arc::new(ApiState {
         exec: exec.clone(),
         wake: wake.clone(),
+        overcommit: crate::admission::Overcommit {
+            memory: config.memory_overcommit,
+            disk: config.disk_overcommit,
+        },
     });
     let consoles = exec.platform.clone();
     tokio::spawn(async move {

@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
+
+use crate::conn;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 use uuid::Uuid;
@@ -209,15 +211,10 @@ impl Endpoints {
 }
 
 async fn accept_loop(listener: TcpListener, guest_port: u16, target: Target, counts: Arc<Counts>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(conn::ENDPOINT_MAX_CONNECTIONS));
     loop {
-        let (client, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                warn!(error = %e, "endpoint accept");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
+        let ((client, peer), permit) =
+            conn::accept_bounded(&slots, "endpoint", || listener.accept()).await;
         let backend = *target.read().unwrap_or_else(|p| p.into_inner());
         let Some(backend) = backend else {
             continue;
@@ -229,9 +226,10 @@ async fn accept_loop(listener: TcpListener, guest_port: u16, target: Target, cou
         };
         tokio::spawn(async move {
             let _guard = guard;
+            let _permit = permit;
             let addr = SocketAddr::new(IpAddr::V4(backend.ip), guest_port);
             let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
-            let mut upstream = match upstream {
+            let upstream = match upstream {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
                     warn!(%peer, %addr, error = %e, "endpoint: the VM refused the connection");
@@ -242,11 +240,12 @@ async fn accept_loop(listener: TcpListener, guest_port: u16, target: Target, cou
                     return;
                 }
             };
-            let mut client = client;
             let _ = client.set_nodelay(true);
             let _ = upstream.set_nodelay(true);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                debug!(%peer, error = %e, "endpoint connection ended");
+            match conn::proxy(client, upstream, conn::ENDPOINT_IDLE).await {
+                Ok(conn::ProxyEnd::Closed) => {}
+                Ok(conn::ProxyEnd::Idle) => debug!(%peer, "endpoint connection idle; closed"),
+                Err(e) => debug!(%peer, error = %e, "endpoint connection ended"),
             }
         });
     }

@@ -21,15 +21,48 @@ pub fn for_host(check: &HealthCheck, kind: crate::host::HostKind) -> HealthCheck
     }
 }
 
+/// Why a probe did not pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeFailure {
+    pub message: String,
+    /// The host, not the VM, could not probe (out of descriptors or memory): this says
+    /// nothing about the app and must never count against it.
+    pub inconclusive: bool,
+}
+
+impl std::fmt::Display for ProbeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<String> for ProbeFailure {
+    fn from(message: String) -> ProbeFailure {
+        ProbeFailure {
+            message,
+            inconclusive: false,
+        }
+    }
+}
+
+/// Errors that mean this host ran out of something, not that the peer failed.
+pub fn is_local_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
 /// One probe; `Err` says why it failed.
-pub async fn probe(ip: Ipv4Addr, check: &HealthCheck) -> Result<(), String> {
+pub async fn probe(ip: Ipv4Addr, check: &HealthCheck) -> Result<(), ProbeFailure> {
     let addr = SocketAddr::from((ip, check.port));
     let attempt = async {
-        let mut stream = TcpStream::connect(addr)
-            .await
-            .map_err(|e| format!("connect {addr}: {e}"))?;
+        let mut stream = TcpStream::connect(addr).await.map_err(|e| ProbeFailure {
+            message: format!("connect {addr}: {e}"),
+            inconclusive: is_local_exhaustion(&e),
+        })?;
         let Probe::Http { path } = &check.probe else {
-            return Ok(());
+            return Ok::<(), ProbeFailure>(());
         };
         let req =
             format!("GET {path} HTTP/1.0\r\nHost: {ip}\r\nUser-Agent: shellwego-health\r\n\r\n");
@@ -56,12 +89,12 @@ pub async fn probe(ip: Ipv4Addr, check: &HealthCheck) -> Result<(), String> {
         if (200..400).contains(&status) {
             Ok(())
         } else {
-            Err(format!("GET {path} answered {status}"))
+            Err(format!("GET {path} answered {status}").into())
         }
     };
     match tokio::time::timeout(check.timeout, attempt).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+        Err(_) => Err(format!("no answer within {:?}", check.timeout).into()),
     }
 }
 
@@ -78,7 +111,7 @@ pub async fn wait_healthy(
         let probed = Instant::now();
         match probe(ip, check).await {
             Ok(()) => return Ok(start.elapsed()),
-            Err(e) => last = e,
+            Err(e) => last = e.message,
         }
         let pause = check.interval.saturating_sub(probed.elapsed());
         tokio::time::sleep(pause.min(budget.saturating_sub(start.elapsed()))).await;
@@ -89,6 +122,16 @@ pub async fn wait_healthy(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn running_out_of_descriptors_is_inconclusive() {
+        assert!(is_local_exhaustion(&std::io::Error::from_raw_os_error(
+            libc::EMFILE
+        )));
+        assert!(!is_local_exhaustion(&std::io::Error::from_raw_os_error(
+            libc::ECONNREFUSED
+        )));
+    }
 
     fn check(probe: Probe, port: u16) -> HealthCheck {
         HealthCheck {
@@ -137,7 +180,7 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert!(err.contains("503"), "{err}");
+        assert!(err.message.contains("503") && !err.inconclusive, "{err}");
         let closed = TcpStream::connect(("127.0.0.1", 1)).await;
         assert!(closed.is_err());
         let err = wait_healthy(lo, &check(Probe::Tcp, 1), Duration::from_millis(200))

@@ -2,14 +2,18 @@
 //! reconciliation planning, Firecracker machine configuration) and the host-facing
 //! pieces built on it (host detection, `doctor`).
 
+pub mod admission;
 pub mod api;
+pub mod bounds;
 pub mod client;
 pub mod config;
+pub mod conn;
 pub mod daemon;
 pub mod doctor;
 pub mod endpoint;
 pub mod fault;
 pub mod guest;
+pub mod hardening;
 pub mod health;
 pub mod host;
 pub mod initrd;

@@ -178,6 +178,9 @@ fn resolve_secrets(app: &DesiredApp) -> Result<BTreeMap<String, String>> {
     for (name, source) in &app.secrets {
         let value = match source {
             SecretSource::Value(v) => v.clone(),
+            SecretSource::Inline => {
+                bail!("secrets.{name}: the spec names an inline value but carries none")
+            }
             SecretSource::Env(var) => std::env::var(var).with_context(|| {
                 format!("secrets.{name}: environment variable {var} is not set")
             })?,
@@ -188,6 +191,7 @@ fn resolve_secrets(app: &DesiredApp) -> Result<BTreeMap<String, String>> {
         };
         out.insert(name.clone(), value);
     }
+    shellwego_agent::bounds::check_secret_values(&out)?;
     Ok(out)
 }
 

@@ -83,6 +83,9 @@ pub enum SecretSource {
     File(PathBuf),
     /// Given inline in the spec.
     Value(String),
+    /// Was given inline; the value itself travels with the others (sealed at rest) and is
+    /// not kept in the stored spec.
+    Inline,
 }
 
 /// A guest port, optionally published on the host as the app's stable endpoint.
@@ -136,7 +139,11 @@ pub enum SpecError {
     Quantity(#[from] FieldError),
 }
 
-fn invalid(field: impl Into<String>, value: impl Into<String>, reason: &str) -> SpecError {
+pub(crate) fn invalid(
+    field: impl Into<String>,
+    value: impl Into<String>,
+    reason: &str,
+) -> SpecError {
     SpecError::Invalid {
         field: field.into(),
         value: value.into(),
@@ -437,7 +444,7 @@ impl DesiredApp {
             download_bps: bitrate("bandwidth.download", raw.bandwidth.download.as_deref())?,
             upload_bps: bitrate("bandwidth.upload", raw.bandwidth.upload.as_deref())?,
         };
-        Ok(DesiredApp {
+        let app = DesiredApp {
             name: raw.name,
             image: raw.image,
             run: raw.run,
@@ -447,14 +454,29 @@ impl DesiredApp {
             ports,
             health,
             bandwidth,
-        })
+        };
+        crate::bounds::check(&app)?;
+        Ok(app)
     }
 
-    /// A short, stable hash of everything in the spec: two specs that differ in any field
-    /// (image, resources, env, secret sources, ...) have different versions.
+    /// The spec as the agent stores it: inline secret values removed (they are delivered
+    /// and sealed like every other secret value, never kept or hashed in the clear).
+    pub fn without_secret_values(&self) -> DesiredApp {
+        let mut app = self.clone();
+        for source in app.secrets.values_mut() {
+            if matches!(source, SecretSource::Value(_)) {
+                *source = SecretSource::Inline;
+            }
+        }
+        app
+    }
+
+    /// A short, stable hash of everything in the spec but secret values: two specs that
+    /// differ in any field (image, resources, env, secret sources, ...) have different
+    /// versions.
     pub fn spec_hash(&self) -> String {
         // serde_json of BTreeMaps and plain structs is deterministic.
-        let json = serde_json::to_vec(self).unwrap_or_default();
+        let json = serde_json::to_vec(&self.without_secret_values()).unwrap_or_default();
         let digest = Sha256::digest(&json);
         hex::encode(&digest[..6])
     }

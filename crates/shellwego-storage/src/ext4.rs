@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::Command;
@@ -100,9 +100,11 @@ fn next_data(file: &fs::File, offset: u64, whence: libc::c_int) -> io::Result<Op
 pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<u64> {
     let from = fs::File::open(src)?;
     let len = from.metadata()?.len();
+    // A root disk holds the image's files: root-only, whatever the umask.
     let to = fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600)
         .open(dst)?;
     let mut buf = vec![0u8; COPY_CHUNK];
     let mut written = 0;

@@ -418,6 +418,13 @@ impl RootfsBuilder {
                 run(Command::new("resize2fs").arg("-f").arg(&image_path))?;
             }
         }
+        // The disk image cannot outgrow its size, but the dataset could hold other files:
+        // bound what the VM's dataset may reference to its disk and some metadata.
+        let size = fs::metadata(&image_path)
+            .map_err(io_err("reading disk image", &image_path))?
+            .len();
+        self.zfs
+            .set(&dataset, "refquota", &refquota_for(size).to_string())?;
         Ok(VmDisk {
             dataset,
             mountpoint: mounted,
@@ -452,6 +459,12 @@ impl RootfsBuilder {
             .filter(|n| !n.contains('/') && !n.contains('@'))
             .collect())
     }
+}
+
+/// The `refquota` of a VM's dataset whose disk image is `disk` bytes: the disk plus an
+/// eighth and 64 MiB for ZFS's own metadata.
+pub fn refquota_for(disk: u64) -> u64 {
+    (disk + disk / 8 + 64 * MIB).div_ceil(MIB) * MIB
 }
 
 /// Removes `unpack-<digest>-<pid>[.ext4]` entries whose process is gone.

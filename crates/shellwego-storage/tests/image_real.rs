@@ -116,6 +116,11 @@ fn tc_i2_alpine_pull_unpack_base_clone() {
         grown >= base.size_bytes + (64 << 20),
         "clone grown to disk_bytes: {grown}"
     );
+    assert_eq!(
+        zfs.get_u64(&disk.dataset, "refquota").unwrap(),
+        shellwego_storage::rootfs::refquota_for(grown),
+        "each VM disk has a refquota"
+    );
 
     // The base is built once; removal leaves no dataset behind.
     let (_, again) = rt()

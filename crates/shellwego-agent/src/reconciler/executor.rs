@@ -224,6 +224,10 @@ impl Executor {
                 fails.remove(&row.vm_id);
                 false
             }
+            Err(e) if e.inconclusive => {
+                warn!(vm = %row.vm_id, error = %e, "health probe could not run on this host; not counted");
+                false
+            }
             Err(e) => {
                 let n = fails.entry(row.vm_id).or_insert(0);
                 *n += 1;
@@ -256,6 +260,7 @@ impl Executor {
             (Some(_), None) => Err("the VM has no IP".to_string()),
             (Some(check), Some(ip)) => match health::probe(ip, &check).await {
                 Ok(()) => Ok(()),
+                Err(e) if e.inconclusive => return false,
                 Err(e) => {
                     let budget = self.platform.boot_budget(self.mode) + check.grace;
                     if now_secs().saturating_sub(row.created_at) < budget.as_secs() {

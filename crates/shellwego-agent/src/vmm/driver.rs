@@ -10,6 +10,7 @@
 //! [`FirecrackerApi`] speaks HTTP/1.1 (hyper) to that socket, one connection per request,
 //! with typed bodies; a failed request carries Firecracker's own `fault_message`.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -338,15 +339,18 @@ pub async fn spawn_with(
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(rt.firecracker_log())
         .map_err(|source| DriverError::Io {
             what: "creating firecracker log",
             path: rt.firecracker_log(),
             source,
         })?;
+    // The console is the app's stdout and stderr: root-only, whatever the umask.
     let console = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(rt.console_log())
         .map_err(|source| DriverError::Io {
             what: "opening console log",

@@ -1,0 +1,91 @@
+//! The agent process's own protections, applied once at start: files it creates are
+//! private (umask 077), its memory cannot be read through ptrace or core dumps by anyone
+//! but root (not dumpable: it holds the secrets key and opened secrets), it may hold many
+//! descriptors (every VM, proxied connection and probe takes some), and its directories
+//! are root-only.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use tracing::{info, warn};
+
+/// Umask, non-dumpable, and the open-file limit raised to the hard limit.
+pub fn harden_process() {
+    // SAFETY: umask only sets this process's file-creation mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
+    // SAFETY: prctl with PR_SET_DUMPABLE and a plain integer argument.
+    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
+        warn!(error = %io::Error::last_os_error(), "cannot make the agent non-dumpable");
+    }
+    match raise_nofile() {
+        Ok(n) => info!(open_files = n, "open-file limit"),
+        Err(e) => warn!(error = %e, "cannot raise the open-file limit"),
+    }
+}
+
+/// Raises the soft open-file limit to the hard one; returns the new soft limit.
+pub fn raise_nofile() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Creates `dir` (and its parents) and makes it root-only (0700), also when it existed.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Makes an existing file root-only (0600); a missing one is fine.
+pub fn private_file(path: &Path) -> io::Result<()> {
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn private_dirs_and_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/b");
+        private_dir(&dir).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        let f = dir.join("f");
+        std::fs::write(&f, b"x").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        private_file(&f).unwrap();
+        assert_eq!(std::fs::metadata(&f).unwrap().mode() & 0o777, 0o600);
+        private_file(&dir.join("missing")).unwrap();
+    }
+
+    #[test]
+    fn nofile_is_raised_to_the_hard_limit() {
+        let n = raise_nofile().unwrap();
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        assert_eq!(n, lim.rlim_max);
+    }
+}

@@ -174,7 +174,8 @@ impl ApiState {
                 });
                 AppStatus {
                     image: spec.map(|s| s.image.clone()).unwrap_or_default(),
-                    failure: failures.get(&name).cloned(),
+                    // A record of interruptions alone (no failed attempt) is not a failure.
+                    failure: failures.get(&name).filter(|f| f.attempts > 0).cloned(),
                     name,
                     version,
                     vms: app_vms,

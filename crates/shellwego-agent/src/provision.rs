@@ -282,11 +282,11 @@ impl Platform {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        let mut entropy = vec![0u8; 32];
-        if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-            use std::io::Read;
-            let _ = f.read_exact(&mut entropy);
-        }
+        // The guest credits these bytes and reseeds its RNG from them before the app
+        // starts: they must be real randomness, never a fallback.
+        let mut entropy = vec![0u8; 64];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut entropy)
+            .map_err(|_| fail("guest")(&"the host's random source failed"))?;
         let netcfg = NetConfig {
             address: net.ip.to_string(),
             prefix_len: net.prefix_len,

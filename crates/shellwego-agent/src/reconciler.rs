@@ -92,7 +92,15 @@ pub struct FailureRecord {
     /// Why the last attempt failed (for `apply` and `ps`).
     #[serde(default)]
     pub reason: String,
+    /// Provisions of `version` in a row that an agent restart interrupted. A provision
+    /// that keeps taking the agent down with it counts as a failure from the second one
+    /// on, so a hostile image cannot hold the agent in a crash loop.
+    #[serde(default)]
+    pub interrupted: u32,
 }
+
+/// Interrupted provisions of one version in a row that count as a failure.
+pub const MAX_INTERRUPTED: u32 = 2;
 
 impl FailureRecord {
     /// The record after one more failure of `version` at `now`.
@@ -106,6 +114,35 @@ impl FailureRecord {
             attempts,
             last_failed_at: now,
             reason: String::new(),
+            interrupted: 0,
+        }
+    }
+
+    /// The record after a provision of `version` was interrupted by an agent restart at
+    /// `step`: counted, and a failure (with backoff) once it happened `MAX_INTERRUPTED`
+    /// times in a row.
+    pub fn interrupted(
+        previous: Option<&FailureRecord>,
+        version: &str,
+        step: &str,
+        now: u64,
+    ) -> FailureRecord {
+        let same = previous.filter(|p| p.version == version);
+        let interrupted = same.map_or(0, |p| p.interrupted).saturating_add(1);
+        if interrupted >= MAX_INTERRUPTED {
+            let mut f = FailureRecord::next(previous, version, now);
+            f.interrupted = interrupted;
+            f.reason = format!(
+                "the provision was interrupted by an agent restart {interrupted} times in a row (last at step {step}); backing off"
+            );
+            return f;
+        }
+        FailureRecord {
+            version: version.to_string(),
+            attempts: same.map_or(0, |p| p.attempts),
+            last_failed_at: same.map_or(0, |p| p.last_failed_at),
+            reason: same.map(|p| p.reason.clone()).unwrap_or_default(),
+            interrupted,
         }
     }
 
@@ -412,6 +449,26 @@ mod tests {
     }
 
     #[test]
+    fn interrupted_provisions_count_as_a_failure_from_the_second_in_a_row() {
+        let first = FailureRecord::interrupted(None, "v1", "after-pull", 100);
+        assert_eq!((first.attempts, first.interrupted), (0, 1));
+        assert!(
+            first.retry_at() <= 100,
+            "the first interruption does not back off"
+        );
+        let second = FailureRecord::interrupted(Some(&first), "v1", "after-pull", 200);
+        assert_eq!((second.attempts, second.interrupted), (1, 2));
+        assert!(second.retry_at() > 200, "the second does");
+        assert!(second.reason.contains("2 times"), "{}", second.reason);
+        let other = FailureRecord::interrupted(Some(&second), "v2", "after-pull", 300);
+        assert_eq!(
+            (other.attempts, other.interrupted),
+            (0, 1),
+            "a new version starts over"
+        );
+    }
+
+    #[test]
     fn backoff_doubles_and_caps() {
         assert_eq!(backoff(1), Duration::from_secs(5));
         assert_eq!(backoff(2), Duration::from_secs(10));
@@ -612,7 +669,7 @@ mod tests {
         fn tc_u2_failing_version_backs_off(attempts in 1u32..12, elapsed in 0u64..400) {
             let d = desired(&[("web", "img:2")]);
             let v2 = d.version_of("web").unwrap();
-            let failed = FailureRecord { version: v2, attempts, last_failed_at: 10_000, reason: String::new() };
+            let failed = FailureRecord { version: v2, attempts, last_failed_at: 10_000, reason: String::new(), interrupted: 0 };
             let a = ActualState {
                 now: 10_000 + elapsed,
                 vms: vec![vm(1, "web", "v1", VmState::Running, Health::Healthy)],

@@ -50,7 +50,10 @@ fn run(state: &mut State, rc: RunConfig) -> Result<(), String> {
     if let Some((secs, nanos)) = rc.clock {
         sys::set_clock(secs, nanos).map_err(|e| e.to_string())?;
     }
-    sys::add_entropy(&rc.entropy).map_err(|e| format!("entropy: {e}"))?;
+    sys::reseed_rng(&rc.entropy).map_err(|e| format!("entropy: {e}"))?;
+    if !rc.entropy.is_empty() {
+        sys::fresh_boot_id().map_err(|e| format!("boot_id: {e}"))?;
+    }
     if let Some(net) = &rc.net {
         if let Some(mac) = &net.mac {
             sys::set_mac("eth0", mac).map_err(|e| format!("eth0 MAC: {e}"))?;

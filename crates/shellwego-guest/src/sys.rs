@@ -145,12 +145,62 @@ pub fn set_clock(secs: i64, nanos: u32) -> io::Result<()> {
     )
 }
 
-/// Mixes bytes into the kernel's entropy pool.
-pub fn add_entropy(bytes: &[u8]) -> io::Result<()> {
+/// Makes this VM's random numbers its own: credits `bytes` (fresh from the host) to the
+/// kernel's input pool and forces the CRNG to reseed from it. A VM restored from a
+/// snapshot resumes the snapshot's CRNG state, and a plain write to /dev/urandom is mixed
+/// in without a reseed, so two clones would read the same bytes until the kernel's next
+/// scheduled reseed (up to a minute later). This guest kernel has no VMGenID (no ACPI).
+pub fn reseed_rng(bytes: &[u8]) -> io::Result<()> {
     if bytes.is_empty() {
         return Ok(());
     }
-    fs::write("/dev/urandom", bytes)
+    // RNDADDENTROPY = _IOW('R', 0x03, int[2]); RNDRESEEDCRNG = _IO('R', 0x07).
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    let f = fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let len = i32::try_from(bytes.len()).map_err(io::Error::other)?;
+    let mut info = Vec::with_capacity(8 + bytes.len());
+    info.extend_from_slice(&len.saturating_mul(8).to_ne_bytes());
+    info.extend_from_slice(&len.to_ne_bytes());
+    info.extend_from_slice(bytes);
+    // SAFETY: the buffer is a complete rand_pool_info of `len` bytes, alive for the call.
+    let ret = unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) };
+    check(ret, "RNDADDENTROPY")?;
+    // SAFETY: an ioctl without argument on an open random device.
+    let ret = unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _, 0) };
+    check(ret, "RNDRESEEDCRNG")
+}
+
+/// Gives the app a `boot_id` of this VM's own: the kernel made one at the template's boot,
+/// which every clone would share. A fresh random UUID is bind-mounted over
+/// /proc/sys/kernel/random/boot_id (after `reseed_rng`, so it is the clone's own).
+pub fn fresh_boot_id() -> io::Result<String> {
+    let mut b = [0u8; 16];
+    // SAFETY: getrandom fills the buffer we pass, of that length.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if usize::try_from(n).ok() != Some(b.len()) {
+        return Err(io::Error::last_os_error());
+    }
+    b[6] = (b[6] & 0x0f) | 0x40; // version 4
+    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+    let h: Vec<String> = b.iter().map(|x| format!("{x:02x}")).collect();
+    let id = format!(
+        "{}-{}-{}-{}-{}",
+        h[0..4].concat(),
+        h[4..6].concat(),
+        h[6..8].concat(),
+        h[8..10].concat(),
+        h[10..16].concat()
+    );
+    let target = "/proc/sys/kernel/random/boot_id";
+    if !Path::new(target).exists() {
+        return Ok(id); // a kernel without sysctl in /proc has no boot_id to share
+    }
+    let file = "/run/shellwego-boot_id";
+    fs::write(file, format!("{id}\n"))?;
+    mount(file, target, "", libc::MS_BIND, "")?;
+    Ok(id)
 }
 
 /// Milliseconds since boot (CLOCK_BOOTTIME: counts while a snapshot sat on disk too).

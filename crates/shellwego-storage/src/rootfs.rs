@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -164,6 +165,13 @@ impl RootfsBuilder {
     /// that a process which is gone left in `<data_dir>/tmp` are removed.
     pub fn new(zfs: ZfsManager, data_dir: &Path) -> RootfsBuilder {
         sweep_dead_builds(&data_dir.join("tmp"));
+        // The ZFS daemon would create missing mountpoint parents with its own umask.
+        for sub in ["bases", "apps", "tmp"] {
+            let dir = data_dir.join(sub);
+            if fs::create_dir_all(&dir).is_ok() {
+                let _ = fs::set_permissions(&dir, fs::Permissions::from_mode(0o700));
+            }
+        }
         RootfsBuilder {
             zfs,
             data_dir: data_dir.to_path_buf(),
@@ -352,6 +360,9 @@ impl RootfsBuilder {
             .zfs
             .mountpoint(dataset)?
             .ok_or_else(|| RootfsError::NotMounted(dataset.to_string()))?;
+        // Root-only, and so is every clone of it (a clone's root is the base's).
+        fs::set_permissions(&mounted, fs::Permissions::from_mode(0o700))
+            .map_err(io_err("making the base private", &mounted))?;
         let file = mounted.join(IMAGE_FILE);
         let t = Instant::now();
         copy_sparse(scratch_image, &file).map_err(io_err("copying the image into", &file))?;

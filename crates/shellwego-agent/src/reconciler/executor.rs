@@ -126,8 +126,16 @@ impl Executor {
         for mut row in self.store.vms()? {
             if row.state == VmState::Starting {
                 // A provision the last agent did not finish: whatever part of it exists
-                // is removed now, and the next pass starts the VM afresh. Not a failure
-                // of the version, so no backoff.
+                // is removed now, and the next pass starts the VM afresh. Once is not a
+                // failure of the version; the same provision interrupted again is (it
+                // may be what takes the agent down), so a crash loop turns into backoff.
+                let prev = self.store.failures()?.remove(&row.app);
+                let f =
+                    FailureRecord::interrupted(prev.as_ref(), &row.version, &row.step, now_secs());
+                if f.attempts > prev.as_ref().map_or(0, |p| p.attempts) {
+                    self.event(&row.app, Some(row.vm_id), f.reason.clone());
+                }
+                self.store.put_failure(&row.app, &f)?;
                 self.event(
                     &row.app,
                     Some(row.vm_id),

@@ -1,0 +1,169 @@
+//! Tenant isolation, checked on a real agent with real VMs (one agent and one template
+//! shared by every check of the scenario):
+//!
+//! - two apps restored from the same pre-booted template print 16 bytes of
+//!   `/dev/urandom` as the first thing they do, and their boot_id: both differ (the guest
+//!   init credits fresh host entropy and forces a CRNG reseed before the app starts, and
+//!   bind-mounts a boot_id of the clone's own); hostnames, MACs and IPs differ too;
+//! - an inline secret (`value = "..."` in the spec) reaches the app's environment and is
+//!   found nowhere on disk in plaintext (data dir, run dir, database, agent log);
+//! - nothing under the data dir or the run dir (database, consoles, disk images, sockets,
+//!   leases, layer cache) can be read, written or entered by group or others.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::Stack;
+
+const INLINE_SECRET: &str = "inl1ne-s3cret-vAlue";
+
+fn spec(name: &str, image: &str, extra: &str) -> String {
+    format!(
+        "name = \"{name}\"\nimage = \"{image}\"\n\
+         [run]\ncmd = [\"/bin/sh\", \"-c\", \"echo RANDOM=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\\\n'); \
+         echo BOOT=$(cat /proc/sys/kernel/random/boot_id); \
+         exec /usr/local/bin/busybox-httpd httpd -f -p 8080 -h /srv\"]\n\
+         [resources]\nmemory = \"128Mi\"\n\
+         [health]\nhttp = \"/\"\nport = 8080\ninterval = \"1s\"\ntimeout = \"1s\"\n{extra}"
+    )
+}
+
+/// The value of the first console line of `app` that starts with `key=`.
+fn console_value(stack: &Stack, app: &str, key: &str) -> String {
+    let prefix = format!("{key}=");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = stack.run(&["logs", app, "-n", "500"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if let Some(v) = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&prefix))
+            .filter(|v| !v.is_empty())
+        {
+            return v.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{app} never printed {key}=: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn exec(stack: &Stack, app: &str, script: &str) -> String {
+    let out = stack.run(&["exec", app, "--", "sh", "-c", script]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Every file, directory and socket under `dir` that group or others may use.
+fn open_to_others(dir: &Path) -> Vec<(PathBuf, u32)> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&d) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            continue; // a link's own mode means nothing
+        }
+        if meta.mode() & 0o077 != 0 {
+            found.push((d.clone(), meta.mode() & 0o7777));
+        }
+        if meta.is_dir() {
+            for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                stack.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
+    let out = Command::new("grep")
+        .args(["-r", "-l", "-a", "-F", needle])
+        .arg(dir)
+        .output()
+        .expect("grep");
+    assert!(out.status.code().is_some_and(|c| c <= 1), "grep failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn isolation_clones_are_unique_and_nothing_at_rest_is_open_to_others() {
+    let mut stack = Stack::new();
+    let image = stack.push_web("1", b"clone\n");
+    let a = stack.spec(
+        "a.toml",
+        &spec(
+            "clone-a",
+            &image,
+            &format!("[secrets]\nINLINE_TOKEN = {{ value = \"{INLINE_SECRET}\" }}\n"),
+        ),
+    );
+    let b = stack.spec("b.toml", &spec("clone-b", &image, ""));
+    stack.start_agent(&[]);
+    stack.run(&["apply", "-f", a.to_str().unwrap()]);
+    stack.run(&["apply", "-f", b.to_str().unwrap()]);
+
+    // Both came from the one template of their shape; their randomness is their own.
+    let (rand_a, rand_b) = (
+        console_value(&stack, "clone-a", "RANDOM"),
+        console_value(&stack, "clone-b", "RANDOM"),
+    );
+    assert_eq!(rand_a.len(), 32, "16 bytes in hex: {rand_a}");
+    assert_ne!(
+        rand_a, rand_b,
+        "two clones read the same /dev/urandom bytes"
+    );
+    let (boot_a, boot_b) = (
+        console_value(&stack, "clone-a", "BOOT"),
+        console_value(&stack, "clone-b", "BOOT"),
+    );
+    assert_eq!(boot_a.len(), 36, "a UUID: {boot_a}");
+    assert_ne!(boot_a, boot_b, "two clones share a boot_id");
+    let identity = "echo $(hostname) $(cat /sys/class/net/eth0/address) $(ip -4 -o addr show eth0 | awk '{print $4}')";
+    let (id_a, id_b) = (
+        exec(&stack, "clone-a", identity),
+        exec(&stack, "clone-b", identity),
+    );
+    let (a_parts, b_parts): (Vec<&str>, Vec<&str>) =
+        (id_a.split(' ').collect(), id_b.split(' ').collect());
+    assert_eq!(a_parts.len(), 3, "{id_a}");
+    for (x, y) in a_parts.iter().zip(&b_parts) {
+        assert_ne!(x, y, "hostname, MAC and IP differ: {id_a} / {id_b}");
+    }
+
+    // The inline secret is in the app's environment, and in plaintext nowhere on disk.
+    assert_eq!(
+        exec(&stack, "clone-a", "echo $INLINE_TOKEN"),
+        INLINE_SECRET,
+        "the inline secret reached the app"
+    );
+    stack.kill_agent();
+    let mut found = Vec::new();
+    for dir in [&stack.data, &stack.run] {
+        found.extend(files_containing(dir, INLINE_SECRET));
+    }
+    found.extend(files_containing(&stack.log, INLINE_SECRET));
+    assert!(found.is_empty(), "inline secret in plaintext in: {found:?}");
+
+    // Nothing at rest is open to group or others.
+    let mut open = open_to_others(&stack.data);
+    open.extend(open_to_others(&stack.run));
+    assert!(
+        stack.data.join("agent.redb").is_file() && stack.data.join("bases").is_dir(),
+        "the scan saw the database and the disks"
+    );
+    assert!(
+        open.is_empty(),
+        "open to group or others: {:?}",
+        &open[..open.len().min(20)]
+    );
+}

@@ -1,6 +1,7 @@
 //! Bad input against a real agent: a missing guest kernel, a spec that does not validate,
-//! an image that does not exist, a registry that is down, a pool that is full. Each fails
-//! with a message naming the cause, and nothing half-built is left behind.
+//! an image that does not exist, a registry that is down, a pool that is full (refused by
+//! admission, and with admission opened up, failing in the disk build). Each fails with a
+//! message naming the cause, and nothing half-built is left behind.
 
 mod common;
 
@@ -100,14 +101,24 @@ fn agent_bad_input_fails_with_the_cause_and_leaves_nothing() {
         "zfs set quota: {}",
         String::from_utf8_lossy(&quota.stderr)
     );
-    let text = apply_fails(
-        &stack,
-        "full.toml",
-        &format!("name = \"full\"\nimage = \"{image}\"\n[resources]\nmemory = \"128Mi\"\n"),
+    let full_spec =
+        format!("name = \"full\"\nimage = \"{image}\"\n[resources]\nmemory = \"128Mi\"\n");
+    // Admission sees it first: `apply` is refused, naming what is short and both sizes.
+    let text = apply_fails(&stack, "full.toml", &full_spec);
+    assert!(
+        text.contains("not enough disk") && text.contains("1024 MiB"),
+        "{text}"
+    );
+    // An agent told to overcommit without bound still fails cleanly when the disk fills.
+    stack.kill_agent();
+    stack.start_agent(&[("SHELLWEGO_DISK_OVERCOMMIT", "1000000")]);
+    let text = apply_fails(&stack, "full.toml", &full_spec);
+    assert!(
+        text.contains("rootfs") || text.contains("pull"),
+        "fails in the disk build: {text}"
     );
     assert!(
-        text.contains("rootfs")
-            && (text.contains("space") || text.contains("quota") || text.contains("ENOSPC")),
+        text.contains("space") || text.contains("quota") || text.contains("ENOSPC"),
         "{text}"
     );
     remove(&stack, "full");

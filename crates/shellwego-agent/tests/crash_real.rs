@@ -24,19 +24,22 @@ fn spec(image: &str) -> String {
 }
 
 /// Kills the agent at each of `points` in turn (a fresh agent each time, told to stall
-/// there); `apply` (detached) is sent to the first one.
-fn kill_at(stack: &mut Stack, points: &[&str], apply: &std::path::Path) {
+/// there); `apply` (detached) is sent to the first one. `since` is the last event seen
+/// before: a fresh agent can reach its stall point before the test could ask it for its
+/// newest event, so each wait looks past the event the previous one found.
+fn kill_at(stack: &mut Stack, points: &[&str], apply: &std::path::Path, since: u64) {
+    let mut since = since;
     for (i, point) in points.iter().enumerate() {
         stack.start_agent(&[("SHELLWEGO_FAULT_STALL_AT", point)]);
-        let since = stack.last_seq();
         if i == 0 {
             stack.run(&["apply", "-f", apply.to_str().unwrap(), "--detach"]);
         }
-        stack.wait_event(
+        let stalled = stack.wait_event(
             since,
             &format!("stalled at {point}"),
             Duration::from_secs(300),
         );
+        since = stalled["seq"].as_u64().unwrap_or(since);
         stack.kill_agent();
         println!("agent killed at {point}");
     }
@@ -68,12 +71,14 @@ fn tc_crash_1_kill9_during_deploy_and_swap_leaves_no_orphans() {
     let v2 = stack.spec("v2.toml", &spec(&stack.push_web("2", b"v2\n")));
     stack.start_agent(&[]);
     let nat_baseline = stack.resources().nat;
+    let since = stack.last_seq();
     stack.kill_agent();
 
     kill_at(
         &mut stack,
         &["after-pull", "after-clone", "after-vm-start", "health-wait"],
         &v1,
+        since,
     );
     let version = version_of(&stack, &v1);
     let blue = converge(&mut stack, &version);
@@ -81,12 +86,14 @@ fn tc_crash_1_kill9_during_deploy_and_swap_leaves_no_orphans() {
         .resources()
         .assert_only(std::slice::from_ref(&blue), &nat_baseline);
     assert_eq!(http_get_in(&stack.ns, PORT).as_deref(), Ok("v1\n"));
+    let since = stack.last_seq();
     stack.kill_agent();
 
     kill_at(
         &mut stack,
         &["after-clone", "health-wait", "after-switch"],
         &v2,
+        since,
     );
     let version = version_of(&stack, &v2);
     let green = converge(&mut stack, &version);

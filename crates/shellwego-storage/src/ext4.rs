@@ -30,7 +30,9 @@ pub fn tree_size(dir: &Path) -> io::Result<(u64, u64)> {
         for entry in fs::read_dir(&d)? {
             let entry = entry?;
             let meta = entry.metadata()?;
-            bytes += meta.blocks() * 512 + 256;
+            // Allocated blocks, but never less than the length: on a compressing file
+            // system (btrfs, ZFS) the allocation is smaller than what ext4 will need.
+            bytes += (meta.blocks() * 512).max(meta.len().div_ceil(4096) * 4096) + 256;
             entries += 1;
             if meta.is_dir() {
                 stack.push(entry.path());
@@ -114,6 +116,7 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<u64> {
             break;
         };
         let end = next_data(&from, start, libc::SEEK_HOLE)?
+            .filter(|&e| e > start)
             .unwrap_or(len)
             .min(len);
         let mut at = start;

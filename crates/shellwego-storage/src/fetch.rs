@@ -20,6 +20,7 @@ use futures_util::StreamExt;
 use oci_client::client::BlobResponse;
 use oci_client::manifest::OciDescriptor;
 use oci_client::{Client, Reference};
+use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, info, warn};
 
@@ -38,6 +39,10 @@ const MIN_RATE: u64 = 256 << 10;
 const CHANNEL_CHUNKS: usize = 64;
 
 static DOWNLOAD_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// How long a consumer that failed waits for its blob's download to end, to blame the
+/// blob (digest, cut-off) rather than the symptom it caused in the stream.
+const BLAME_WAIT: Duration = Duration::from_secs(30);
 
 /// One layer being fetched (or read from the cache).
 struct Fetched {
@@ -267,7 +272,7 @@ impl LayerFetch {
     /// (waiting for its download to end) or the image's byte budget. `None` when the
     /// consumer's own error is the cause (e.g. a hostile tar entry).
     pub fn cause(&self, i: usize, tar: &LayerTar) -> Option<ImageError> {
-        if let Err(why) = self.layers[i].spool.wait() {
+        if let Some(Err(why)) = self.layers[i].spool.wait_for(BLAME_WAIT) {
             return Some(self.error(i, LayerFailure::Blob(why)));
         }
         match tar.classify(std::io::Error::other("")) {
@@ -277,20 +282,36 @@ impl LayerFetch {
     }
 
     /// Finishes layer `i` after its consumer: reads the rest, checks the diff_id, and
-    /// returns the layer's uncompressed size. A cached blob whose diff_id is wrong is
-    /// removed from the cache.
+    /// returns the layer's uncompressed size.
     pub fn verify(&self, i: usize, tar: LayerTar) -> Result<u64, ImageError> {
         match tar.verify() {
             Ok(n) => Ok(n),
             Err(e) => {
-                if let Err(why) = self.layers[i].spool.wait() {
+                if let Some(Err(why)) = self.layers[i].spool.wait_for(BLAME_WAIT) {
                     return Err(self.error(i, LayerFailure::Blob(why)));
                 }
-                if matches!(e, LayerStreamError::DiffId { .. }) {
-                    let _ = std::fs::remove_file(&self.blobs[i]);
-                }
+                self.evict_if_rotten(i);
                 Err(self.error(i, LayerFailure::Stream(e)))
             }
+        }
+    }
+
+    /// After a cached layer failed to decompress or verify: hashes the cached blob again
+    /// and removes it if it no longer matches its digest (it rotted on disk), so the next
+    /// pull downloads it afresh. A blob that matches its digest stays: it is what the
+    /// digest names, and a config that lies about its diff_id must not evict a layer that
+    /// other images share.
+    pub fn evict_if_rotten(&self, i: usize) {
+        let path = &self.blobs[i];
+        let Ok(mut f) = std::fs::File::open(path) else {
+            return;
+        };
+        let mut hasher = Sha256::new();
+        if std::io::copy(&mut f, &mut hasher).is_err()
+            || format!("sha256:{}", hex::encode(hasher.finalize())) != self.layers[i].layer.digest
+        {
+            warn!(blob = %path.display(), "cached blob does not match its digest; removed");
+            let _ = std::fs::remove_file(path);
         }
     }
 

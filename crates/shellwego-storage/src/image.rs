@@ -522,6 +522,18 @@ impl ImageStore {
                 })?,
             });
         }
+        // Compressed bytes beyond the uncompressed budget cannot be a valid image within
+        // it; refusing here keeps a manifest of huge layers from filling the disk.
+        let compressed: u64 = layers.iter().map(|l| l.size).sum();
+        if compressed > self.budget.max_unpacked_bytes {
+            return Err(ImageError::Invalid {
+                reference: whole,
+                reason: format!(
+                    "its layers are {compressed} bytes compressed, more than the budget of {} bytes",
+                    self.budget.max_unpacked_bytes
+                ),
+            });
+        }
         let rc = raw.config.unwrap_or_default();
         let image = PulledImage {
             references: vec![whole],

@@ -274,9 +274,13 @@ impl RootfsBuilder {
 
         let tmp_root = self.data_dir.join("tmp");
         fs::create_dir_all(&tmp_root).map_err(io_err("creating", &tmp_root))?;
+        // Unique per build: the unpack dir of an earlier build may still be being
+        // removed in the background.
+        static BUILD_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let unpack_dir = tmp_root.join(format!(
-            "unpack-{}-{}",
+            "unpack-{}-{}-{}",
             image.digest_hex(),
+            BUILD_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             std::process::id()
         ));
         let _ = fs::remove_dir_all(&unpack_dir);
@@ -293,11 +297,14 @@ impl RootfsBuilder {
             &scratch_image,
         );
         let _ = fs::remove_file(&scratch_image);
-        // Removing a large tree takes a while: the base is ready, so do it behind.
-        std::thread::spawn(move || {
+        if result.is_ok() {
+            // Removing a large tree takes a while: the base is ready, so do it behind.
+            std::thread::spawn(move || {
+                let _ = fs::remove_dir_all(&unpack_dir);
+            });
+        } else {
+            // A failed build leaves nothing behind by the time it reports.
             let _ = fs::remove_dir_all(&unpack_dir);
-        });
-        if result.is_err() {
             let _ = self.zfs.destroy(&dataset);
         }
         result
@@ -368,8 +375,10 @@ impl RootfsBuilder {
         copy_sparse(scratch_image, &file).map_err(io_err("copying the image into", &file))?;
         timings.copy = t.elapsed();
         let t = Instant::now();
-        self.zfs.snapshot(snapshot)?;
+        // Read-only first: the snapshot is the last step, and its existence is what tells
+        // other callers the base is ready.
         self.zfs.set(dataset, "readonly", "on")?;
+        self.zfs.snapshot(snapshot)?;
         timings.snapshot = t.elapsed();
         info!(
             dataset,
@@ -478,7 +487,7 @@ pub fn refquota_for(disk: u64) -> u64 {
     (disk + disk / 8 + 64 * MIB).div_ceil(MIB) * MIB
 }
 
-/// Removes `unpack-<digest>-<pid>[.ext4]` entries whose process is gone.
+/// Removes `unpack-<digest>-<seq>-<pid>[.ext4]` entries whose process is gone.
 fn sweep_dead_builds(tmp: &Path) {
     let Ok(entries) = fs::read_dir(tmp) else {
         return;

@@ -120,6 +120,23 @@ impl Spool {
         }
     }
 
+    /// Like `wait`, but gives up after `limit` (`None`: the download still runs).
+    pub fn wait_for(&self, limit: std::time::Duration) -> Option<Result<(), SpoolError>> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut state = self.state();
+        loop {
+            if let Some(end) = &state.end {
+                return Some(end.clone());
+            }
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            state = self
+                .grew
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// A reader from the first byte, following the file as it grows.
     pub fn reader(self: &Arc<Self>) -> SpoolReader {
         SpoolReader {

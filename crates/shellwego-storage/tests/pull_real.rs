@@ -103,7 +103,7 @@ impl Rig {
             .list(&self.pool.name)
             .expect("list datasets")
             .into_iter()
-            .filter(|d| d.name.contains("/images/"))
+            .filter(|d| d.name.contains("/images/") && !d.name.contains('@'))
             .count();
         assert_eq!(datasets, 0, "no base dataset is left");
         assert!(files_in(&self.data.join("tmp")).is_empty(), "no unpack dir");
@@ -196,10 +196,25 @@ fn pull_multi_layer_image_builds_with_every_digest_and_diff_id_checked_in_one_pa
         text.contains(&liar_digests[1]) && text.contains("diff_id"),
         "{text}"
     );
+    // The blob itself is what its digest names (other images may share it): it stays;
+    // the half-built base does not, and the lying image is not recorded.
+    assert!(store.blob_path(&liar_digests[1]).unwrap().exists());
     assert!(
-        !store.blob_path(&liar_digests[1]).unwrap().exists(),
-        "a blob whose diff_id was wrong is not kept"
+        !store
+            .list()
+            .unwrap()
+            .iter()
+            .any(|i| i.references.iter().any(|r| r.contains("liar"))),
+        "the lying image is not recorded"
     );
+    let bases = rig
+        .zfs
+        .list(&rig.pool.name)
+        .unwrap()
+        .into_iter()
+        .filter(|d| d.name.contains("/images/") && !d.name.contains('@'))
+        .count();
+    assert_eq!(bases, 1, "only the good image's base exists");
     rig.builder
         .remove_vm_disk("vm-multi")
         .expect("remove clone");

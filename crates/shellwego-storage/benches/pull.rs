@@ -26,6 +26,9 @@ use shellwego_testkit::process::run_ok;
 use shellwego_testkit::registry::Registry;
 use shellwego_testkit::zfs::TestPool;
 
+/// Writes one test image as an OCI layout (tag "1") into a directory.
+type WriteLayout = dyn Fn(&Path);
+
 fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
@@ -78,7 +81,7 @@ fn main() {
         .expect("runtime");
 
     println!("building the test images (not timed) ...");
-    let images: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+    let images: Vec<(&str, Box<WriteLayout>)> = vec![
         (
             "demo",
             Box::new(|dir: &Path| alpine_web_image(dir, b"hello\n")),

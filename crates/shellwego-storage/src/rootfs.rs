@@ -112,6 +112,18 @@ pub struct VmDisk {
     pub image_path: PathBuf,
 }
 
+/// Where one base build puts things.
+#[derive(Clone, Copy)]
+struct BuildPlaces<'a> {
+    dataset: &'a str,
+    snapshot: &'a str,
+    mountpoint: &'a Path,
+    /// The layers' tree, on local scratch space.
+    unpack_dir: &'a Path,
+    /// The ext4 image as mkfs makes it, before it is copied into the dataset.
+    scratch_image: &'a Path,
+}
+
 /// Builds bases and clones for VMs.
 pub struct RootfsBuilder {
     zfs: ZfsManager,
@@ -290,11 +302,13 @@ impl RootfsBuilder {
         let result = self.build_base(
             layers,
             image,
-            &dataset,
-            &snapshot,
-            &mountpoint,
-            &unpack_dir,
-            &scratch_image,
+            &BuildPlaces {
+                dataset: &dataset,
+                snapshot: &snapshot,
+                mountpoint: &mountpoint,
+                unpack_dir: &unpack_dir,
+                scratch_image: &scratch_image,
+            },
         );
         let _ = fs::remove_file(&scratch_image);
         if result.is_ok() {
@@ -314,12 +328,15 @@ impl RootfsBuilder {
         &self,
         layers: &LayerFetch,
         image: &PulledImage,
-        dataset: &str,
-        snapshot: &str,
-        mountpoint: &Path,
-        unpack_dir: &Path,
-        scratch_image: &Path,
+        at: &BuildPlaces<'_>,
     ) -> Result<BaseImage, RootfsError> {
+        let BuildPlaces {
+            dataset,
+            snapshot,
+            mountpoint,
+            unpack_dir,
+            scratch_image,
+        } = *at;
         let mut timings = BuildTimings::default();
         let t = Instant::now();
         let mut applier = LayerApplier::new(unpack_dir);

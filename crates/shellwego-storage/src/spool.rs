@@ -325,7 +325,8 @@ mod tests {
     fn wrong_digest_short_and_long_blobs_fail_their_readers() {
         let dir = tempfile::tempdir().unwrap();
         let data = vec![7u8; 1000];
-        let cases: Vec<(Vec<u8>, String, fn(&SpoolError) -> bool)> = vec![
+        type Expect = fn(&SpoolError) -> bool;
+        let cases: Vec<(Vec<u8>, String, Expect)> = vec![
             (data.clone(), digest(b"other"), |e| {
                 matches!(e, SpoolError::Digest { .. })
             }),

@@ -48,26 +48,27 @@ pub struct Refusal {
 
 /// Admits `want` next to the apps already admitted (`others`), or says what is short.
 pub fn admit(cap: Capacity, others: &[ResourceSpec], want: &ResourceSpec) -> Result<(), Refusal> {
-    let mib = |b: u64| b >> 20;
-    let memory: u64 = others.iter().map(|r| r.memory_bytes).sum();
-    if memory + want.memory_bytes > cap.memory_bytes {
-        return Err(Refusal {
-            resource: "memory",
-            wanted: mib(want.memory_bytes),
-            committed: mib(memory),
-            capacity: mib(cap.memory_bytes),
-            setting: "memory_overcommit",
-        });
-    }
-    let disk: u64 = others.iter().map(|r| r.disk_bytes).sum();
-    if disk + want.disk_bytes > cap.disk_bytes {
-        return Err(Refusal {
-            resource: "disk",
-            wanted: mib(want.disk_bytes),
-            committed: mib(disk),
-            capacity: mib(cap.disk_bytes),
-            setting: "disk_overcommit",
-        });
+    type Of = fn(&ResourceSpec) -> u64;
+    let checks: [(&'static str, Of, u64, &'static str); 2] = [
+        (
+            "memory",
+            |r| r.memory_bytes,
+            cap.memory_bytes,
+            "memory_overcommit",
+        ),
+        ("disk", |r| r.disk_bytes, cap.disk_bytes, "disk_overcommit"),
+    ];
+    for (resource, of, capacity, setting) in checks {
+        let committed: u64 = others.iter().map(of).sum();
+        if committed + of(want) > capacity {
+            return Err(Refusal {
+                resource,
+                wanted: of(want) >> 20,
+                committed: committed >> 20,
+                capacity: capacity >> 20,
+                setting,
+            });
+        }
     }
     Ok(())
 }

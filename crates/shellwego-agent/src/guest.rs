@@ -135,6 +135,36 @@ impl GuestClient {
 }
 
 /// Connects and says hello until the init answers, or `timeout` passes.
+/// Gives a guest its run config, surviving the vsock transport reset that follows a
+/// snapshot restore. Firecracker resets every vsock connection on restore, and the
+/// guest kernel (slow on emulated hosts) may process that reset only after our first
+/// connection went through: the connection then dies while the guest goes on with the
+/// `run` it already read. So on a closed connection this reconnects (the guest's
+/// one-request-at-a-time loop answers once that `run` is done) and asks: an app that is
+/// running means the run took; otherwise the run config is sent again, once.
+pub fn run_after_restore(
+    uds: &Path,
+    mut client: GuestClient,
+    rc: RunConfig,
+    budget: Duration,
+) -> Result<GuestClient, GuestError> {
+    match client.run(rc.clone()) {
+        Ok(()) => return Ok(client),
+        Err(GuestError::Closed | GuestError::Io(_)) => {}
+        Err(other) => return Err(other),
+    }
+    let (mut again, hello) = wait_ready(uds, budget)?;
+    match hello {
+        Response::Ready {
+            running_app: true, ..
+        } => Ok(again),
+        _ => {
+            again.run(rc)?;
+            Ok(again)
+        }
+    }
+}
+
 pub fn wait_ready(uds: &Path, timeout: Duration) -> Result<(GuestClient, Response), GuestError> {
     let start = Instant::now();
     let mut last = String::from("no attempt");

@@ -268,7 +268,7 @@ impl Platform {
         progress("waiting for the guest init".into());
         let uds = self.vmm.runtime_dir(&id).vsock();
         let budget = self.boot_budget(mode);
-        let mut client = tokio::task::spawn_blocking(move || wait_ready(&uds, budget))
+        let client = tokio::task::spawn_blocking(move || wait_ready(&uds, budget))
             .await
             .map_err(|e| fail("guest")(&e))?
             .map_err(|e| ProvisionError {
@@ -305,9 +305,12 @@ impl Platform {
         )
         .map_err(|e| fail("guest")(&e))?;
         rc.root_device_bytes = root_bytes;
-        let run = tokio::task::spawn_blocking(move || client.run(rc))
-            .await
-            .map_err(|e| fail("guest")(&e))?;
+        let uds = self.vmm.runtime_dir(&id).vsock();
+        let run = tokio::task::spawn_blocking(move || {
+            crate::guest::run_after_restore(&uds, client, rc, budget)
+        })
+        .await
+        .map_err(|e| fail("guest")(&e))?;
         run.map_err(|e| fail("guest")(&e))?;
         phases.push(Phase {
             name: "guest",

@@ -14,10 +14,9 @@ mod common;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use common::Stack;
+use common::{files_containing, Stack};
 
 const INLINE_SECRET: &str = "inl1ne-s3cret-vAlue";
 
@@ -80,19 +79,6 @@ fn open_to_others(dir: &Path) -> Vec<(PathBuf, u32)> {
         }
     }
     found
-}
-
-fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
-    let out = Command::new("grep")
-        .args(["-r", "-l", "-a", "-F", needle])
-        .arg(dir)
-        .output()
-        .expect("grep");
-    assert!(out.status.code().is_some_and(|c| c <= 1), "grep failed");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
 }
 
 #[test]

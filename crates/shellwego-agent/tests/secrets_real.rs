@@ -13,7 +13,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::Stack;
+use common::{files_containing, Stack};
 
 const SECRET: &str = "topsecret";
 
@@ -27,27 +27,6 @@ fn exec_env(stack: &Stack) -> String {
         "env | grep SOVEREIGN_KEY",
     ]);
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Files under `dir` whose bytes contain `needle` (grep reads sparse disk images fast).
-fn files_containing(dir: &std::path::Path, needle: &str) -> Vec<String> {
-    if !dir.exists() {
-        return vec![];
-    }
-    let out = Command::new("grep")
-        .args(["-r", "-l", "-a", "-F", needle])
-        .arg(dir)
-        .output()
-        .expect("grep");
-    assert!(
-        out.status.code().is_some_and(|c| c <= 1),
-        "grep failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
 }
 
 #[test]

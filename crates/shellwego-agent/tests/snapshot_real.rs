@@ -83,7 +83,7 @@ fn exec_text(c: &mut GuestClient, argv: &[&str]) -> String {
 
 /// Waits for the guest behind `uds` and gives it its identity.
 fn ready_and_run(uds: PathBuf, rc: RunConfig, kind: HostKind) -> GuestClient {
-    let (mut c, hello) = wait_ready(&uds, budget(kind)).expect("restored guest answers on vsock");
+    let (c, hello) = wait_ready(&uds, budget(kind)).expect("restored guest answers on vsock");
     assert!(
         matches!(
             hello,
@@ -94,8 +94,7 @@ fn ready_and_run(uds: PathBuf, rc: RunConfig, kind: HostKind) -> GuestClient {
         ),
         "{hello:?}"
     );
-    c.run(rc).expect("run");
-    c
+    shellwego_agent::guest::run_after_restore(&uds, c, rc, budget(kind)).expect("run")
 }
 
 #[test]
@@ -207,7 +206,15 @@ fn tc_i4_templates_snapshots_and_restores() {
     let hb = std::thread::spawn(move || {
         ready_and_run(uds_b, run_config("10.0.4.3", "vm-b", vm_b), kind)
     });
-    let (mut a, mut b) = (ha.join().unwrap(), hb.join().unwrap());
+    let (ra, rb) = (ha.join(), hb.join());
+    if ra.is_err() || rb.is_err() {
+        for vm in ["vm-a", "vm-b"] {
+            let console = std::fs::read_to_string(vmm.runtime_dir(vm).console_log());
+            eprintln!("--- console of {vm} ---\n{}", console.unwrap_or_default());
+        }
+        panic!("a warm-started guest failed (its console is above)");
+    }
+    let (mut a, mut b) = (ra.unwrap(), rb.unwrap());
     println!(
         "two warm starts: restored in {:.0} ms, both running their app after {:.0} ms",
         restored.as_secs_f64() * 1e3,

@@ -56,6 +56,27 @@ fn prune_shared_templates() {
     });
 }
 
+/// Files under `dir` whose bytes contain `needle` (grep reads sparse disk images fast).
+pub fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
+    if !dir.exists() {
+        return vec![];
+    }
+    let out = Command::new("grep")
+        .args(["-r", "-l", "-a", "-F", needle])
+        .arg(dir)
+        .output()
+        .expect("grep");
+    assert!(
+        out.status.code().is_some_and(|c| c <= 1),
+        "grep failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 pub struct Stack {
     agent: Option<Child>,
     // Dropped in this order: VMs, then the pool under them, the registry, the namespace.

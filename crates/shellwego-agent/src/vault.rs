@@ -3,7 +3,7 @@
 //!
 //! A sealed blob is `nonce (12 bytes) || ciphertext || tag (16 bytes)`; the app's name is
 //! the associated data, so a blob moved to another app's record does not open. The key
-//! file is created once (mode 0600, `O_EXCL`) with bytes from the OS's random source; a
+//! file is created once (mode 0600, temp + fsync + link) with bytes from the OS's random source; a
 //! key file that is readable by others, or of the wrong length, is refused.
 
 use std::collections::BTreeMap;
@@ -120,8 +120,10 @@ pub fn api_token(path: &Path) -> Result<String, VaultError> {
     Ok(token)
 }
 
-/// Reads a file that must be private to its owner, or creates it (mode 0600, `O_EXCL`)
-/// with `make` applied to 32 random bytes.
+/// Reads a file that must be private to its owner, or creates it with `make` applied to
+/// 32 random bytes: written to a private temp file, synced, then linked into place
+/// (`link` never replaces an existing file, so two agents starting at once agree on one
+/// key), and the directory synced. A crash leaves either no key or a whole one.
 fn private_file(
     path: &Path,
     rng: &SystemRandom,
@@ -153,15 +155,34 @@ fn private_file(
             let mut random = [0u8; KEY_LEN];
             rng.fill(&mut random).map_err(|_| VaultError::Random)?;
             let bytes = make(&mut random);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)
-                .map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
-            f.sync_all().map_err(io)?;
-            Ok(bytes)
+            let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+            let _ = std::fs::remove_file(&tmp);
+            let written = (|| {
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                f.write_all(&bytes)?;
+                f.sync_all()?;
+                std::fs::hard_link(&tmp, path)
+            })();
+            let _ = std::fs::remove_file(&tmp);
+            match written {
+                Ok(()) => {
+                    if let Some(dir) = path.parent() {
+                        std::fs::File::open(dir)
+                            .and_then(|d| d.sync_all())
+                            .map_err(io)?;
+                    }
+                    Ok(bytes)
+                }
+                // Another process made it first: use theirs.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    std::fs::read(path).map_err(io)
+                }
+                Err(e) => Err(io(e)),
+            }
         }
         Err(e) => Err(io(e)),
     }
@@ -232,6 +253,13 @@ mod tests {
             0o600
         );
         assert!(constant_time_eq(t.as_bytes(), t.as_bytes()));
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n != "api.token")
+            .collect();
+        assert!(leftovers.is_empty(), "no temp file left: {leftovers:?}");
         assert!(!constant_time_eq(t.as_bytes(), b"nope"));
     }
 }

@@ -290,6 +290,11 @@ pub struct RegistryConfig {
 
 /// Removes downloads that a process which is gone left in `tmp/` (their names end in
 /// `.PID.N`); those of live processes (another store on this root) are kept.
+/// True when no process `pid` exists (a temp file it named is a leftover).
+pub(crate) fn process_gone(pid: u32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
 fn sweep_stale_downloads(tmp: &Path) {
     let Ok(entries) = fs::read_dir(tmp) else {
         return;
@@ -297,8 +302,7 @@ fn sweep_stale_downloads(tmp: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let pid = name.rsplit('.').nth(1).and_then(|p| p.parse::<u32>().ok());
-        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
-        if !alive {
+        if pid.is_none_or(process_gone) {
             let _ = fs::remove_file(entry.path());
         }
     }

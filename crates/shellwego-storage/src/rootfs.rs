@@ -519,7 +519,7 @@ fn sweep_dead_builds(tmp: &Path) {
             .rsplit('-')
             .next()
             .and_then(|p| p.parse::<u32>().ok());
-        if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+        if pid.is_some_and(crate::image::process_gone) {
             let path = entry.path();
             let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
         }

@@ -97,15 +97,18 @@ impl Rig {
     }
 
     /// Nothing of a failed build is left: no base dataset, no unpack dir, no download.
-    fn assert_nothing_left(&self, store_root: &Path) {
-        let datasets = self
-            .zfs
+    /// Base datasets in the pool (snapshots not counted).
+    fn base_datasets(&self) -> usize {
+        self.zfs
             .list(&self.pool.name)
             .expect("list datasets")
             .into_iter()
             .filter(|d| d.name.contains("/images/") && !d.name.contains('@'))
-            .count();
-        assert_eq!(datasets, 0, "no base dataset is left");
+            .count()
+    }
+
+    fn assert_nothing_left(&self, store_root: &Path) {
+        assert_eq!(self.base_datasets(), 0, "no base dataset is left");
         assert!(files_in(&self.data.join("tmp")).is_empty(), "no unpack dir");
         assert!(
             files_in(&store_root.join("tmp")).is_empty(),
@@ -207,14 +210,7 @@ fn pull_multi_layer_image_builds_with_every_digest_and_diff_id_checked_in_one_pa
             .any(|i| i.references.iter().any(|r| r.contains("liar"))),
         "the lying image is not recorded"
     );
-    let bases = rig
-        .zfs
-        .list(&rig.pool.name)
-        .unwrap()
-        .into_iter()
-        .filter(|d| d.name.contains("/images/") && !d.name.contains('@'))
-        .count();
-    assert_eq!(bases, 1, "only the good image's base exists");
+    assert_eq!(rig.base_datasets(), 1, "only the good image's base exists");
     rig.builder
         .remove_vm_disk("vm-multi")
         .expect("remove clone");

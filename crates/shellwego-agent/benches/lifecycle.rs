@@ -151,9 +151,11 @@ fn main() {
         &vmm,
         &tpl.id,
         "warm",
-        &warm_disk,
-        Some("tap-warm".into()),
-        Some(ns.path()),
+        &RestoreTarget {
+            tap: Some("tap-warm".into()),
+            netns: Some(ns.path()),
+            ..RestoreTarget::with_root_disk(&warm_disk)
+        },
     ))
     .expect("warm start");
     let restored = t.elapsed();
@@ -201,6 +203,7 @@ fn main() {
         tap: Some("tap-rest".into()),
         links: vec![("rootfs".into(), warm_disk.clone())],
         refresh_drives: vec![],
+        cpu_milli: None,
     };
     let t = Instant::now();
     rt.block_on(snaps.restore(&vmm, "bench", "restored", &target))

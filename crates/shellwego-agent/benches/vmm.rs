@@ -84,6 +84,7 @@ fn main() {
                 vsock: None,
                 netns: None,
                 links: vec![],
+                cpu_milli: None,
             };
             let t = Instant::now();
             let rec = mgr.create(&cfg).await.expect("create");

@@ -21,13 +21,14 @@ pub struct Config {
     pub pool: String,
     /// Bridge the VMs' TAPs join. `SHELLWEGO_BRIDGE`.
     pub bridge: String,
-    /// Run each firecracker under Firecracker's jailer (chroot, own mount namespace).
-    /// `SHELLWEGO_JAILER=1`. Snapshots and warm starts are not available for jailed VMs.
+    /// Run each firecracker under Firecracker's jailer: its own chroot, unprivileged uid,
+    /// PID namespace and cgroup (the default). `false` is an opt-out for hosts that cannot
+    /// jail, which `doctor` warns about. `SHELLWEGO_JAILER=0`.
     pub jailer: bool,
     /// The jailer binary; a bare name is looked up on PATH.
     pub jailer_binary: PathBuf,
-    /// Where the jailer makes each VM's chroot.
-    pub chroot_base: PathBuf,
+    /// Where the jailer makes each VM's chroot (default: `<run_dir>/jail`).
+    pub chroot_base: Option<PathBuf>,
     /// The guest init binary (static). `SHELLWEGO_GUEST_INIT`.
     pub guest_init: PathBuf,
     /// Registries (`host:port`) spoken to over plain HTTP. `SHELLWEGO_INSECURE_REGISTRIES`
@@ -75,9 +76,9 @@ impl Default for Config {
             kernel: PathBuf::from("/var/lib/shellwego/kernel/vmlinux"),
             pool: "shellwego".to_string(),
             bridge: "swg-br0".to_string(),
-            jailer: false,
+            jailer: true,
             jailer_binary: PathBuf::from("jailer"),
-            chroot_base: PathBuf::from("/srv/jailer"),
+            chroot_base: None,
             guest_init: PathBuf::from("/usr/local/lib/shellwego/shellwego-init"),
             insecure_registries: Vec::new(),
             boot: "warm".to_string(),
@@ -118,6 +119,13 @@ impl Config {
     /// The agent's API socket.
     pub fn api_socket(&self) -> PathBuf {
         self.run_dir.join("agent.sock")
+    }
+
+    /// Where the jails are made.
+    pub fn chroot_base(&self) -> PathBuf {
+        self.chroot_base
+            .clone()
+            .unwrap_or_else(|| self.run_dir.join("jail"))
     }
 
     /// Where templates are kept.
@@ -213,8 +221,18 @@ impl Config {
                 .map(str::to_string)
                 .collect();
         }
-        if let Some(v) = get("SHELLWEGO_JAILER") {
-            self.jailer = matches!(v.to_str(), Some("1" | "true" | "yes"));
+        if let Some(v) = get("SHELLWEGO_JAILER").filter(|v| !v.is_empty()) {
+            self.jailer = match v.to_str() {
+                Some("1" | "true" | "yes") => true,
+                Some("0" | "false" | "no") => false,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: "SHELLWEGO_JAILER",
+                        value: v.to_string_lossy().into_owned(),
+                        expected: "expected 1 or 0",
+                    })
+                }
+            };
         }
         Ok(())
     }

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use shellwego_network::{CniNetwork, NetworkConfig};
 use shellwego_storage::{ImageBudget, ImageStore, RegistryConfig, RootfsBuilder, ZfsManager};
 use tokio::sync::Notify;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::api::{self, ApiState};
 use crate::config::{find_executable, Config};
@@ -83,14 +83,17 @@ pub async fn platform(config: &Config) -> Result<Platform> {
         .with_context(|| format!("setting up bridge {}", config.bridge))?;
     let mut vmm = VmmManager::new(&firecracker, &config.run_dir.join("vms"));
     if config.jailer {
-        let jailer = find_executable(&config.jailer_binary)
-            .context("jailer not found (it ships with firecracker)")?;
-        vmm = vmm.with_jail(Jail {
-            jailer,
-            chroot_base: config.chroot_base.clone(),
-            uid: 0,
-            gid: 0,
-        });
+        let jailer = find_executable(&config.jailer_binary).context(
+            "jailer not found (it ships with firecracker; `make setup` installs it, \
+             or set jailer = false to run VMs unjailed)",
+        )?;
+        let base = config.chroot_base();
+        private_dir(&base).with_context(|| format!("cannot make {} root-only", base.display()))?;
+        vmm = vmm.with_jail(Jail::new(&jailer, &base).context("cannot jail VMs on this host")?);
+    } else {
+        warn!(
+            "jailer = false: every firecracker runs as root, unconfined (see `shellwego doctor`)"
+        );
     }
     Ok(Platform {
         kind,
@@ -109,8 +112,8 @@ pub async fn platform(config: &Config) -> Result<Platform> {
 /// Runs the agent until killed.
 pub async fn run(config: Config) -> Result<()> {
     let boot = match config.boot.as_str() {
-        "warm" if !config.jailer => BootMode::Warm,
-        "warm" | "cold" => BootMode::Cold,
+        "warm" => BootMode::Warm,
+        "cold" => BootMode::Cold,
         other => bail!("boot = {other:?}: use \"warm\" or \"cold\""),
     };
     harden_process();

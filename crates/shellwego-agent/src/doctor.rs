@@ -132,6 +132,50 @@ fn check_firecracker(config: &Config) -> Check {
     }
 }
 
+/// The jailer, and the cgroups it puts each VM in; running unjailed is a warning.
+fn check_jail(config: &Config) -> Vec<Check> {
+    if !config.jailer {
+        return vec![Check::warn(
+            "jailer",
+            "jailer = false: every firecracker runs as root with no chroot, PID namespace or \
+             cgroup; a guest that escapes into its VMM owns the host",
+            "remove `jailer = false` from the config (or SHELLWEGO_JAILER=0 from the environment)",
+        )];
+    }
+    let jailer = match find_executable(&config.jailer_binary) {
+        None => Check::fail(
+            "jailer",
+            format!("{} not found", config.jailer_binary.display()),
+            format!("{SETUP_HINT}; the jailer ships with every Firecracker release"),
+        ),
+        Some(path) => match first_line(&path, &["--version"]) {
+            Ok(v) => Check::ok("jailer", format!("{} ({})", v, path.display())),
+            Err(e) => Check::fail("jailer", e, "reinstall firecracker's jailer"),
+        },
+    };
+    let cgroups = match crate::vmm::jail::CgroupVersion::detect() {
+        Ok(v) => Check::ok(
+            "cgroups",
+            format!(
+                "cgroup v{} with cpu, memory and pids{}",
+                v.number(),
+                if crate::vmm::jail::host_has_io_weight(v) {
+                    " and an I/O weight"
+                } else {
+                    " (no I/O weight on this host: disk I/O is not weighted per VM)"
+                }
+            ),
+        ),
+        Err(e) => Check::fail(
+            "cgroups",
+            e.to_string(),
+            "mount cgroup2 at /sys/fs/cgroup (systemd.unified_cgroup_hierarchy=1) or the v1 \
+             cpu, memory and pids hierarchies",
+        ),
+    };
+    vec![jailer, cgroups]
+}
+
 fn check_zfs(config: &Config) -> Vec<Check> {
     let (Some(zfs), Some(zpool)) = (
         find_executable(Path::new("zfs")),
@@ -213,6 +257,7 @@ fn check_kernel(config: &Config) -> Check {
 pub fn run_checks(config: &Config) -> Vec<Check> {
     let mut checks = check_kvm();
     checks.push(check_firecracker(config));
+    checks.extend(check_jail(config));
     checks.extend(check_zfs(config));
     checks.extend(check_network());
     checks.push(check_tool(
@@ -285,6 +330,24 @@ mod tests {
         let c = check_firecracker(&config);
         assert_eq!(c.status, Status::Fail);
         assert!(c.fix.contains("SHELLWEGO_FIRECRACKER"));
+    }
+
+    #[test]
+    fn running_unjailed_is_a_warning_and_a_missing_jailer_a_failure() {
+        let unjailed = Config {
+            jailer: false,
+            ..Config::default()
+        };
+        let c = check_jail(&unjailed);
+        assert_eq!(c[0].status, Status::Warn);
+        assert!(c[0].detail.contains("root"), "{}", c[0].detail);
+        let missing = Config {
+            jailer_binary: "/nonexistent/jailer".into(),
+            ..Config::default()
+        };
+        let c = check_jail(&missing);
+        assert_eq!(c[0].status, Status::Fail);
+        assert!(c[0].detail.contains("/nonexistent/jailer"));
     }
 
     #[test]

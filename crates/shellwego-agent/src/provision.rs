@@ -21,6 +21,7 @@ use uuid::Uuid;
 
 use crate::guest::{wait_ready, GuestClient};
 use crate::host::HostKind;
+use crate::snapshot::RestoreTarget;
 use crate::spec::DesiredApp;
 use crate::template::{TemplateInputs, TemplateStore};
 use crate::vmm::config::{
@@ -232,9 +233,11 @@ impl Platform {
                         &self.vmm,
                         &tpl.id,
                         &id,
-                        &disk.image_path,
-                        Some(net.tap.clone()),
-                        None,
+                        &RestoreTarget {
+                            tap: Some(net.tap.clone()),
+                            cpu_milli: Some(app.resources.cpu_milli),
+                            ..RestoreTarget::with_root_disk(&disk.image_path)
+                        },
                     )
                     .await
                     .map_err(|e| fail("vm")(&e))?;
@@ -254,6 +257,7 @@ impl Platform {
                 };
                 let mut cfg = guest_vm_config(&id, machine.config, self.kind, &layout);
                 cfg.links = vec![("rootfs".into(), disk.image_path.clone())];
+                cfg.cpu_milli = Some(app.resources.cpu_milli);
                 self.vmm.create(&cfg).await.map_err(|e| fail("vm")(&e))?;
                 self.vmm.start(&id).await.map_err(|e| fail("vm")(&e))?;
             }

@@ -22,11 +22,12 @@ use sha2::{Digest, Sha256};
 use tracing::warn;
 
 use crate::vmm::driver::{self, DriverError, FirecrackerApi};
+use crate::vmm::jail::VmLimits;
 use crate::vmm::models::{
     DriveUpdate, MemoryBackend, MemoryBackendType, NetworkOverride, SnapshotCreate, SnapshotLoad,
     SnapshotType, VmState,
 };
-use crate::vmm::{MicrovmConfig, VmmError, VmmManager};
+use crate::vmm::{collect_output, BareSpawn, MicrovmConfig, VmmError, VmmManager};
 use shellwego_storage::ZfsManager;
 
 const STATE_FILE: &str = "vmstate";
@@ -134,6 +135,19 @@ pub struct RestoreTarget {
     /// Drives to re-announce after the load (`PATCH /drives`), so the guest sees the size
     /// of the file now behind them.
     pub refresh_drives: Vec<String>,
+    /// CPU the new VM may use, in thousandths of a core (`None`: all its vCPUs).
+    pub cpu_milli: Option<u64>,
+}
+
+impl RestoreTarget {
+    /// A VM whose root disk is `disk_image`: templates and snapshots name it `rootfs`,
+    /// relative to the VM's runtime dir.
+    pub fn with_root_disk(disk_image: &Path) -> RestoreTarget {
+        RestoreTarget {
+            links: vec![("rootfs".into(), disk_image.to_path_buf())],
+            ..RestoreTarget::default()
+        }
+    }
 }
 
 /// Snapshots under one directory.
@@ -254,7 +268,7 @@ impl SnapshotManager {
         let _ = std::fs::remove_dir_all(&tmp_dir);
         std::fs::create_dir_all(&tmp_dir).map_err(io(id, "creating snapshot dir"))?;
         let api = vmm.api_of(&cfg.vm_id).await?;
-        let taken = take(&api, id, &tmp_dir, disk).await;
+        let taken = take(vmm, &api, &cfg.vm_id, id, &tmp_dir, disk).await;
         let resumed = if resume {
             api.set_state(VmState::Resumed).await
         } else {
@@ -323,14 +337,26 @@ impl SnapshotManager {
             id: id.to_string(),
             reason,
         })?;
-        let api = vmm
-            .spawn_bare(vm_id, target.netns.as_deref(), &target.links)
-            .await?;
+        let (state, mem) = (dir.join(&meta.state_file), dir.join(&meta.mem_file));
+        let bare = BareSpawn {
+            netns: target.netns.clone(),
+            links: target.links.clone(),
+            inputs: vec![
+                (STATE_FILE.to_string(), state.clone()),
+                (MEM_FILE.to_string(), mem.clone()),
+            ],
+            taps: target.tap.iter().cloned().collect(),
+            limits: Some(VmLimits {
+                cpu_milli: target.cpu_milli,
+                ..meta.vm_config.limits()
+            }),
+        };
+        let api = vmm.spawn_bare(vm_id, &bare).await?;
         let load = SnapshotLoad {
-            snapshot_path: dir.join(&meta.state_file).display().to_string(),
+            snapshot_path: vmm.path_in_vm(STATE_FILE, &state),
             mem_backend: MemoryBackend {
                 backend_type: MemoryBackendType::File,
-                backend_path: dir.join(&meta.mem_file).display().to_string(),
+                backend_path: vmm.path_in_vm(MEM_FILE, &mem),
             },
             enable_diff_snapshots: false,
             resume_vm: true,
@@ -394,20 +420,30 @@ impl SnapshotManager {
     }
 }
 
-/// Pause, write the state and memory, snapshot the disk. Leaves the VM paused.
+/// Pause, write the state and memory (into `dir`, root-only), snapshot the disk. Leaves
+/// the VM paused.
 async fn take(
+    vmm: &VmmManager,
     api: &FirecrackerApi,
+    vm_id: &str,
     id: &str,
     dir: &Path,
     disk: Option<(&ZfsManager, &str)>,
 ) -> Result<Option<String>, SnapshotError> {
     api.set_state(VmState::Paused).await?;
+    // Names apart from the inputs a restored VM has in its jail (`vmstate`, `memory`).
+    let (state, state_out) = vmm.output_path(vm_id, "new-vmstate", &dir.join(STATE_FILE));
+    let (mem, mem_out) = vmm.output_path(vm_id, "new-memory", &dir.join(MEM_FILE));
     api.snapshot_create(&SnapshotCreate {
         snapshot_type: SnapshotType::Full,
-        snapshot_path: dir.join(STATE_FILE).display().to_string(),
-        mem_file_path: dir.join(MEM_FILE).display().to_string(),
+        snapshot_path: state,
+        mem_file_path: mem,
     })
     .await?;
+    for (out, name) in [(state_out, STATE_FILE), (mem_out, MEM_FILE)] {
+        collect_output(&out, &dir.join(name))
+            .map_err(io(id, "collecting the VM's snapshot files"))?;
+    }
     match disk {
         None => Ok(None),
         Some((zfs, dataset)) => {

@@ -149,7 +149,12 @@ impl TemplateStore {
         f.set_len(inputs.disk_bytes)
             .map_err(Self::io(&placeholder))?;
 
-        let vm_id = format!("{key}-build");
+        // Unique per build: agents sharing a template dir may build one at the same time,
+        // and a jail's cgroup is named by it.
+        let vm_id = format!(
+            "{key}-build-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
         let layout = GuestLayout {
             kernel: inputs.kernel.display().to_string(),
             initrd: initrd.display().to_string(),
@@ -199,26 +204,16 @@ impl TemplateStore {
     }
 
     /// Starts `vm_id` from the template: a new firecracker restores it with the VM's own
-    /// disk (through its `rootfs` link) and TAP. The guest then waits for `run`.
+    /// disk (`target` made by [`RestoreTarget::with_root_disk`]) and TAP. The guest then
+    /// waits for `run`.
     pub async fn warm_start(
         &self,
         vmm: &VmmManager,
         template: &str,
         vm_id: &str,
-        disk_image: &Path,
-        tap: Option<String>,
-        netns: Option<PathBuf>,
+        target: &RestoreTarget,
     ) -> Result<FirecrackerApi, TemplateError> {
-        let target = RestoreTarget {
-            netns,
-            tap,
-            links: vec![("rootfs".into(), disk_image.to_path_buf())],
-            refresh_drives: vec![],
-        };
-        Ok(self
-            .snapshots
-            .restore(vmm, template, vm_id, &target)
-            .await?)
+        Ok(self.snapshots.restore(vmm, template, vm_id, target).await?)
     }
 
     /// Deletes a template (e.g. when its inputs are gone).

@@ -2,12 +2,14 @@
 //! project's guest kernel. None of these wait for a guest to boot (a minute on nested
 //! hosts); the guest tests do that.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use shellwego_agent::host;
 use shellwego_agent::vmm::config::{boot_args, MachineConfig};
 use shellwego_agent::vmm::driver::{self, DriverError, RuntimeDir};
+use shellwego_agent::vmm::jail::{cgroup_dirs, CgroupVersion, PIDS_MAX, VMM_OVERHEAD_MIB};
 use shellwego_agent::vmm::models::BootSource;
 use shellwego_agent::vmm::{process_alive, MicrovmConfig, StopOutcome, VmmError, VmmManager};
 use shellwego_testkit::guest;
@@ -46,6 +48,7 @@ fn config(vm_id: &str, kernel: &Path, initrd: Option<&Path>) -> MicrovmConfig {
         vsock: None,
         netns: None,
         links: vec![],
+        cpu_milli: None,
     }
 }
 
@@ -290,16 +293,14 @@ fn a_vm_under_the_jailer_runs_and_is_cleaned_up() {
         .unwrap()
         .set_len(1 << 20)
         .unwrap();
-    let jail = driver::Jail {
-        jailer,
-        chroot_base: dir.path().join("jail"),
-        uid: 0,
-        gid: 0,
-    };
+    let jail = driver::Jail::new(&jailer, &dir.path().join("jail")).expect("cgroups for jails");
     std::fs::create_dir_all(&jail.chroot_base).unwrap();
     let mgr = VmmManager::new(&firecracker(), &dir.path().join("run")).with_jail(jail.clone());
+    let cgroup_version = jail.cgroups;
+    let jail = mgr.jail().unwrap().clone();
     rt().block_on(async {
         let mut cfg = config("vm-jailed", &kernel, Some(&initrd));
+        cfg.cpu_milli = Some(500);
         cfg.drives.push(shellwego_agent::vmm::models::Drive {
             drive_id: "data".into(),
             path_on_host: drive.display().to_string(),
@@ -331,9 +332,71 @@ fn a_vm_under_the_jailer_runs_and_is_cleaned_up() {
             mgr.inspect("vm-jailed").await.unwrap().state.as_deref(),
             Some("Running")
         );
+        // Unprivileged, its own uid from the reserved range, the shared VM group.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", record.pid)).unwrap();
+        let field = |name: &str| -> Vec<u32> {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in status"))
+                .split_whitespace()
+                .map(|v| v.parse().unwrap())
+                .collect()
+        };
+        let uid = mgr.uid_of("vm-jailed").expect("a uid");
+        assert_eq!(record.uid, Some(uid));
+        assert!(uid > jail.uid_base, "uid {uid} from the reserved range");
+        assert_eq!(
+            field("Uid:"),
+            vec![uid; 4],
+            "real, effective, saved, fs uid"
+        );
+        assert_eq!(field("Gid:"), vec![jail.gid(); 4]);
+        assert_eq!(field("CapEff:").len(), 1);
+        assert!(
+            status.contains("CapEff:\t0000000000000000"),
+            "no capabilities: {status}"
+        );
+        // Its own PID namespace: pid 1 there.
+        assert_eq!(field("NSpid:"), vec![record.pid as u32, 1]);
+        // Its own cgroup, with half a core and the memory limit.
+        let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", record.pid)).unwrap();
+        assert!(
+            cgroups.contains("/shellwego/vm-jailed"),
+            "in its own cgroup: {cgroups}"
+        );
+        let dirs = cgroup_dirs(cgroup_version, "vm-jailed");
+        let read = |file: &str| -> String {
+            dirs.iter()
+                .find_map(|d| std::fs::read_to_string(d.join(file)).ok())
+                .unwrap_or_else(|| panic!("no {file} in {dirs:?}"))
+                .trim()
+                .to_string()
+        };
+        let mem_limit = ((128 + VMM_OVERHEAD_MIB) << 20).to_string();
+        match cgroup_version {
+            CgroupVersion::V1 => {
+                assert_eq!(read("cpu.cfs_quota_us"), "50000");
+                assert_eq!(read("cpu.cfs_period_us"), "100000");
+                assert_eq!(read("memory.limit_in_bytes"), mem_limit);
+            }
+            CgroupVersion::V2 => {
+                assert_eq!(read("cpu.max"), "50000 100000");
+                assert_eq!(read("memory.max"), mem_limit);
+            }
+        }
+        assert_eq!(read("pids.max"), PIDS_MAX.to_string());
+        // The drive is the VM's own; the shared kernel is not writable by it.
+        let meta = std::fs::metadata(&drive).unwrap();
+        assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o600));
         mgr.remove("vm-jailed").await.unwrap();
         assert!(!process_alive(record.pid));
         assert!(!root.parent().unwrap().exists(), "jail dir removed");
+        assert!(
+            dirs.iter().all(|d| !d.exists()),
+            "cgroups removed: {dirs:?}"
+        );
+        assert_eq!(mgr.uid_of("vm-jailed"), None, "uid released");
         let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
         assert!(
             !mounts.contains(&root.display().to_string()),

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{files_containing, Stack};
+use shellwego_testkit::process::vm_pids;
 
 const INLINE_SECRET: &str = "inl1ne-s3cret-vAlue";
 
@@ -58,7 +59,13 @@ fn exec(stack: &Stack, app: &str, script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// Every file, directory and socket under `dir` that group or others may use.
+/// The group all jailed VM processes share (the base of the agent's VM uid range).
+const VM_GROUP: u32 = shellwego_agent::vmm::jail::DEFAULT_UID_BASE;
+
+/// Every file, directory and socket under `dir` that group or others may use, except
+/// what is meant for the VMs alone: read-only inputs their group may read (a template's
+/// memory and state, linked into each clone's chroot) and the jailer's copy of the public
+/// firecracker binary in each chroot (whose directories are closed to everyone else).
 fn open_to_others(dir: &Path) -> Vec<(PathBuf, u32)> {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -69,7 +76,13 @@ fn open_to_others(dir: &Path) -> Vec<(PathBuf, u32)> {
         if meta.file_type().is_symlink() {
             continue; // a link's own mode means nothing
         }
-        if meta.mode() & 0o077 != 0 {
+        let in_chroot = d
+            .parent()
+            .is_some_and(|p| p.file_name().is_some_and(|n| n == "root"));
+        let vms_only = meta.mode() & 0o007 == 0 && meta.gid() == VM_GROUP;
+        let jailer_copy =
+            in_chroot && d.file_name().is_some_and(|n| n == "firecracker") && meta.uid() == 0;
+        if meta.mode() & 0o077 != 0 && !vms_only && !jailer_copy {
             found.push((d.clone(), meta.mode() & 0o7777));
         }
         if meta.is_dir() {
@@ -125,6 +138,21 @@ fn isolation_clones_are_unique_and_nothing_at_rest_is_open_to_others() {
     for (x, y) in a_parts.iter().zip(&b_parts) {
         assert_ne!(x, y, "hostname, MAC and IP differ: {id_a} / {id_b}");
     }
+
+    // Each VM is a jailed tenant: its firecracker runs as a uid of its own, not root.
+    let uids: std::collections::BTreeSet<u32> = vm_pids(&stack.run)
+        .into_iter()
+        .map(|pid| {
+            std::fs::metadata(format!("/proc/{pid}"))
+                .expect("firecracker process")
+                .uid()
+        })
+        .collect();
+    assert_eq!(uids.len(), 2, "two VMs, two uids: {uids:?}");
+    assert!(
+        uids.iter().all(|u| *u > VM_GROUP),
+        "unprivileged uids from the VM range: {uids:?}"
+    );
 
     // The inline secret is in the app's environment, and in plaintext nowhere on disk.
     assert_eq!(

@@ -12,6 +12,7 @@ use shellwego_agent::host::{self, HostKind};
 use shellwego_agent::snapshot::{RestoreTarget, SnapshotManager};
 use shellwego_agent::template::{TemplateInputs, TemplateStore};
 use shellwego_agent::vmm::config::{generate_mac, MachineConfig};
+use shellwego_agent::vmm::jail::Jail;
 use shellwego_agent::vmm::{MicrovmConfig, VmmManager};
 use shellwego_proto::{NetConfig, Response, RunConfig};
 use shellwego_storage::ZfsManager;
@@ -115,7 +116,11 @@ fn tc_i4_templates_snapshots_and_restores() {
         .enable_all()
         .build()
         .unwrap();
-    let vmm = VmmManager::new(&firecracker, &dir.path().join("run"));
+    // Jailed, as the agent runs VMs: templates, warm starts, snapshots and restores all
+    // go through each VM's chroot, uid and cgroup.
+    let jailer = require_command("jailer", "run `make setup` (it ships with firecracker)");
+    let jail = Jail::new(&jailer, &dir.path().join("run/jail")).expect("cgroups for jails");
+    let vmm = VmmManager::new(&firecracker, &dir.path().join("run")).with_jail(jail);
     let _vms = KillVmsOnDrop(dir.path().join("run"));
     let inputs = TemplateInputs {
         machine: MachineConfig {
@@ -174,28 +179,39 @@ fn tc_i4_templates_snapshots_and_restores() {
     // Two VMs from one template at once.
     let (vm_a, vm_b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
     let t = Instant::now();
+    let target_a = RestoreTarget {
+        tap: Some("tap-a".into()),
+        netns: Some(ns.path()),
+        ..RestoreTarget::with_root_disk(&disk_a)
+    };
+    let target_b = RestoreTarget {
+        tap: Some("tap-b".into()),
+        netns: Some(ns.path()),
+        ..RestoreTarget::with_root_disk(&disk_b)
+    };
     rt.block_on(async {
-        let a = store.warm_start(
-            &vmm,
-            &template.id,
-            "vm-a",
-            &disk_a,
-            Some("tap-a".into()),
-            Some(ns.path()),
-        );
-        let b = store.warm_start(
-            &vmm,
-            &template.id,
-            "vm-b",
-            &disk_b,
-            Some("tap-b".into()),
-            Some(ns.path()),
-        );
+        let a = store.warm_start(&vmm, &template.id, "vm-a", &target_a);
+        let b = store.warm_start(&vmm, &template.id, "vm-b", &target_b);
         let (a, b) = tokio::join!(a, b);
         a.expect("warm start A");
         b.expect("warm start B");
     });
     let restored = t.elapsed();
+    // Each clone is its own unprivileged tenant: a uid of its own, in its own jail.
+    let (uid_a, uid_b) = (vmm.uid_of("vm-a"), vmm.uid_of("vm-b"));
+    assert!(
+        uid_a.is_some() && uid_b.is_some() && uid_a != uid_b,
+        "two clones, two uids: {uid_a:?} {uid_b:?}"
+    );
+    for (vm, uid) in [("vm-a", uid_a), ("vm-b", uid_b)] {
+        let pid = rt.block_on(vmm.pid_of(vm)).expect("pid");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let real_uid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u32>().ok());
+        assert_eq!(real_uid, uid, "{vm}'s firecracker runs as its uid");
+    }
     let (uds_a, uds_b) = (
         vmm.runtime_dir("vm-a").vsock(),
         vmm.runtime_dir("vm-b").vsock(),
@@ -306,6 +322,7 @@ fn tc_i4_templates_snapshots_and_restores() {
         tap: Some("tap-a".into()),
         links: vec![("rootfs".into(), clone_mnt.join("rootfs.ext4"))],
         refresh_drives: vec![],
+        cpu_milli: None,
     };
     let t = Instant::now();
     rt.block_on(reopened.restore(&vmm, "snap-a", "vm-a2", &target))

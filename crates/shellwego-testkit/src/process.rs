@@ -72,22 +72,48 @@ pub fn run_quiet(cmd: &mut Command) -> bool {
 }
 
 /// Kills, on drop, every firecracker whose command line names a path under `0` (the
-/// test's own run dir): VMs a test started are ended even when it panics halfway.
+/// test's own run dir) or that is jailed under it: VMs a test started are ended even when
+/// it panics halfway, and the cgroups of jailed ones removed.
 pub struct KillVmsOnDrop(pub std::path::PathBuf);
 
 impl Drop for KillVmsOnDrop {
     fn drop(&mut self) {
+        let jailed: Vec<(i32, String)> = jailed_vms(&self.0);
         for pid in vm_pids(&self.0) {
             terminate(pid, Duration::from_millis(100));
             let mut status = 0;
             // SAFETY: reaping a child of this test process if it is one.
             unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
         }
+        for (_, id) in jailed {
+            remove_vm_cgroups(&id);
+        }
+    }
+}
+
+/// Removes the (empty) cgroups the jailer made for VM `id` under `shellwego/`, in every
+/// v1 hierarchy and in v2.
+fn remove_vm_cgroups(id: &str) {
+    let roots = std::fs::read_dir("/sys/fs/cgroup")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .chain([std::path::PathBuf::from("/sys/fs/cgroup")]);
+    for root in roots {
+        let dir = root.join("shellwego").join(id);
+        for _ in 0..50 {
+            if !dir.exists() || std::fs::remove_dir(&dir).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
 /// PIDs of the firecracker (or jailer) processes whose command line names a path under
-/// `dir`: the VMs started with that run dir.
+/// `dir`, and of the jailed firecrackers whose chroot is under it: the VMs started with
+/// that run dir.
 pub fn vm_pids(dir: &std::path::Path) -> Vec<i32> {
     let needle = dir.display().to_string();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -112,7 +138,52 @@ pub fn vm_pids(dir: &std::path::Path) -> Vec<i32> {
             pids.push(pid);
         }
     }
+    pids.extend(jailed_vms(dir).into_iter().map(|(pid, _)| pid));
     pids
+}
+
+/// Jailed firecrackers under `dir`, as (pid, VM id): the jailer writes each one's pid (as this namespace
+/// sees it) to `<base>/<exec>/<id>/root/<exec>.pid`; a pid counts only while it is a
+/// firecracker of that id (pids are reused).
+fn jailed_vms(dir: &std::path::Path) -> Vec<(i32, String)> {
+    let mut found = Vec::new();
+    let mut stack = vec![(dir.to_path_buf(), 0)];
+    while let Some((d, depth)) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir && depth < 5 {
+                stack.push((path, depth + 1));
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            let in_root = d.file_name().is_some_and(|n| n == "root");
+            let Some(id) = d.parent().and_then(|p| p.file_name()) else {
+                continue;
+            };
+            if !in_root || !name.ends_with(".pid") {
+                continue;
+            }
+            let Some(pid) = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| t.trim().parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let is_that_vm = args
+                .windows(2)
+                .any(|w| w[0] == b"--id" && w[1] == id.as_encoded_bytes());
+            if is_that_vm {
+                found.push((pid, id.to_string_lossy().into_owned()));
+            }
+        }
+    }
+    found
 }
 
 /// Runs one of the repository's `scripts/NAME` (they print a path on their last line, after

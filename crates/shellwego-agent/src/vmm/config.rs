@@ -316,6 +316,7 @@ pub fn guest_vm_config(
         }),
         netns: None,
         links: vec![],
+        cpu_milli: None,
     }
 }
 

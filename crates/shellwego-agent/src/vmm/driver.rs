@@ -236,7 +236,11 @@ impl FirecrackerApi {
 /// Files of one VM's runtime directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeDir {
+    /// Firecracker's working directory (the chroot under the jailer).
     pub dir: PathBuf,
+    /// Where the agent keeps what the VM must not touch (its record, the console): `dir`
+    /// itself unjailed, the jail's directory above the chroot when jailed.
+    pub home: PathBuf,
     pub vm_id: String,
 }
 
@@ -244,6 +248,7 @@ impl RuntimeDir {
     pub fn new(run_dir: &Path, vm_id: &str) -> RuntimeDir {
         RuntimeDir {
             dir: run_dir.join(vm_id),
+            home: run_dir.join(vm_id),
             vm_id: vm_id.to_string(),
         }
     }
@@ -252,6 +257,7 @@ impl RuntimeDir {
     pub fn jailed(jail: &Jail, vm_id: &str) -> RuntimeDir {
         RuntimeDir {
             dir: jail.root_of(vm_id),
+            home: jail.home_of(vm_id),
             vm_id: vm_id.to_string(),
         }
     }
@@ -259,7 +265,7 @@ impl RuntimeDir {
         self.dir.join("api.sock")
     }
     pub fn console_log(&self) -> PathBuf {
-        self.dir.join("console.log")
+        self.home.join("console.log")
     }
     pub fn firecracker_log(&self) -> PathBuf {
         self.dir.join("firecracker.log")
@@ -271,28 +277,18 @@ impl RuntimeDir {
         self.dir.join("vsock.sock")
     }
     pub fn record(&self) -> PathBuf {
-        self.dir.join("vm.json")
+        self.home.join("vm.json")
     }
 }
 
-/// Firecracker's jailer: each VM's firecracker runs chrooted in
-/// `<chroot_base>/firecracker/<vm_id>/root`, as `uid:gid`, in its own mount namespace.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Jail {
-    pub jailer: PathBuf,
-    pub chroot_base: PathBuf,
+pub use super::jail::Jail;
+
+/// A jailed spawn: the VM's uid and what its cgroup allows.
+#[derive(Debug, Clone)]
+pub struct JailedSpawn<'a> {
+    pub jail: &'a Jail,
     pub uid: u32,
-    pub gid: u32,
-}
-
-impl Jail {
-    /// The chroot (= runtime dir) of a VM.
-    pub fn root_of(&self, vm_id: &str) -> PathBuf {
-        self.chroot_base
-            .join("firecracker")
-            .join(vm_id)
-            .join("root")
-    }
+    pub limits: super::jail::VmLimits,
 }
 
 /// Firecracker's own log goes to `firecracker.log` in its working dir (the chroot's root
@@ -320,48 +316,51 @@ pub async fn spawn(
     spawn_with(binary, rt, netns, None, ready_timeout).await
 }
 
-/// Like [`spawn`]; with `jail`, firecracker is started through the jailer, chrooted in
-/// `rt.dir` (which must be `jail.root_of(vm_id)`), its API socket at `/api.sock` inside.
+/// Like [`spawn`]; with `jail`, firecracker is started through the jailer: chrooted in
+/// `rt.dir` (which must be `jail.root_of(vm_id)`) with its API socket at `/api.sock`
+/// inside, as the VM's uid, in a new PID namespace and its own cgroup. The returned pid
+/// is firecracker's own (the jailer's pid file), not the jailer's.
 pub async fn spawn_with(
     binary: &Path,
     rt: &RuntimeDir,
     netns: Option<&Path>,
-    jail: Option<&Jail>,
+    jail: Option<&JailedSpawn<'_>>,
     ready_timeout: Duration,
 ) -> Result<Spawned, DriverError> {
-    std::fs::create_dir_all(&rt.dir).map_err(|source| DriverError::Io {
-        what: "creating runtime dir",
-        path: rt.dir.clone(),
-        source,
-    })?;
+    let io = |what: &'static str, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| DriverError::Io { what, path, source }
+    };
+    std::fs::create_dir_all(&rt.dir).map_err(io("creating runtime dir", &rt.dir))?;
     let socket = rt.api_socket();
     let _ = std::fs::remove_file(&socket);
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(rt.firecracker_log())
-        .map_err(|source| DriverError::Io {
-            what: "creating firecracker log",
-            path: rt.firecracker_log(),
-            source,
-        })?;
+    // Firecracker's log and metrics: the VM's own (its uid's when jailed), 0600.
+    for path in [rt.firecracker_log(), rt.metrics()] {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io("creating", &path))?;
+        if let Some(j) = jail {
+            std::os::unix::fs::chown(&path, Some(j.uid), Some(j.jail.gid()))
+                .map_err(io("handing to the VM's uid", &path))?;
+        }
+    }
+    if let Some(j) = jail {
+        std::os::unix::fs::chown(&rt.dir, Some(j.uid), Some(j.jail.gid()))
+            .map_err(io("handing to the VM's uid", &rt.dir))?;
+    }
     // The console is the app's stdout and stderr: root-only, whatever the umask.
     let console = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
         .open(rt.console_log())
-        .map_err(|source| DriverError::Io {
-            what: "opening console log",
-            path: rt.console_log(),
-            source,
-        })?;
-    let console_err = console.try_clone().map_err(|source| DriverError::Io {
-        what: "duplicating console log",
-        path: rt.console_log(),
-        source,
-    })?;
+        .map_err(io("opening console log", &rt.console_log()))?;
+    let console_err = console
+        .try_clone()
+        .map_err(io("duplicating console log", &rt.console_log()))?;
     let id = rt.vm_id.clone();
     let mut cmd = match jail {
         None => {
@@ -375,19 +374,27 @@ pub async fn spawn_with(
             cmd
         }
         Some(j) => {
-            let mut cmd = std::process::Command::new(&j.jailer);
+            let mut cmd = std::process::Command::new(&j.jail.jailer);
             cmd.args([
                 "--id",
                 &id,
                 "--uid",
                 &j.uid.to_string(),
                 "--gid",
-                &j.gid.to_string(),
+                &j.jail.gid().to_string(),
+                "--new-pid-ns",
+                "--cgroup-version",
+                &j.jail.cgroups.number().to_string(),
+                "--parent-cgroup",
+                super::jail::PARENT_CGROUP,
             ])
             .arg("--exec-file")
             .arg(binary)
             .arg("--chroot-base-dir")
-            .arg(&j.chroot_base);
+            .arg(&j.jail.chroot_base);
+            for c in super::jail::cgroup_args(j.jail.cgroups, &j.limits, j.jail.io_weight) {
+                cmd.arg("--cgroup").arg(c);
+            }
             if let Some(ns) = netns {
                 cmd.arg("--netns").arg(ns);
             }
@@ -397,11 +404,9 @@ pub async fn spawn_with(
     };
     cmd.stdin(Stdio::null()).stdout(console).stderr(console_err);
     let netns_file = match (netns, jail) {
-        (Some(p), None) => Some(std::fs::File::open(p).map_err(|source| DriverError::Io {
-            what: "opening network namespace",
-            path: p.to_path_buf(),
-            source,
-        })?),
+        (Some(p), None) => {
+            Some(std::fs::File::open(p).map_err(io("opening network namespace", p))?)
+        }
         _ => None,
     };
     // SAFETY: only async-signal-safe calls (setsid, setns) between fork and exec.
@@ -423,17 +428,53 @@ pub async fn spawn_with(
         binary: binary.to_path_buf(),
         source,
     })?;
-    let pid = child.id() as i32;
+    // Under the jailer's new PID namespace the child forks firecracker and exits; the
+    // firecracker's pid (in our namespace) is in `<exec name>.pid` in the chroot.
+    let pid_file = jail.map(|_| {
+        let name = binary
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "firecracker".into());
+        rt.dir.join(format!("{name}.pid"))
+    });
+    let mut pid = match pid_file {
+        None => Some(child.id() as i32),
+        Some(_) => None,
+    };
+    let mut child_exit = None;
     // The child is reaped by whoever stops it (by pid); don't keep a handle that would
     // make a zombie of it when dropped early.
     let api = FirecrackerApi::new(&socket);
     let start = Instant::now();
     loop {
-        if socket.exists() && api.version().await.is_ok() {
-            std::mem::forget(child);
-            return Ok(Spawned { pid, api });
+        if pid.is_none() {
+            pid = pid_file
+                .as_ref()
+                .and_then(|f| std::fs::read_to_string(f).ok())
+                .and_then(|t| t.trim().parse().ok());
         }
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Some(pid) = pid {
+            if socket.exists() && api.version().await.is_ok() {
+                if jail.is_some() {
+                    let _ = child.try_wait();
+                }
+                std::mem::forget(child);
+                return Ok(Spawned { pid, api });
+            }
+        }
+        if child_exit.is_none() {
+            if let Ok(Some(status)) = child.try_wait() {
+                child_exit = Some(status);
+            }
+        }
+        let gone = match (child_exit, pid) {
+            // Unjailed the child is firecracker; jailed it exits by design once it forked
+            // firecracker (status 0), which must then still run.
+            (Some(status), _) if jail.is_none() || !status.success() => Some(status),
+            (Some(status), Some(p)) if !crate::vmm::process_alive(p) => Some(status),
+            _ => None,
+        };
+        if let Some(status) = gone {
             return Err(DriverError::NotReady {
                 socket,
                 waited: start.elapsed(),
@@ -441,7 +482,15 @@ pub async fn spawn_with(
             });
         }
         if start.elapsed() > ready_timeout {
-            let _ = child.kill();
+            match (jail, pid) {
+                (Some(_), Some(p)) => {
+                    // SAFETY: the firecracker this call just started (its pid file).
+                    unsafe { libc::kill(p, libc::SIGKILL) };
+                }
+                _ => {
+                    let _ = child.kill();
+                }
+            }
             let _ = child.wait();
             return Err(DriverError::NotReady {
                 socket,

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod console;
 pub mod driver;
+pub mod jail;
 pub mod models;
 
 use std::collections::BTreeMap;
@@ -15,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 use tracing::{info, warn};
 
-use driver::{DriverError, FirecrackerApi, Jail, RuntimeDir};
+use driver::{DriverError, FirecrackerApi, JailedSpawn, RuntimeDir};
+use jail::{Access, Jail, UidPool, VmLimits};
 use models::{ActionType, BootSource, Drive, MachineConfig, Metrics, NetworkInterface, Vsock};
 
 /// Everything Firecracker needs to boot one VM.
@@ -33,6 +35,37 @@ pub struct MicrovmConfig {
     /// target): relative drive paths point through them to this VM's own files.
     #[serde(default)]
     pub links: Vec<(String, PathBuf)>,
+    /// CPU the VM may use, in thousandths of a core (its cgroup's quota when jailed);
+    /// `None`: all of its vCPUs.
+    #[serde(default)]
+    pub cpu_milli: Option<u64>,
+}
+
+impl MicrovmConfig {
+    /// What the VM's cgroup allows.
+    pub fn limits(&self) -> VmLimits {
+        VmLimits {
+            cpu_milli: self.cpu_milli,
+            mem_mib: self.machine.mem_size_mib,
+            io_weight: Some(100),
+        }
+    }
+}
+
+/// What a firecracker that is to restore a snapshot needs before it starts.
+#[derive(Debug, Clone, Default)]
+pub struct BareSpawn {
+    /// Network namespace (`/run/netns/NAME`) the process runs in.
+    pub netns: Option<PathBuf>,
+    /// The VM's own files, as (name, path), reached from its runtime dir by relative paths
+    /// (its disk as `rootfs`).
+    pub links: Vec<(String, PathBuf)>,
+    /// Read-only inputs (the snapshot's state and memory), as (name, path); see
+    /// [`VmmManager::path_in_vm`].
+    pub inputs: Vec<(String, PathBuf)>,
+    /// TAPs the VM will open.
+    pub taps: Vec<String>,
+    pub limits: Option<VmLimits>,
 }
 
 /// What the agent records about a running firecracker so it can re-attach after a
@@ -43,6 +76,9 @@ pub struct ProcessRecord {
     pub pid: i32,
     pub start_time: u64,
     pub api_socket: PathBuf,
+    /// The uid it runs as when jailed.
+    #[serde(default)]
+    pub uid: Option<u32>,
 }
 
 /// What `inspect` sees.
@@ -113,7 +149,6 @@ struct VmHandle {
     record: ProcessRecord,
     api: FirecrackerApi,
     rt: RuntimeDir,
-    jailed: bool,
 }
 
 /// The VMs of this host, keyed by vm_id.
@@ -121,6 +156,7 @@ pub struct VmmManager {
     firecracker: PathBuf,
     run_dir: PathBuf,
     jail: Option<Jail>,
+    uids: std::sync::Mutex<UidPool>,
     ready_timeout: Duration,
     vms: Mutex<BTreeMap<String, VmHandle>>,
 }
@@ -131,17 +167,26 @@ impl VmmManager {
             firecracker: firecracker.to_path_buf(),
             run_dir: run_dir.to_path_buf(),
             jail: None,
+            uids: std::sync::Mutex::new(UidPool::new(0, 0)),
             ready_timeout: Duration::from_secs(10),
             vms: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// Runs every VM's firecracker under the jailer (configuration `jailer = true`).
-    /// Kernel, initramfs and drives are hard-linked (same file system) or bind-mounted
-    /// into each VM's chroot. Snapshots of jailed VMs are not supported.
-    pub fn with_jail(mut self, jail: Jail) -> VmmManager {
+    /// Runs every VM's firecracker under the jailer (see [`jail`]): its own chroot, uid,
+    /// PID namespace and cgroup. Kernel, initramfs, drives and snapshot files are placed
+    /// into each VM's chroot.
+    pub fn with_jail(mut self, mut jail: Jail) -> VmmManager {
+        if let Some(name) = self.firecracker.file_name() {
+            jail.exec_name = name.to_string_lossy().into_owned();
+        }
+        self.uids = std::sync::Mutex::new(UidPool::new(jail.uid_base, jail.uid_count));
         self.jail = Some(jail);
         self
+    }
+
+    pub fn jail(&self) -> Option<&Jail> {
+        self.jail.as_ref()
     }
 
     pub fn runtime_dir(&self, vm_id: &str) -> RuntimeDir {
@@ -151,26 +196,47 @@ impl VmmManager {
         }
     }
 
+    fn uid_pool(&self) -> std::sync::MutexGuard<'_, UidPool> {
+        self.uids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The uid a jailed VM runs as (`None` unjailed or for an unknown VM).
+    pub fn uid_of(&self, vm_id: &str) -> Option<u32> {
+        self.jail.as_ref()?;
+        self.uid_pool().get(vm_id)
+    }
+
+    /// The path firecracker is to be given for the read-only input `name` at `host` (one
+    /// of [`BareSpawn::inputs`]): inside the chroot when jailed.
+    pub fn path_in_vm(&self, name: &str, host: &Path) -> String {
+        match &self.jail {
+            Some(_) => format!("/{name}"),
+            None => host.display().to_string(),
+        }
+    }
+
+    /// Where firecracker is to write a file meant for `dest`, as (the path it is given,
+    /// where the file then is on the host): jailed VMs write inside their chroot, and the
+    /// caller moves the file (see [`collect_output`]).
+    pub fn output_path(&self, vm_id: &str, name: &str, dest: &Path) -> (String, PathBuf) {
+        match &self.jail {
+            Some(_) => (format!("/{name}"), self.runtime_dir(vm_id).dir.join(name)),
+            None => (dest.display().to_string(), dest.to_path_buf()),
+        }
+    }
+
     /// Directories that may hold VM records (for re-attach).
     fn record_dirs(&self) -> Vec<RuntimeDir> {
-        let (base, jailed) = match &self.jail {
-            Some(j) => (j.chroot_base.join("firecracker"), true),
-            None => (self.run_dir.clone(), false),
+        let base = match &self.jail {
+            Some(j) => j.chroot_base.join(&j.exec_name),
+            None => self.run_dir.clone(),
         };
         let Ok(entries) = std::fs::read_dir(&base) else {
             return vec![];
         };
         entries
             .flatten()
-            .map(|e| {
-                let id = e.file_name().to_string_lossy().into_owned();
-                let dir = if jailed {
-                    e.path().join("root")
-                } else {
-                    e.path()
-                };
-                RuntimeDir { dir, vm_id: id }
-            })
+            .map(|e| self.runtime_dir(&e.file_name().to_string_lossy()))
             .collect()
     }
 
@@ -183,6 +249,55 @@ impl VmmManager {
         }
     }
 
+    /// The VM's uid (assigned now if new); `None` unjailed.
+    fn assign_uid(&self, vm_id: &str) -> Result<Option<u32>, VmmError> {
+        if self.jail.is_none() {
+            return Ok(None);
+        }
+        self.uid_pool()
+            .assign(vm_id)
+            .map(Some)
+            .map_err(|e| Self::io(vm_id, "choosing its uid")(std::io::Error::other(e)))
+    }
+
+    /// Starts a firecracker for `vm_id`: jailed (files placed, TAPs handed over) or not.
+    /// On failure nothing of it is left.
+    async fn spawn_vm(
+        &self,
+        vm_id: &str,
+        netns: Option<&Path>,
+        limits: VmLimits,
+        prepare: impl FnOnce(&RuntimeDir, Option<(u32, u32)>) -> std::io::Result<()>,
+    ) -> Result<(RuntimeDir, driver::Spawned, Option<u32>), VmmError> {
+        let rt = self.runtime_dir(vm_id);
+        let uid = self.assign_uid(vm_id)?;
+        let ids = self.jail.as_ref().zip(uid).map(|(j, u)| (u, j.gid()));
+        if let Err(e) = std::fs::create_dir_all(&rt.dir).and_then(|()| prepare(&rt, ids)) {
+            self.clean(&rt);
+            return Err(Self::io(vm_id, "preparing its files")(e));
+        }
+        let jailed =
+            self.jail
+                .as_ref()
+                .zip(uid)
+                .map(|(jail, uid)| JailedSpawn { jail, uid, limits });
+        match driver::spawn_with(
+            &self.firecracker,
+            &rt,
+            netns,
+            jailed.as_ref(),
+            self.ready_timeout,
+        )
+        .await
+        {
+            Ok(s) => Ok((rt, s, uid)),
+            Err(e) => {
+                self.clean(&rt);
+                Err(e.into())
+            }
+        }
+    }
+
     /// Spawns a firecracker for the VM and configures it (logger, metrics, machine, boot
     /// source, drives, network, vsock); the VM is not started yet. On any failure the
     /// process and its directory are removed again.
@@ -191,45 +306,38 @@ impl VmmManager {
         if vms.contains_key(&cfg.vm_id) {
             return Err(VmmError::Exists(cfg.vm_id.clone()));
         }
-        let rt = self.runtime_dir(&cfg.vm_id);
-        let jailed;
-        let cfg = match &self.jail {
-            None => cfg,
-            Some(_) => {
-                jailed =
-                    jail_files(&rt, cfg).map_err(Self::io(&cfg.vm_id, "preparing the jail"))?;
-                &jailed
-            }
-        };
-        let spawned = match driver::spawn_with(
-            &self.firecracker,
-            &rt,
-            cfg.netns.as_deref(),
-            self.jail.as_ref(),
-            self.ready_timeout,
-        )
-        .await
-        {
-            Ok(s) => s,
-            Err(e) => {
-                clean_dir(&rt, self.jail.is_some());
-                return Err(e.into());
-            }
-        };
+        let mut seen = cfg.clone();
+        let (rt, spawned, uid) = self
+            .spawn_vm(
+                &cfg.vm_id,
+                cfg.netns.as_deref(),
+                cfg.limits(),
+                |rt, ids| match ids {
+                    Some((uid, gid)) => {
+                        seen = jail_files(rt, cfg, uid, gid)?;
+                        for n in &cfg.network {
+                            jail::own_tap(cfg.netns.as_deref(), &n.host_dev_name, uid)?;
+                        }
+                        Ok(())
+                    }
+                    None => make_links(rt, &cfg.links),
+                },
+            )
+            .await?;
         let record = ProcessRecord {
             vm_id: cfg.vm_id.clone(),
             pid: spawned.pid,
             start_time: process_start_time(spawned.pid).unwrap_or(0),
             api_socket: rt.api_socket(),
+            uid,
         };
         let handle = VmHandle {
             record: record.clone(),
             api: spawned.api,
             rt,
-            jailed: self.jail.is_some(),
         };
-        if let Err(e) = configure(&handle, cfg).await {
-            kill_and_clean(&handle).await;
+        if let Err(e) = configure(&handle, &seen).await {
+            self.kill_and_clean(&handle).await;
             return Err(e);
         }
         vms.insert(cfg.vm_id.clone(), handle);
@@ -241,38 +349,50 @@ impl VmmManager {
     pub async fn spawn_bare(
         &self,
         vm_id: &str,
-        netns: Option<&Path>,
-        links: &[(String, PathBuf)],
+        bare: &BareSpawn,
     ) -> Result<FirecrackerApi, VmmError> {
         let mut vms = self.vms.lock().await;
         if vms.contains_key(vm_id) {
             return Err(VmmError::Exists(vm_id.to_string()));
         }
-        if self.jail.is_some() {
-            return Err(VmmError::Io {
-                vm_id: vm_id.to_string(),
-                what: "restoring a snapshot".into(),
-                source: std::io::Error::other("snapshot restores are not supported for jailed VMs"),
-            });
-        }
-        let rt = self.runtime_dir(vm_id);
-        let spawned = driver::spawn(&self.firecracker, &rt, netns, self.ready_timeout).await?;
+        let limits = bare.limits.unwrap_or(VmLimits {
+            cpu_milli: None,
+            mem_mib: 0,
+            io_weight: None,
+        });
+        let (rt, spawned, uid) = self
+            .spawn_vm(vm_id, bare.netns.as_deref(), limits, |rt, ids| match ids {
+                Some((uid, gid)) => {
+                    for (name, target) in &bare.links {
+                        jail::place(&rt.dir, name, target, Access::Owned { uid, gid })?;
+                    }
+                    for (name, target) in &bare.inputs {
+                        jail::place(&rt.dir, name, target, Access::Shared { gid })?;
+                    }
+                    for tap in &bare.taps {
+                        jail::own_tap(bare.netns.as_deref(), tap, uid)?;
+                    }
+                    Ok(())
+                }
+                None => make_links(rt, &bare.links),
+            })
+            .await?;
         let record = ProcessRecord {
             vm_id: vm_id.to_string(),
             pid: spawned.pid,
             start_time: process_start_time(spawned.pid).unwrap_or(0),
             api_socket: rt.api_socket(),
+            uid,
         };
-        let prepared = write_record(&rt, &record).and_then(|()| make_links(&rt, links));
+        let prepared = write_record(&rt, &record);
         let api = spawned.api.clone();
         let handle = VmHandle {
             record,
             api: spawned.api,
             rt,
-            jailed: false,
         };
         if let Err(e) = prepared {
-            kill_and_clean(&handle).await;
+            self.kill_and_clean(&handle).await;
             return Err(Self::io(vm_id, "preparing runtime files")(e));
         }
         vms.insert(vm_id.to_string(), handle);
@@ -285,6 +405,11 @@ impl VmmManager {
         vms.get(vm_id)
             .map(|h| h.api.clone())
             .ok_or_else(|| VmmError::UnknownVm(vm_id.to_string()))
+    }
+
+    /// The pid of a known VM's firecracker.
+    pub async fn pid_of(&self, vm_id: &str) -> Option<i32> {
+        self.vms.lock().await.get(vm_id).map(|h| h.record.pid)
     }
 
     /// Boots the configured VM.
@@ -389,8 +514,8 @@ impl VmmManager {
     pub async fn remove(&self, vm_id: &str) -> Result<(), VmmError> {
         let handle = self.vms.lock().await.remove(vm_id);
         match handle {
-            Some(h) => kill_and_clean(&h).await,
-            None => clean_dir(&self.runtime_dir(vm_id), self.jail.is_some()),
+            Some(h) => self.kill_and_clean(&h).await,
+            None => self.clean(&self.runtime_dir(vm_id)),
         }
         Ok(())
     }
@@ -401,10 +526,13 @@ impl VmmManager {
     pub async fn reattach(&self) -> Result<(Vec<String>, Vec<String>), VmmError> {
         let mut attached = Vec::new();
         let mut dead = Vec::new();
-        let jailed = self.jail.is_some();
         let mut vms = self.vms.lock().await;
         for rt in self.record_dirs() {
             let Ok(bytes) = std::fs::read(rt.record()) else {
+                // A jail without a record: a VM whose start was cut short.
+                if self.jail.is_some() && !vms.contains_key(&rt.vm_id) {
+                    self.clean(&rt);
+                }
                 continue;
             };
             let Ok(record) = serde_json::from_slice::<ProcessRecord>(&bytes) else {
@@ -420,27 +548,54 @@ impl VmmManager {
             if same_process && api.version().await.is_ok() {
                 info!(vm_id = %record.vm_id, pid = record.pid, "re-attached");
                 attached.push(record.vm_id.clone());
-                vms.insert(
-                    record.vm_id.clone(),
-                    VmHandle {
-                        record,
-                        api,
-                        rt,
-                        jailed,
-                    },
-                );
+                if let Some(uid) = record.uid {
+                    self.uid_pool().adopt(&record.vm_id, uid);
+                }
+                vms.insert(record.vm_id.clone(), VmHandle { record, api, rt });
             } else {
                 dead.push(record.vm_id.clone());
-                clean_dir(&rt, jailed);
+                self.clean(&rt);
             }
         }
         Ok((attached, dead))
     }
+
+    async fn kill_and_clean(&self, h: &VmHandle) {
+        reap(h.record.pid);
+        if process_alive(h.record.pid)
+            && process_start_time(h.record.pid) == Some(h.record.start_time)
+        {
+            kill_pid(h.record.pid).await;
+        }
+        self.clean(&h.rt);
+    }
+
+    /// Removes what a VM had on the host besides its process: runtime dir (jail, bind
+    /// mounts), cgroup, uid.
+    fn clean(&self, rt: &RuntimeDir) {
+        clean_dir(rt, self.jail.is_some());
+        if let Some(j) = &self.jail {
+            jail::remove_cgroups(j.cgroups, &rt.vm_id);
+            self.uid_pool().release(&rt.vm_id);
+        }
+    }
+}
+
+/// Moves a file a VM wrote at `from` (see [`VmmManager::output_path`]) to `to`, owned by
+/// root and private to it: a rename on one file system, else a copy.
+pub fn collect_output(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if from != to && std::fs::rename(from, to).is_err() {
+        std::fs::copy(from, to)?;
+        std::fs::remove_file(from)?;
+    }
+    std::os::unix::fs::chown(to, Some(0), Some(0))?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o600))
 }
 
 fn write_record(rt: &RuntimeDir, record: &ProcessRecord) -> std::io::Result<()> {
     let json = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
-    let tmp = rt.dir.join(".vm.json.tmp");
+    let tmp = rt.home.join(".vm.json.tmp");
     std::fs::write(&tmp, json)?;
     std::fs::rename(&tmp, rt.record())
 }
@@ -458,15 +613,6 @@ fn make_links(rt: &RuntimeDir, links: &[(String, PathBuf)]) -> std::io::Result<(
 async fn configure(h: &VmHandle, cfg: &MicrovmConfig) -> Result<(), VmmError> {
     let io = VmmManager::io(&cfg.vm_id, "preparing runtime files");
     write_record(&h.rt, &h.record).map_err(&io)?;
-    make_links(&h.rt, &cfg.links).map_err(&io)?;
-    {
-        let path = h.rt.metrics();
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(&io)?;
-    }
     let api = &h.api;
     // The logger was set on the command line (driver::spawn); metrics go next to it,
     // relative to firecracker's working dir (the chroot's root under the jailer).
@@ -502,19 +648,10 @@ async fn kill_pid(pid: i32) {
     reap(pid);
 }
 
-async fn kill_and_clean(h: &VmHandle) {
-    reap(h.record.pid);
-    if process_alive(h.record.pid) && process_start_time(h.record.pid) == Some(h.record.start_time)
-    {
-        kill_pid(h.record.pid).await;
-    }
-    clean_dir(&h.rt, h.jailed);
-}
-
 /// Removes a VM's runtime dir; for a jail, first the bind mounts in it, then the whole
 /// `<base>/firecracker/<vm_id>` tree.
 fn clean_dir(rt: &RuntimeDir, jailed: bool) {
-    let dir = if jailed {
+    if jailed {
         if let Ok(mounts) = std::fs::read_to_string("/proc/mounts") {
             let prefix = format!("{}/", rt.dir.display());
             for mp in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
@@ -526,70 +663,45 @@ fn clean_dir(rt: &RuntimeDir, jailed: bool) {
                 }
             }
         }
-        rt.dir
-            .parent()
-            .map(Path::to_path_buf)
-            .unwrap_or_else(|| rt.dir.clone())
-    } else {
-        rt.dir.clone()
-    };
-    if let Err(e) = std::fs::remove_dir_all(&dir) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            warn!(dir = %dir.display(), error = %e, "cannot remove runtime dir");
+    }
+    for dir in [&rt.dir, &rt.home] {
+        if let Err(e) = std::fs::remove_dir_all(dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(dir = %dir.display(), error = %e, "cannot remove runtime dir");
+            }
         }
     }
 }
 
-/// Puts `target` at `rt.dir/name`: a hard link where it shares the file system, else a
-/// bind mount (the chroot cannot see outside paths or follow symlinks out).
-fn place_in_jail(rt: &RuntimeDir, name: &str, target: &Path) -> std::io::Result<()> {
-    let dest = rt.dir.join(name);
-    let _ = std::fs::remove_file(&dest);
-    let target = std::fs::canonicalize(target)?;
-    if std::fs::hard_link(&target, &dest).is_ok() {
-        return Ok(());
-    }
-    std::fs::File::create(&dest)?;
-    let (src, dst) = (
-        std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
-            .map_err(std::io::Error::other)?,
-        std::ffi::CString::new(dest.as_os_str().as_encoded_bytes())
-            .map_err(std::io::Error::other)?,
-    );
-    // SAFETY: bind-mounting one file onto another with valid C strings.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            dst.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// The configuration as the jailed firecracker sees it: kernel, initramfs, links and
-/// absolute drive paths placed inside the chroot and named relative to its root.
-fn jail_files(rt: &RuntimeDir, cfg: &MicrovmConfig) -> std::io::Result<MicrovmConfig> {
-    std::fs::create_dir_all(&rt.dir)?;
+/// absolute drive paths placed inside the chroot and named relative to its root. The
+/// VM's own files (drives, links) become its uid's; kernel and initramfs stay shared.
+fn jail_files(
+    rt: &RuntimeDir,
+    cfg: &MicrovmConfig,
+    uid: u32,
+    gid: u32,
+) -> std::io::Result<MicrovmConfig> {
+    let (owned, shared) = (Access::Owned { uid, gid }, Access::Shared { gid });
     let mut jailed = cfg.clone();
-    place_in_jail(rt, "vmlinux", Path::new(&cfg.boot.kernel_image_path))?;
+    jail::place(
+        &rt.dir,
+        "vmlinux",
+        Path::new(&cfg.boot.kernel_image_path),
+        shared,
+    )?;
     jailed.boot.kernel_image_path = "/vmlinux".into();
     if let Some(initrd) = &cfg.boot.initrd_path {
-        place_in_jail(rt, "initrd", Path::new(initrd))?;
+        jail::place(&rt.dir, "initrd", Path::new(initrd), shared)?;
         jailed.boot.initrd_path = Some("/initrd".into());
     }
     for (name, target) in &cfg.links {
-        place_in_jail(rt, name, target)?;
+        jail::place(&rt.dir, name, target, owned)?;
     }
     jailed.links.clear();
     for d in &mut jailed.drives {
         if Path::new(&d.path_on_host).is_absolute() {
-            place_in_jail(rt, &d.drive_id, Path::new(&d.path_on_host))?;
+            jail::place(&rt.dir, &d.drive_id, Path::new(&d.path_on_host), owned)?;
             d.path_on_host = d.drive_id.clone();
         }
     }

@@ -1,6 +1,7 @@
 //! What the jail costs and what its cgroup buys, with real VMs on this host:
 //! - warm start (restore -> guest answering on vsock) with and without the jailer;
-//! - CPU isolation: a neighbour's response time (an `exec` round trip into its guest)
+//! - CPU isolation: a neighbour's response time (a `hello` round trip to its guest init
+//!   over vsock: guest CPU only, no process started)
 //!   alone, next to a VM burning CPU under a half-core quota (`cpu = "500m"`), and next to
 //!   the same burner without a quota; and how much CPU the burner's VMM actually got.
 //!
@@ -102,13 +103,12 @@ impl Bench {
     }
 }
 
-/// Response times of `PROBES` exec round trips (`true`) into a guest.
+/// Response times of `PROBES` round trips to a guest's init.
 fn probe(c: &mut GuestClient) -> Vec<Duration> {
     (0..PROBES)
         .map(|_| {
             let t = Instant::now();
-            let out = c.exec(&["true"], Duration::from_secs(30)).expect("exec");
-            assert_eq!(out.code, 0);
+            c.hello().expect("hello");
             t.elapsed()
         })
         .collect()
@@ -142,7 +142,7 @@ fn neighbour_under(
     cpu_milli: Option<u64>,
     baseline: Duration,
 ) {
-    let name = format!("burner-{label}");
+    let name = format!("burner-{}", label.replace(' ', "-"));
     let (_burner, _) = bench.start(
         vmm,
         &name,
@@ -258,7 +258,7 @@ fn main() {
     let alone = probe(&mut quiet);
     let baseline = median(alone.clone());
     println!(
-        "neighbour alone: exec round trip median {}, p90 {}",
+        "neighbour alone: round trip median {}, p90 {}",
         ms(baseline),
         ms(p90(alone))
     );

@@ -81,6 +81,13 @@ pub async fn platform(config: &Config) -> Result<Platform> {
         .ensure_bridge()
         .await
         .with_context(|| format!("setting up bridge {}", config.bridge))?;
+    let rootfs = RootfsBuilder::new(zfs, data);
+    rootfs.protect_staging().with_context(|| {
+        format!(
+            "cannot mount the layer staging area {} nosuid,nodev,noexec",
+            rootfs.staging_dir().display()
+        )
+    })?;
     let mut vmm = VmmManager::new(&firecracker, &config.run_dir.join("vms"));
     if config.jailer {
         let jailer = find_executable(&config.jailer_binary).context(
@@ -101,7 +108,7 @@ pub async fn platform(config: &Config) -> Result<Platform> {
         kernel: config.kernel.clone(),
         init: config.guest_init.clone(),
         images: Arc::new(images),
-        rootfs: Arc::new(RootfsBuilder::new(zfs, data)),
+        rootfs: Arc::new(rootfs),
         network,
         vmm,
         templates: tokio::sync::Mutex::new(TemplateStore::open(&config.templates())?),

@@ -168,6 +168,21 @@ fn isolation_clones_are_unique_and_nothing_at_rest_is_open_to_others() {
     found.extend(files_containing(&stack.log, INLINE_SECRET));
     assert!(found.is_empty(), "inline secret in plaintext in: {found:?}");
 
+    // Layers are unpacked where setuid files and device nodes are inert.
+    let staging = std::fs::canonicalize(stack.data.join("tmp")).expect("staging dir");
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let opts = mounts
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1) == Some(&staging.to_str().unwrap())).then(|| f[3].to_string())
+        })
+        .unwrap_or_else(|| panic!("{} is not a mount of its own", staging.display()));
+    for flag in ["nosuid", "nodev", "noexec"] {
+        assert!(opts.split(',').any(|o| o == flag), "staging mounted {opts}");
+    }
+
     // Nothing at rest is open to group or others.
     let mut open = open_to_others(&stack.data);
     open.extend(open_to_others(&stack.run));

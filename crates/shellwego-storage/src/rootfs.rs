@@ -195,6 +195,56 @@ impl RootfsBuilder {
         &self.zfs
     }
 
+    /// The staging area where layers are unpacked (`<data_dir>/tmp`).
+    pub fn staging_dir(&self) -> PathBuf {
+        self.data_dir.join("tmp")
+    }
+
+    /// Makes the staging area a `nosuid,nodev,noexec` bind mount of itself, so nothing an
+    /// image unpacks there (setuid binaries, device nodes) can be used on the host while
+    /// it is there; `mkfs.ext4 -d` only reads their metadata. Idempotent: an agent
+    /// restart finds the mount in place. The mount stays for the host's lifetime, like
+    /// any other of the agent's.
+    pub fn protect_staging(&self) -> std::io::Result<()> {
+        let dir = self.staging_dir();
+        fs::create_dir_all(&dir)?;
+        let dir = fs::canonicalize(&dir)?;
+        let mounts = fs::read_to_string("/proc/self/mounts")?;
+        if staging_is_protected(&mounts, &dir) {
+            return Ok(());
+        }
+        let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+            .map_err(std::io::Error::other)?;
+        let flags = libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        // SAFETY: mount(2) with valid C strings; a bind of the directory onto itself, then
+        // a remount of that bind with the restricting flags.
+        unsafe {
+            if libc::mount(
+                path.as_ptr(),
+                path.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::mount(
+                std::ptr::null(),
+                path.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REMOUNT | flags,
+                std::ptr::null(),
+            ) != 0
+            {
+                let e = std::io::Error::last_os_error();
+                libc::umount2(path.as_ptr(), libc::MNT_DETACH);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     fn root_dataset(&self) -> String {
         format!("{}/shellwego", self.zfs.pool())
     }
@@ -505,6 +555,23 @@ pub fn refquota_for(disk: u64) -> u64 {
 }
 
 /// Removes `unpack-<digest>-<seq>-<pid>[.ext4]` entries whose process is gone.
+/// Whether `/proc/self/mounts` text shows `dir` mounted (last) with nosuid, nodev and
+/// noexec.
+fn staging_is_protected(mounts: &str, dir: &Path) -> bool {
+    let want = dir.display().to_string();
+    mounts
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 4 && f[1] == want).then(|| f[3].to_string())
+        })
+        .is_some_and(|opts| {
+            let o: Vec<&str> = opts.split(',').collect();
+            ["nosuid", "nodev", "noexec"].iter().all(|w| o.contains(w))
+        })
+}
+
 fn sweep_dead_builds(tmp: &Path) {
     let Ok(entries) = fs::read_dir(tmp) else {
         return;
@@ -531,5 +598,26 @@ fn join_err(e: &tokio::task::JoinError) -> RootfsError {
         what: "a blocking build task".into(),
         path: PathBuf::new(),
         source: io::Error::other(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_staging_area_counts_as_protected_only_with_all_three_flags_on_its_last_mount() {
+        let dir = Path::new("/var/lib/shellwego/tmp");
+        let plain = "/dev/vda / ext4 rw,relatime 0 0\n";
+        assert!(!staging_is_protected(plain, dir));
+        let bound = format!(
+            "{plain}/dev/vda /var/lib/shellwego/tmp ext4 rw,nosuid,nodev,noexec,relatime 0 0\n"
+        );
+        assert!(staging_is_protected(&bound, dir));
+        let partial =
+            format!("{plain}/dev/vda /var/lib/shellwego/tmp ext4 rw,nosuid,relatime 0 0\n");
+        assert!(!staging_is_protected(&partial, dir));
+        let covered = format!("{bound}tmpfs /var/lib/shellwego/tmp tmpfs rw 0 0\n");
+        assert!(!staging_is_protected(&covered, dir), "the last mount wins");
     }
 }

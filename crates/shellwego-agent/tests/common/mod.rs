@@ -56,6 +56,20 @@ fn prune_shared_templates() {
     });
 }
 
+/// Lazily unmounts every mount at or below `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|mp| Path::new(mp).starts_with(dir))
+        .collect();
+    points.sort_by_key(|mp| std::cmp::Reverse(mp.len()));
+    for mp in points {
+        let _ = Command::new("umount").args(["-l", mp]).status();
+    }
+}
+
 /// Files under `dir` whose bytes contain `needle` (grep reads sparse disk images fast).
 pub fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
     if !dir.exists() {
@@ -94,6 +108,10 @@ pub struct Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         self.kill_agent();
+        // The agent's mounts (its staging area; jails' bind mounts of VMs it left running,
+        // which `_vms` ends) outlive it: take them down with the test's directory.
+        unmount_under(&self.data);
+        unmount_under(&self.run);
         if std::thread::panicking() {
             eprintln!(
                 "--- agent log ---\n{}",

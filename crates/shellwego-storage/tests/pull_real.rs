@@ -383,3 +383,33 @@ fn pull_an_image_over_its_byte_budget_is_refused_naming_the_layer() {
     );
     rig.assert_nothing_left(&store_root);
 }
+
+/// The hostile-image case of the tenant-isolation plan at full size: a 3 GB zero-filled
+/// layer (about 3 MB of gzip) is refused by the default budget (2 GiB unpacked), naming the
+/// layer and the budget, and nothing of it stays.
+#[test]
+fn isolation_a_3_gb_zero_filled_layer_is_refused_by_the_default_budget() {
+    let rig = Rig::new();
+    let t = std::time::Instant::now();
+    let image = ImageBuilder::new().zero_bomb_layer(3_000_000_000);
+    let digests = rig.push(&image, "bomb3g:v1");
+    println!("3 GB bomb built and pushed in {:.1} s", t.elapsed().as_secs_f64());
+    let store_root = rig.data.join("oci");
+    let budget = ImageBudget::default();
+    assert_eq!(budget.max_unpacked_bytes, 2 << 30, "the default budget");
+    let store = open_store(&store_root, &rig.registry.addr, budget);
+    let t = std::time::Instant::now();
+    let err = runtime()
+        .block_on(
+            rig.builder
+                .pull_base(&store, &format!("{}/bomb3g:v1", rig.registry.addr), &|_| {}),
+        )
+        .expect_err("over budget");
+    println!("refused after {:.1} s", t.elapsed().as_secs_f64());
+    let text = err.to_string();
+    assert!(
+        text.contains(&digests[0]) && text.contains(&format!("budget of {}", 2u64 << 30)),
+        "{text}"
+    );
+    rig.assert_nothing_left(&store_root);
+}

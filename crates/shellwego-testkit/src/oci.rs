@@ -79,6 +79,60 @@ impl ImageBuilder {
         self
     }
 
+    /// Adds a gzip layer holding one file of `bytes` zeros (a decompression bomb: a few
+    /// MB compressed), streamed through `gzip -1` without holding the tar in memory.
+    pub fn zero_bomb_layer(mut self, bytes: u64) -> Self {
+        use std::io::{Read, Write};
+        struct Tee {
+            hash: Sha256,
+            out: std::process::ChildStdin,
+        }
+        impl Write for Tee {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                let n = self.out.write(buf)?;
+                self.hash.update(&buf[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                self.out.flush()
+            }
+        }
+        let mut child = Command::new("gzip")
+            .args(["-1", "-c"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run gzip: {e} (apt-get install gzip)"));
+        let stdin = child.stdin.take().expect("piped stdin");
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let reader = std::thread::spawn(move || {
+            let mut blob = Vec::new();
+            std::io::Read::read_to_end(&mut stdout, &mut blob).expect("read gzip output");
+            blob
+        });
+        let mut tar = tar::Builder::new(Tee {
+            hash: Sha256::new(),
+            out: stdin,
+        });
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_entry_type(tar::EntryType::Regular);
+        tar.append_data(&mut header, "zeros", std::io::repeat(0).take(bytes))
+            .expect("stream the bomb");
+        let tee = tar.into_inner().expect("finish tar");
+        let diff_id = format!("sha256:{}", hex::encode(tee.hash.finalize()));
+        drop(tee.out);
+        let blob = reader.join().expect("gzip reader");
+        assert!(child.wait().expect("gzip").success(), "gzip failed");
+        self.layers
+            .push((blob, diff_id, "application/vnd.oci.image.layer.v1.tar+gzip"));
+        self
+    }
+
     /// Makes the config give layer `index` a diff_id that its blob does not have.
     pub fn lie_about_diff_id(mut self, index: usize) -> Self {
         self.layers[index].1 = sha256(b"not what the layer holds");

@@ -103,6 +103,9 @@ impl GuestClient {
     }
 
     pub fn exec(&mut self, argv: &[&str], timeout: Duration) -> Result<ExecOutput, GuestError> {
+        // The guest answers at the latest when the command times out there: wait that long
+        // and a margin for the answer, not just the connection's own timeout.
+        self.set_timeout(timeout + Duration::from_secs(10))?;
         let req = Request::Exec {
             argv: argv.iter().map(|s| s.to_string()).collect(),
             timeout_ms: timeout.as_millis() as u64,

@@ -107,9 +107,27 @@ fn isolation_clones_are_unique_and_nothing_at_rest_is_open_to_others() {
         ),
     );
     let b = stack.spec("b.toml", &spec("clone-b", &image, ""));
+    // An image of 200,000 (empty) files in 2,000 directories on top of the web image.
+    let t = std::time::Instant::now();
+    let many = stack.push_web_with(
+        "many",
+        b"many\n",
+        &shellwego_testkit::oci::generated_tree_tar(200_000, 0, 7),
+    );
+    println!(
+        "200k-file image pushed in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let m = stack.spec("m.toml", &spec("many-files", &many, ""));
     stack.start_agent(&[]);
     stack.run(&["apply", "-f", a.to_str().unwrap()]);
     stack.run(&["apply", "-f", b.to_str().unwrap()]);
+    let t = std::time::Instant::now();
+    stack.run(&["apply", "-f", m.to_str().unwrap()]);
+    println!(
+        "200k-file app applied in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
 
     // Both came from the one template of their shape; their randomness is their own.
     let (rand_a, rand_b) = (
@@ -148,10 +166,17 @@ fn isolation_clones_are_unique_and_nothing_at_rest_is_open_to_others() {
                 .uid()
         })
         .collect();
-    assert_eq!(uids.len(), 2, "two VMs, two uids: {uids:?}");
+    assert_eq!(uids.len(), 3, "three VMs, three uids: {uids:?}");
     assert!(
         uids.iter().all(|u| *u > VM_GROUP),
         "unprivileged uids from the VM range: {uids:?}"
+    );
+
+    // The 200,000-file image built and runs: every directory and file is there.
+    assert_eq!(
+        exec(&stack, "many-files", "ls /data7 | wc -l; ls /data7/d01999 | wc -l; ls /data7/d00000/f0000000 /data7/d01999/f0199999"),
+        "2000\n100\n/data7/d00000/f0000000\n/data7/d01999/f0199999",
+        "the 200k-file tree in the running VM"
     );
 
     // The inline secret is in the app's environment, and in plaintext nowhere on disk.

@@ -393,17 +393,21 @@ fn isolation_a_3_gb_zero_filled_layer_is_refused_by_the_default_budget() {
     let t = std::time::Instant::now();
     let image = ImageBuilder::new().zero_bomb_layer(3_000_000_000);
     let digests = rig.push(&image, "bomb3g:v1");
-    println!("3 GB bomb built and pushed in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "3 GB bomb built and pushed in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let store_root = rig.data.join("oci");
     let budget = ImageBudget::default();
     assert_eq!(budget.max_unpacked_bytes, 2 << 30, "the default budget");
     let store = open_store(&store_root, &rig.registry.addr, budget);
     let t = std::time::Instant::now();
     let err = runtime()
-        .block_on(
-            rig.builder
-                .pull_base(&store, &format!("{}/bomb3g:v1", rig.registry.addr), &|_| {}),
-        )
+        .block_on(rig.builder.pull_base(
+            &store,
+            &format!("{}/bomb3g:v1", rig.registry.addr),
+            &|_| {},
+        ))
         .expect_err("over budget");
     println!("refused after {:.1} s", t.elapsed().as_secs_f64());
     let text = err.to_string();

@@ -398,6 +398,11 @@ pub fn alpine_layout() -> PathBuf {
 /// (Debian's busybox-static, which has `httpd`) serving `/srv/index.html` (= `page`) on
 /// port 8080. Written as an OCI layout tagged "1".
 pub fn alpine_web_image(out: &Path, page: &[u8]) {
+    alpine_web_builder(page).write_layout(out, "1");
+}
+
+/// The image of [`alpine_web_image`], to add layers to before writing it.
+pub fn alpine_web_builder(page: &[u8]) -> ImageBuilder {
     let busybox = fs::read("/bin/busybox").unwrap_or_else(|e| {
         panic!("cannot read /bin/busybox ({e}): apt-get install busybox-static (`make setup`)")
     });
@@ -419,5 +424,4 @@ pub fn alpine_web_image(out: &Path, page: &[u8]) {
             "-h",
             "/srv",
         ])
-        .write_layout(out, "1");
 }

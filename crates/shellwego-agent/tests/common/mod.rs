@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use shellwego_testkit::guest;
 use shellwego_testkit::netns::NetNs;
-use shellwego_testkit::oci::alpine_web_image;
+use shellwego_testkit::oci::{alpine_web_builder, alpine_web_image};
 use shellwego_testkit::prereq::require_command;
 use shellwego_testkit::process::{vm_pids, KillVmsOnDrop};
 use shellwego_testkit::registry::Registry;
@@ -170,6 +170,17 @@ impl Stack {
     pub fn push_web(&self, tag: &str, page: &[u8]) -> String {
         let layout = tempfile::tempdir().expect("temp dir");
         alpine_web_image(layout.path(), page);
+        let name = format!("test/web:{tag}");
+        self.registry.push_layout(layout.path(), "1", &name);
+        format!("{}/{name}", self.registry.addr)
+    }
+
+    /// Like [`push_web`](Self::push_web), with one more (uncompressed tar) layer on top.
+    pub fn push_web_with(&self, tag: &str, page: &[u8], layer: &[u8]) -> String {
+        let layout = tempfile::tempdir().expect("temp dir");
+        alpine_web_builder(page)
+            .layer(layer, shellwego_testkit::oci::LayerCompression::Gzip)
+            .write_layout(layout.path(), "1");
         let name = format!("test/web:{tag}");
         self.registry.push_layout(layout.path(), "1", &name);
         format!("{}/{name}", self.registry.addr)

@@ -123,7 +123,12 @@ fn cpu_seconds(pid: i32) -> f64 {
         .unwrap_or_default();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / hz
 }
 
@@ -163,10 +168,7 @@ fn neighbour_under(
         (med.as_secs_f64() / baseline.as_secs_f64() - 1.0) * 100.0,
         share * 100.0
     );
-    bench
-        .rt
-        .block_on(vmm.remove(&name))
-        .expect("remove burner");
+    bench.rt.block_on(vmm.remove(&name)).expect("remove burner");
 }
 
 fn main() {
@@ -210,7 +212,13 @@ fn main() {
         disk_bytes: 256 << 20,
     };
     let (template, _) = rt
-        .block_on(store.ensure(&jailed, &inputs, Some(ns.path()), Some("tpl0".into()), budget))
+        .block_on(store.ensure(
+            &jailed,
+            &inputs,
+            Some(ns.path()),
+            Some("tpl0".into()),
+            budget,
+        ))
         .expect("template");
     let bench = Bench {
         rt,
@@ -232,8 +240,14 @@ fn main() {
         let mut times = Vec::new();
         for i in 0..STARTS {
             let name = format!("start-{label}-{i}");
-            let (_c, answering) =
-                bench.start(vmm, &name, "tap-start", "10.0.4.2", None, &["/bin/sleep", "60"]);
+            let (_c, answering) = bench.start(
+                vmm,
+                &name,
+                "tap-start",
+                "10.0.4.2",
+                None,
+                &["/bin/sleep", "60"],
+            );
             times.push(answering);
             bench.rt.block_on(vmm.remove(&name)).expect("remove");
         }

@@ -19,6 +19,11 @@ use tracing::warn;
 pub const ENDPOINT_MAX_CONNECTIONS: usize = 4096;
 /// A proxied connection with no byte in either direction for this long is closed.
 pub const ENDPOINT_IDLE: Duration = Duration::from_secs(600);
+/// A client of a `protocol = "http"` port (client speaks first) that has sent nothing for
+/// this long after connecting is closed; until it sends, it costs the guest nothing. As
+/// nginx's `client_header_timeout`: browsers send at once, and close preconnected sockets
+/// they do not use well before this.
+pub const ENDPOINT_FIRST_BYTES: Duration = Duration::from_secs(60);
 /// Connections the API serves at once (per socket).
 pub const API_MAX_CONNECTIONS: usize = 256;
 /// A client must send a request's headers within this.

@@ -655,11 +655,11 @@ download = "50Mbit"
     #[test]
     fn port_protocol_parses_strictly() {
         let spec = |port: &str| format!("name = \"a\"\nimage = \"a\"\n[[ports]]\n{port}");
-        let app = DesiredApp::from_toml(&spec("guest = 80\nhost = 8080\nprotocol = \"http\""))
-            .unwrap();
+        let app =
+            DesiredApp::from_toml(&spec("guest = 80\nhost = 8080\nprotocol = \"http\"")).unwrap();
         assert_eq!(app.ports[0].protocol, Protocol::Http);
-        let app = DesiredApp::from_toml(&spec("guest = 80\nhost = 8080\nprotocol = \"tcp\""))
-            .unwrap();
+        let app =
+            DesiredApp::from_toml(&spec("guest = 80\nhost = 8080\nprotocol = \"tcp\"")).unwrap();
         assert_eq!(app.ports[0].protocol, Protocol::Tcp);
         let app = DesiredApp::from_toml(&spec("guest = 80\nhost = 8080")).unwrap();
         assert_eq!(app.ports[0].protocol, Protocol::Tcp, "tcp is the default");

@@ -24,7 +24,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::conn;
 use crate::spec::Protocol;
@@ -299,11 +299,16 @@ impl Endpoints {
     }
 }
 
-/// A non-blocking listener on `addr`, registered with the runtime.
+/// A listener on `addr` (address reuse as std sets it, so a port in TIME_WAIT can be
+/// published again at once) with the endpoint's accept backlog.
 fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let listener = std::net::TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    TcpListener::from_std(listener)
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(conn::ENDPOINT_BACKLOG)
 }
 
 async fn accept_loop(

@@ -17,8 +17,18 @@ use tracing::warn;
 /// Connections one published port serves at once; further clients wait in the kernel's
 /// accept queue until one ends.
 pub const ENDPOINT_MAX_CONNECTIONS: usize = 4096;
+/// Connections the kernel completes and queues for a published port before the agent
+/// accepts them (the kernel clamps it to `net.core.somaxconn`). std's 128 drops the SYNs of
+/// a burst the agent has not caught up with yet, and each dropped client waits a second
+/// or more to retry.
+pub const ENDPOINT_BACKLOG: u32 = 1024;
 /// A proxied connection with no byte in either direction for this long is closed.
 pub const ENDPOINT_IDLE: Duration = Duration::from_secs(600);
+/// A client of a `protocol = "http"` port (client speaks first) that has sent nothing for
+/// this long after connecting is closed; until it sends, it costs the guest nothing. As
+/// nginx's `client_header_timeout`: browsers send at once, and close preconnected sockets
+/// they do not use well before this.
+pub const ENDPOINT_FIRST_BYTES: Duration = Duration::from_secs(60);
 /// Connections the API serves at once (per socket).
 pub const API_MAX_CONNECTIONS: usize = 256;
 /// A client must send a request's headers within this.

@@ -1,22 +1,33 @@
 //! Apps' stable endpoints: a TCP listener on the host per published port (`[[ports]]`
 //! with `host = N`), proxying each connection to the app's current VM.
 //!
-//! The backend is switched atomically: a connection accepted after the switch goes to the
-//! new VM, one accepted before stays with the VM it was given. Connections are counted per
-//! VM, so a blue-green swap can drain the old VM (wait, bounded, until its count is zero)
-//! before stopping it. Why a proxy in the agent rather than nftables DNAT: the drain is
-//! exact (the agent knows every open connection), the switch is one pointer swap, and
+//! The backend is switched atomically: a connection given a VM after the switch goes to
+//! the new VM, one given a VM before stays with it. Connections are counted per VM, so a
+//! blue-green swap can drain the old VM (wait, bounded, until its count is zero) before
+//! stopping it. Why a proxy in the agent rather than nftables DNAT: the drain is exact
+//! (the agent knows every open connection), the switch is one pointer swap, and
 //! connections from the host itself work without `route_localnet` tricks. The cost: new
 //! connections are refused while the agent restarts, and bytes pass through user space.
+//!
+//! When a connection is given a VM depends on the port's protocol. `tcp` (the default):
+//! at accept, so a server that speaks first (SMTP, MySQL) sends its greeting at once.
+//! `http` (the client speaks first): only when the client's first bytes arrive. A guest
+//! that spends a process or thread per connection (busybox `httpd` forks one) would
+//! otherwise run out of memory under a few thousand idle connections; this way they cost
+//! the agent a task and a descriptor each (within the port's connection cap) and the guest
+//! nothing, and a client that sends nothing within `conn::ENDPOINT_FIRST_BYTES` is closed.
+//! A client that trickles its request still costs the guest a connection, as with any
+//! plain TCP proxy; the port's cap bounds how many.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
 use crate::conn;
+use crate::spec::Protocol;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 use uuid::Uuid;
@@ -39,25 +50,60 @@ pub struct Backend {
     pub ip: Ipv4Addr,
 }
 
-/// A published port: the host port that listens and the guest port it forwards to.
+/// A published port: the host port that listens, the guest port it forwards to, and who
+/// speaks first on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Published {
     pub host: u16,
     pub guest: u16,
+    pub protocol: Protocol,
+}
+
+/// True when `a` and `b` listen on the same host ports for the same guest ports, in the
+/// same order: they differ at most in protocols, which change without re-binding.
+fn same_sockets(a: &[Published], b: &[Published]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| (x.host, x.guest) == (y.host, y.guest))
+}
+
+fn read<T: Copy>(lock: &RwLock<T>) -> T {
+    *lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
 type Target = Arc<RwLock<Option<Backend>>>;
 
+/// One listening port: its accept loop and the protocol that loop reads at each accept.
+struct Listener {
+    protocol: Arc<RwLock<Protocol>>,
+    task: JoinHandle<()>,
+}
+
 struct AppEndpoint {
     ports: Vec<Published>,
     target: Target,
-    listeners: Vec<JoinHandle<()>>,
+    listeners: Vec<Listener>,
+}
+
+impl AppEndpoint {
+    /// Takes the protocols of `ports` (the same sockets as now) for new connections.
+    fn set_protocols(&mut self, ports: &[Published]) {
+        for (listener, port) in self.listeners.iter().zip(ports) {
+            *write(&listener.protocol) = port.protocol;
+        }
+        self.ports = ports.to_vec();
+    }
 }
 
 impl Drop for AppEndpoint {
     fn drop(&mut self) {
         for l in &self.listeners {
-            l.abort();
+            l.task.abort();
         }
     }
 }
@@ -94,11 +140,43 @@ impl Drop for ConnGuard {
     }
 }
 
+/// Where one listener's connections go.
+#[derive(Clone)]
+struct Route {
+    guest_port: u16,
+    target: Target,
+    counts: Arc<Counts>,
+}
+
+/// A connection given a VM: the address to connect to, counted against the VM while it
+/// lives.
+struct Claim {
+    addr: SocketAddr,
+    _guard: ConnGuard,
+}
+
+impl Route {
+    /// Gives a connection the VM the endpoint points at now; None when it points nowhere.
+    fn claim(&self) -> Option<Claim> {
+        let backend = read(&self.target)?;
+        self.counts.add(backend.vm_id, 1);
+        Some(Claim {
+            addr: SocketAddr::new(IpAddr::V4(backend.ip), self.guest_port),
+            _guard: ConnGuard {
+                counts: self.counts.clone(),
+                vm: backend.vm_id,
+            },
+        })
+    }
+}
+
 /// Every app's endpoint on this host.
 pub struct Endpoints {
     bind: IpAddr,
     apps: Mutex<HashMap<String, AppEndpoint>>,
     counts: Arc<Counts>,
+    /// How long a client of an `http` port may take to send its first bytes.
+    first_bytes: Duration,
 }
 
 impl Endpoints {
@@ -108,7 +186,15 @@ impl Endpoints {
             bind,
             apps: Mutex::new(HashMap::new()),
             counts: Arc::new(Counts::default()),
+            first_bytes: conn::ENDPOINT_FIRST_BYTES,
         }
+    }
+
+    /// The same, with another first-bytes deadline for `http` ports.
+    #[cfg(test)]
+    fn with_first_bytes(mut self, limit: Duration) -> Endpoints {
+        self.first_bytes = limit;
+        self
     }
 
     fn apps(&self) -> std::sync::MutexGuard<'_, HashMap<String, AppEndpoint>> {
@@ -116,7 +202,8 @@ impl Endpoints {
     }
 
     /// Points the app's endpoint at `backend` (listening first if its ports are new or
-    /// changed). Returns the backend it replaced.
+    /// changed; a changed protocol alone is taken in place, by connections accepted from
+    /// now on). Returns the backend it replaced.
     pub fn publish(
         &self,
         app: &str,
@@ -124,35 +211,38 @@ impl Endpoints {
         backend: Backend,
     ) -> Result<Option<Backend>, EndpointError> {
         let mut apps = self.apps();
-        if apps.get(app).is_some_and(|e| e.ports != ports) {
+        if apps
+            .get(app)
+            .is_some_and(|e| !same_sockets(&e.ports, ports))
+        {
             apps.remove(app);
         }
-        if let Some(e) = apps.get(app) {
-            let mut t = e.target.write().unwrap_or_else(|p| p.into_inner());
-            return Ok(t.replace(backend));
+        if let Some(e) = apps.get_mut(app) {
+            e.set_protocols(ports);
+            return Ok(write(&e.target).replace(backend));
         }
         let target: Target = Arc::new(RwLock::new(Some(backend)));
         let mut listeners = Vec::new();
         for p in ports {
             let addr = SocketAddr::new(self.bind, p.host);
-            let std_listener = std::net::TcpListener::bind(addr)
-                .and_then(|l| l.set_nonblocking(true).map(|()| l))
-                .map_err(|source| EndpointError {
-                    app: app.to_string(),
-                    addr,
-                    source,
-                })?;
-            let listener = TcpListener::from_std(std_listener).map_err(|source| EndpointError {
+            let listener = listen(addr).map_err(|source| EndpointError {
                 app: app.to_string(),
                 addr,
                 source,
             })?;
-            listeners.push(tokio::spawn(accept_loop(
+            let route = Route {
+                guest_port: p.guest,
+                target: target.clone(),
+                counts: self.counts.clone(),
+            };
+            let protocol = Arc::new(RwLock::new(p.protocol));
+            let task = tokio::spawn(accept_loop(
                 listener,
-                p.guest,
-                target.clone(),
-                self.counts.clone(),
-            )));
+                route,
+                protocol.clone(),
+                self.first_bytes,
+            ));
+            listeners.push(Listener { protocol, task });
         }
         apps.insert(
             app.to_string(),
@@ -173,17 +263,15 @@ impl Endpoints {
     /// The VM the app's endpoint points at.
     pub fn backend(&self, app: &str) -> Option<Backend> {
         let apps = self.apps();
-        let e = apps.get(app)?;
-        let t = e.target.read().unwrap_or_else(|p| p.into_inner());
-        *t
+        read(&apps.get(app)?.target)
     }
 
-    /// True when the app's endpoint listens on exactly `ports` and points at `backend`.
+    /// True when the app's endpoint listens on exactly `ports` (protocols included) and
+    /// points at `backend`.
     pub fn is_current(&self, app: &str, ports: &[Published], backend: Backend) -> bool {
         let apps = self.apps();
-        apps.get(app).is_some_and(|e| {
-            e.ports == ports && *e.target.read().unwrap_or_else(|p| p.into_inner()) == Some(backend)
-        })
+        apps.get(app)
+            .is_some_and(|e| e.ports == ports && read(&e.target) == Some(backend))
     }
 
     /// Apps with an endpoint.
@@ -191,7 +279,8 @@ impl Endpoints {
         self.apps().keys().cloned().collect()
     }
 
-    /// Open proxied connections to a VM.
+    /// Open proxied connections to a VM (not counting clients of `http` ports that have
+    /// not sent anything yet: they are given no VM until they do).
     pub fn connections(&self, vm_id: Uuid) -> usize {
         self.counts.get(vm_id)
     }
@@ -210,59 +299,128 @@ impl Endpoints {
     }
 }
 
-async fn accept_loop(listener: TcpListener, guest_port: u16, target: Target, counts: Arc<Counts>) {
+/// A listener on `addr` (address reuse as std sets it, so a port in TIME_WAIT can be
+/// published again at once) with the endpoint's accept backlog.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(conn::ENDPOINT_BACKLOG)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    route: Route,
+    protocol: Arc<RwLock<Protocol>>,
+    first_bytes: Duration,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(conn::ENDPOINT_MAX_CONNECTIONS));
     loop {
         let ((client, peer), permit) =
             conn::accept_bounded(&slots, "endpoint", || listener.accept()).await;
-        let backend = *target.read().unwrap_or_else(|p| p.into_inner());
-        let Some(backend) = backend else {
-            continue;
-        };
-        counts.add(backend.vm_id, 1);
-        let guard = ConnGuard {
-            counts: counts.clone(),
-            vm: backend.vm_id,
-        };
-        tokio::spawn(async move {
-            let _guard = guard;
-            let _permit = permit;
-            let addr = SocketAddr::new(IpAddr::V4(backend.ip), guest_port);
-            let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
-            let upstream = match upstream {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    warn!(%peer, %addr, error = %e, "endpoint: the VM refused the connection");
-                    return;
-                }
-                Err(_) => {
-                    warn!(%peer, %addr, "endpoint: the VM did not accept within 5 s");
-                    return;
-                }
-            };
-            let _ = client.set_nodelay(true);
-            let _ = upstream.set_nodelay(true);
-            match conn::proxy(client, upstream, conn::ENDPOINT_IDLE).await {
-                Ok(conn::ProxyEnd::Closed) => {}
-                Ok(conn::ProxyEnd::Idle) => debug!(%peer, "endpoint connection idle; closed"),
-                Err(e) => debug!(%peer, error = %e, "endpoint connection ended"),
+        match read(&protocol) {
+            Protocol::Tcp => {
+                let Some(claim) = route.claim() else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    serve(client, peer, claim).await;
+                });
             }
-        });
+            Protocol::Http => {
+                let route = route.clone();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    if !client_spoke(&client, peer, first_bytes).await {
+                        return;
+                    }
+                    if let Some(claim) = route.claim() {
+                        serve(client, peer, claim).await;
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Waits, at most `limit`, for the client's first bytes (left unread, for the VM).
+/// False when it closed, failed or stayed silent: the connection is then dropped.
+async fn client_spoke(client: &TcpStream, peer: SocketAddr, limit: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    match tokio::time::timeout(limit, client.peek(&mut byte)).await {
+        Ok(Ok(n)) if n > 0 => true,
+        Ok(Ok(_)) => {
+            debug!(%peer, "endpoint: client closed before sending anything");
+            false
+        }
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "endpoint: client failed before sending anything");
+            false
+        }
+        Err(_) => {
+            debug!(%peer, ?limit, "endpoint: client sent nothing; closed");
+            false
+        }
+    }
+}
+
+/// Connects to the claimed VM and copies both ways until the connection ends or idles.
+async fn serve(client: TcpStream, peer: SocketAddr, claim: Claim) {
+    let addr = claim.addr;
+    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
+    let upstream = match upstream {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            warn!(%peer, %addr, error = %e, "endpoint: the VM refused the connection");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, %addr, "endpoint: the VM did not accept within 5 s");
+            return;
+        }
+    };
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    match conn::proxy(client, upstream, conn::ENDPOINT_IDLE).await {
+        Ok(conn::ProxyEnd::Closed) => {}
+        Ok(conn::ProxyEnd::Idle) => debug!(%peer, "endpoint connection idle; closed"),
+        Err(e) => debug!(%peer, error = %e, "endpoint connection ended"),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A loopback server answering every connection with `tag`.
-    async fn server(tag: &'static [u8]) -> (u16, JoinHandle<()>) {
+    /// A loopback server (standing for a VM) answering every connection with `tag` once
+    /// it has read a byte, and counting the connections it accepted.
+    struct Server {
+        port: u16,
+        accepted: Arc<AtomicUsize>,
+        _task: JoinHandle<()>,
+    }
+
+    impl Server {
+        fn accepted(&self) -> usize {
+            self.accepted.load(Ordering::SeqCst)
+        }
+    }
+
+    async fn server(tag: &'static [u8]) -> Server {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = l.local_addr().unwrap().port();
-        let h = tokio::spawn(async move {
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
             loop {
                 let (mut s, _) = l.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     let mut buf = [0u8; 1];
                     let _ = s.read(&mut buf).await;
@@ -270,7 +428,35 @@ mod tests {
                 });
             }
         });
-        (port, h)
+        Server {
+            port,
+            accepted,
+            _task: task,
+        }
+    }
+
+    fn loopback(vm: u128) -> Backend {
+        Backend {
+            vm_id: Uuid::from_u128(vm),
+            ip: Ipv4Addr::LOCALHOST,
+        }
+    }
+
+    /// `n` connections to `port` that send nothing.
+    async fn idle_clients(port: u16, n: usize) -> Vec<TcpStream> {
+        let mut clients = Vec::with_capacity(n);
+        for _ in 0..n {
+            clients.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+        }
+        clients
+    }
+
+    async fn wait_until(what: &str, limit: Duration, done: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !done() {
+            assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     fn free_port() -> u16 {
@@ -295,16 +481,14 @@ mod tests {
     async fn switches_atomically_and_drains() {
         // Both "VMs" listen on 127.0.0.1 on distinct ports, so the guest port differs:
         // publish one endpoint per server port to exercise the real accept/proxy path.
-        let (blue_port, _b) = server(b"blue").await;
+        let blue_server = server(b"blue").await;
         let eps = Endpoints::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
         let host = free_port();
-        let blue = Backend {
-            vm_id: Uuid::from_u128(1),
-            ip: Ipv4Addr::LOCALHOST,
-        };
+        let blue = loopback(1);
         let ports = [Published {
             host,
-            guest: blue_port,
+            guest: blue_server.port,
+            protocol: Protocol::Tcp,
         }];
         assert_eq!(eps.publish("web", &ports, blue).unwrap(), None);
         assert_eq!(ask(host).await, b"blue");
@@ -325,10 +509,7 @@ mod tests {
         assert_eq!(eps.drain(blue.vm_id, Duration::from_secs(5)).await, 0);
 
         // Switching the backend: the same ports, a new VM id.
-        let green = Backend {
-            vm_id: Uuid::from_u128(2),
-            ip: Ipv4Addr::LOCALHOST,
-        };
+        let green = loopback(2);
         assert_eq!(eps.publish("web", &ports, green).unwrap(), Some(blue));
         assert_eq!(eps.backend("web"), Some(green));
         assert_eq!(
@@ -346,6 +527,7 @@ mod tests {
                 &[Published {
                     host: busy,
                     guest: 80,
+                    protocol: Protocol::Tcp,
                 }],
                 green,
             )
@@ -364,5 +546,144 @@ mod tests {
                 TcpStream::connect(("127.0.0.1", host)).await.is_err()
             }
         );
+    }
+
+    /// The point of `protocol = "http"`: thousands of clients that connect and send
+    /// nothing open no connection to the VM (a forking guest would run out of memory),
+    /// do not count against its drain, and a client that sends a request is answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn http_ports_connect_to_the_vm_only_when_the_client_speaks() {
+        const IDLE: usize = 2000;
+        let open_files = crate::hardening::raise_nofile().unwrap();
+        assert!(
+            open_files >= 2 * IDLE as u64 + 200,
+            "the test needs {} descriptors; the hard limit is {open_files}",
+            2 * IDLE + 200
+        );
+        let vm = server(b"answer").await;
+        let eps = Endpoints::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let host = free_port();
+        let ports = [Published {
+            host,
+            guest: vm.port,
+            protocol: Protocol::Http,
+        }];
+        eps.publish("web", &ports, loopback(1)).unwrap();
+
+        let idle = idle_clients(host, IDLE).await;
+        // Accepted in order: this one comes after every idle client was accepted.
+        assert_eq!(ask(host).await, b"answer");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            vm.accepted(),
+            1,
+            "only the client that spoke reached the VM"
+        );
+        assert_eq!(
+            eps.connections(loopback(1).vm_id),
+            0,
+            "idle clients hold no VM"
+        );
+        drop(idle);
+    }
+
+    /// The default (`tcp`) keeps connecting at accept, for servers that speak first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tcp_ports_connect_to_the_vm_at_once_so_it_can_speak_first() {
+        let vm = server(b"greeting").await;
+        let eps = Endpoints::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let host = free_port();
+        let ports = [Published {
+            host,
+            guest: vm.port,
+            protocol: Protocol::Tcp,
+        }];
+        eps.publish("db", &ports, loopback(1)).unwrap();
+        let idle = idle_clients(host, 50).await;
+        wait_until("50 connections to the VM", Duration::from_secs(5), || {
+            vm.accepted() == 50
+        })
+        .await;
+        assert_eq!(eps.connections(loopback(1).vm_id), 50);
+        drop(idle);
+    }
+
+    /// A client of an `http` port that sends nothing is closed at the first-bytes deadline
+    /// and never reaches the VM; one that closes at once costs nothing either.
+    #[tokio::test]
+    async fn a_silent_http_client_is_closed_at_the_deadline() {
+        let vm = server(b"answer").await;
+        let eps = Endpoints::new(IpAddr::V4(Ipv4Addr::LOCALHOST))
+            .with_first_bytes(Duration::from_millis(300));
+        let host = free_port();
+        let ports = [Published {
+            host,
+            guest: vm.port,
+            protocol: Protocol::Http,
+        }];
+        eps.publish("web", &ports, loopback(1)).unwrap();
+
+        drop(TcpStream::connect(("127.0.0.1", host)).await.unwrap());
+        let mut silent = TcpStream::connect(("127.0.0.1", host)).await.unwrap();
+        let start = Instant::now();
+        let mut buf = [0u8; 8];
+        let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+            .await
+            .expect("closed by the endpoint")
+            .unwrap_or(0);
+        assert_eq!(n, 0, "closed without an answer");
+        assert!(
+            start.elapsed() >= Duration::from_millis(250),
+            "not before the deadline"
+        );
+        assert_eq!(vm.accepted(), 0, "neither client reached the VM");
+        // A client that waits a while, but less than the deadline, is served.
+        let mut slow = TcpStream::connect(("127.0.0.1", host)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        slow.write_all(b"x").await.unwrap();
+        let mut out = Vec::new();
+        slow.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, b"answer");
+    }
+
+    /// A changed protocol is taken in place: no re-bind (no window in which the port is
+    /// closed or taken), and new connections follow the new protocol.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_protocol_change_is_taken_without_rebinding() {
+        let vm = server(b"answer").await;
+        let eps = Endpoints::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let host = free_port();
+        let tcp = [Published {
+            host,
+            guest: vm.port,
+            protocol: Protocol::Tcp,
+        }];
+        let http = [Published {
+            protocol: Protocol::Http,
+            ..tcp[0]
+        }];
+        eps.publish("web", &tcp, loopback(1)).unwrap();
+        assert_eq!(ask(host).await, b"answer");
+        assert!(eps.is_current("web", &tcp, loopback(1)));
+        assert!(
+            !eps.is_current("web", &http, loopback(1)),
+            "protocols count"
+        );
+
+        assert_eq!(
+            eps.publish("web", &http, loopback(1)).unwrap(),
+            Some(loopback(1)),
+            "the same endpoint, updated"
+        );
+        assert!(eps.is_current("web", &http, loopback(1)));
+        let idle = idle_clients(host, 20).await;
+        assert_eq!(ask(host).await, b"answer", "served without a pause");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            vm.accepted(),
+            2,
+            "the first ask and this one; no idle client"
+        );
+        drop(idle);
     }
 }

@@ -21,6 +21,7 @@
 //! [[ports]]
 //! guest = 8080
 //! host = 18080                          # the app's stable endpoint on the host
+//! protocol = "http"                     # or "tcp" (default); see `Protocol`
 //!
 //! [health]
 //! http = "/"                            # or: tcp = true
@@ -93,6 +94,47 @@ pub enum SecretSource {
 pub struct PortSpec {
     pub guest: u16,
     pub host: Option<u16>,
+    /// Left out of the stored form when it is the default, so apps deployed before it
+    /// existed keep their versions; never part of the version (see `spec_hash`).
+    #[serde(default, skip_serializing_if = "Protocol::is_tcp")]
+    pub protocol: Protocol,
+}
+
+/// Who speaks first on a published port, which decides when the endpoint connects to the
+/// guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Any TCP protocol: the guest is connected as soon as a client connects, so a server
+    /// that speaks first (SMTP, MySQL, SSH) sends its greeting.
+    #[default]
+    Tcp,
+    /// The client speaks first (HTTP, also TLS): the guest is connected only when the
+    /// client's first bytes arrive, so connections that never send cost it nothing.
+    Http,
+}
+
+impl Protocol {
+    pub fn is_tcp(&self) -> bool {
+        *self == Protocol::Tcp
+    }
+
+    fn parse(field: &str, text: &str) -> Result<Protocol, SpecError> {
+        match text {
+            "tcp" => Ok(Protocol::Tcp),
+            "http" => Ok(Protocol::Http),
+            _ => Err(invalid(field, text, "must be \"tcp\" or \"http\"")),
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+        })
+    }
 }
 
 /// What the health check probes.
@@ -192,6 +234,7 @@ struct RawSecret {
 struct RawPort {
     guest: i64,
     host: Option<i64>,
+    protocol: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -437,7 +480,22 @@ impl DesiredApp {
                     "is published twice",
                 ));
             }
-            ports.push(PortSpec { guest, host });
+            let protocol = match (&p.protocol, host) {
+                (None, _) => Protocol::Tcp,
+                (Some(text), Some(_)) => Protocol::parse(&format!("ports[{i}].protocol"), text)?,
+                (Some(text), None) => {
+                    return Err(invalid(
+                        format!("ports[{i}].protocol"),
+                        text,
+                        "applies only to a published port (one with host = N)",
+                    ))
+                }
+            };
+            ports.push(PortSpec {
+                guest,
+                host,
+                protocol,
+            });
         }
         let health = raw.health.map(health).transpose()?;
         let bandwidth = Bandwidth {
@@ -471,12 +529,18 @@ impl DesiredApp {
         app
     }
 
-    /// A short, stable hash of everything in the spec but secret values: two specs that
-    /// differ in any field (image, resources, env, secret sources, ...) have different
-    /// versions.
+    /// A short, stable hash of everything in the spec but secret values and ports'
+    /// protocols: two specs that differ in any other field (image, resources, env, secret
+    /// sources, ...) have different versions. A port's protocol only changes how the
+    /// host's endpoint connects to the VM, so changing it re-publishes the port in place
+    /// rather than replacing the VM.
     pub fn spec_hash(&self) -> String {
+        let mut app = self.without_secret_values();
+        for port in &mut app.ports {
+            port.protocol = Protocol::Tcp;
+        }
         // serde_json of BTreeMaps and plain structs is deterministic.
-        let json = serde_json::to_vec(&self.without_secret_values()).unwrap_or_default();
+        let json = serde_json::to_vec(&app).unwrap_or_default();
         let digest = Sha256::digest(&json);
         hex::encode(&digest[..6])
     }
@@ -530,7 +594,8 @@ download = "50Mbit"
             app.ports,
             vec![PortSpec {
                 guest: 8080,
-                host: Some(18080)
+                host: Some(18080),
+                protocol: Protocol::Tcp,
             }]
         );
         let h = app.health.as_ref().unwrap();
@@ -585,6 +650,53 @@ download = "50Mbit"
         let mut c = a.clone();
         c.env.insert("X".into(), "1".into());
         assert_ne!(a.spec_hash(), c.spec_hash());
+    }
+
+    #[test]
+    fn port_protocol_parses_strictly() {
+        let spec = |port: &str| format!("name = \"a\"\nimage = \"a\"\n[[ports]]\n{port}");
+        let app =
+            DesiredApp::from_toml(&spec("guest = 80\nhost = 8080\nprotocol = \"http\"")).unwrap();
+        assert_eq!(app.ports[0].protocol, Protocol::Http);
+        let app =
+            DesiredApp::from_toml(&spec("guest = 80\nhost = 8080\nprotocol = \"tcp\"")).unwrap();
+        assert_eq!(app.ports[0].protocol, Protocol::Tcp);
+        let app = DesiredApp::from_toml(&spec("guest = 80\nhost = 8080")).unwrap();
+        assert_eq!(app.ports[0].protocol, Protocol::Tcp, "tcp is the default");
+
+        let e = err_of(&spec("guest = 80\nhost = 8080\nprotocol = \"udp\""));
+        assert!(e.contains("ports[0].protocol") && e.contains("udp"), "{e}");
+        assert!(e.contains("\"tcp\" or \"http\""), "{e}");
+        let e = err_of(&spec("guest = 80\nprotocol = \"http\""));
+        assert!(
+            e.contains("ports[0].protocol") && e.contains("published port"),
+            "{e}"
+        );
+        let e = err_of(&spec("guest = 80\nhost = 8080\nprotocol = 1"));
+        assert!(e.contains("protocol"), "{e}");
+    }
+
+    #[test]
+    fn port_protocol_is_not_part_of_the_version_and_old_specs_keep_theirs() {
+        let a = DesiredApp::from_toml(FULL).unwrap();
+        let mut http = a.clone();
+        http.ports[0].protocol = Protocol::Http;
+        assert_eq!(
+            a.spec_hash(),
+            http.spec_hash(),
+            "a protocol change re-publishes the port, it does not replace the VM"
+        );
+        assert_ne!(a, http, "but the stored spec records it");
+
+        // The default is left out of the stored form: specs stored before the field
+        // existed read back as tcp, and their versions do not change.
+        let tcp = serde_json::to_string(&a.ports[0]).unwrap();
+        assert_eq!(tcp, r#"{"guest":8080,"host":18080}"#);
+        let old: PortSpec = serde_json::from_str(&tcp).unwrap();
+        assert_eq!(old, a.ports[0]);
+        let stored = serde_json::to_string(&http).unwrap();
+        let back: DesiredApp = serde_json::from_str(&stored).unwrap();
+        assert_eq!(back.ports[0].protocol, Protocol::Http);
     }
 
     proptest! {

@@ -612,8 +612,16 @@ impl Executor {
             if self.endpoints.is_current(name, &ports, backend) {
                 continue;
             }
-            let hosts: Vec<String> = ports.iter().map(|p| format!(":{}", p.host)).collect();
+            let hosts: Vec<String> = ports
+                .iter()
+                .map(|p| format!(":{}/{}", p.host, p.protocol))
+                .collect();
             match self.endpoints.publish(name, &ports, backend) {
+                Ok(Some(previous)) if previous == backend => self.event(
+                    name,
+                    Some(row.vm_id),
+                    format!("endpoint {} updated", hosts.join(",")),
+                ),
                 Ok(previous) => {
                     self.event(
                         name,
@@ -662,6 +670,7 @@ fn published(app: &DesiredApp) -> Vec<Published> {
             Some(Published {
                 host: p.host?,
                 guest: p.guest,
+                protocol: p.protocol,
             })
         })
         .collect()

@@ -500,7 +500,23 @@ fn isolation_fence_reapplies_idempotently_and_removes_cleanly() {
         allow: vec![WEB_ALLOW.parse().expect("allow")],
     };
     a1.fence(h, "web", &web);
-    a1.fence(h, "web", &web);
+    // What a fence costs: each apply lists both tables and runs one transaction.
+    let vm = VmFence::new(&a1.port, &a1.mac, a1.ip, "web", &web).expect("VM fence");
+    let mut took = h.run_in(move || {
+        let f = fence();
+        (0..10)
+            .map(|_| {
+                let t = Instant::now();
+                f.apply(&vm).expect("apply");
+                t.elapsed()
+            })
+            .collect::<Vec<_>>()
+    });
+    took.sort();
+    println!(
+        "fence apply (list both tables + one nft transaction), median of 10: {:.1} ms",
+        took[5].as_secs_f64() * 1e3
+    );
     assert_eq!(listing(h), before, "re-applying changed the fence");
     expect_tcp(&[(
         "same app after re-apply",

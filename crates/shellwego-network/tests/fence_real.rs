@@ -364,6 +364,12 @@ fn isolation_fence_spoofing_fails() {
     let spoofed = a1.sh(&format!(
         "busybox arping -c 2 -w 3 -I eth0 -s {b1_ip} 10.0.4.1"
     ));
+    // (Nor does the host tell a guest about its other addresses.)
+    let other = a1.sh("busybox arping -c 2 -w 3 -I eth0 -s 10.0.4.2 198.51.100.1");
+    assert!(
+        other.contains("Received 0 response"),
+        "arping the uplink address: {other}"
+    );
     assert!(
         spoofed.contains("Received 0 response"),
         "arping as b1: {spoofed}"

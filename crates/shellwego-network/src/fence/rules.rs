@@ -12,8 +12,9 @@
 //! - `forward` (port to port): a frame to a fenced port jumps to `to-<tap>`, which lets
 //!   in only ports of the same app (set `app-<name>`) and drops unicast frames meant for
 //!   another MAC (flooding); a fenced port's frames to any other port are dropped.
-//! - `input` (up to the host): from fenced ports, ARP only for the gateway address and no
-//!   IPv4 to other addresses of the VM subnet (no hairpin through the host's routing).
+//! - `input` (up to the host): from fenced ports, ARP requests only for the gateway
+//!   address (the host does not tell guests about its other addresses) and no IPv4 to
+//!   other addresses of the VM subnet (no hairpin through the host's routing).
 //! - `output` (host to port): unicast frames only to the port's own MAC (no flooding of
 //!   the host's traffic for one VM onto another).
 //!
@@ -230,7 +231,7 @@ pub fn base_script(base: &FenceBase) -> String {
     line!(s, "add rule {BR} forward iifname @vm_ports drop");
     line!(
         s,
-        "add rule {BR} input iifname @vm_ports arp daddr ip != {gw} drop"
+        "add rule {BR} input iifname @vm_ports arp operation request arp daddr ip != {gw} drop"
     );
     line!(
         s,
@@ -690,7 +691,7 @@ mod tests {
             "prerouting iifname vmap @from_vm",
             "prerouting iifname \"swg*\" drop",
             "input iifname @vm_ports ip daddr 10.0.4.0/24 ip daddr != 10.0.4.1 drop",
-            "input iifname @vm_ports arp daddr ip != 10.0.4.1 drop",
+            "input iifname @vm_ports arp operation request arp daddr ip != 10.0.4.1 drop",
             "input iifname \"swg-br0\" ct state established,related accept",
             "input iifname \"swg-br0\" drop",
             "forward iifname \"swg-br0\" oifname != \"swg-br0\" jump from_guests",
@@ -736,11 +737,11 @@ mod tests {
         // "drop every VM port" rule or past the egress policy.
         let last = |chain: &str| {
             s.lines()
-                .filter(|l| {
+                .rev()
+                .find(|l| {
                     l.starts_with(&format!("add rule {BR} {chain} "))
                         || l.starts_with(&format!("add rule {IN} {chain} "))
                 })
-                .last()
                 .map(|l| l.rsplit(' ').next().unwrap_or("").to_string())
         };
         assert_eq!(last("out-swg0001").as_deref(), Some("accept"));

@@ -59,7 +59,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use shellwego_network::fence::EgressPolicy;
+use shellwego_network::fence::policy::MAX_ALLOW;
+use shellwego_network::fence::{AllowListError, EgressPolicy};
 
 use crate::resources::{FieldError, ResourceSpec};
 use crate::units;
@@ -399,13 +400,17 @@ fn network(raw: RawNetwork) -> Result<EgressPolicy, SpecError> {
             .map_err(|reason: String| invalid("network.egress", &text, &reason))?,
     };
     let allow = EgressPolicy::parse_allow(raw.allow.as_deref().unwrap_or_default()).map_err(
-        |(i, value, reason)| {
-            let field = if value.ends_with(" entries") {
-                "network.allow".to_string()
-            } else {
-                format!("network.allow[{i}]")
-            };
-            invalid(field, value, &reason)
+        |e| match e {
+            AllowListError::TooMany { count } => invalid(
+                "network.allow",
+                format!("{count} entries"),
+                &format!("has more than {MAX_ALLOW} entries"),
+            ),
+            AllowListError::Entry {
+                index,
+                entry,
+                reason,
+            } => invalid(format!("network.allow[{index}]"), entry, &reason),
         },
     )?;
     Ok(EgressPolicy { egress, allow })

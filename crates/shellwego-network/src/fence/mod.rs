@@ -19,7 +19,7 @@ use std::sync::Mutex;
 
 use tracing::{debug, info, warn};
 
-pub use policy::{AllowRule, Cidr, Egress, EgressPolicy};
+pub use policy::{AllowListError, AllowRule, Cidr, Egress, EgressPolicy};
 pub use rules::{BadInput, FenceBase, Mac, VmFence, TABLE};
 pub use state::FenceState;
 

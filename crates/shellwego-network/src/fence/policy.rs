@@ -211,6 +211,19 @@ impl<'de> Deserialize<'de> for AllowRule {
 /// Most entries an allow list may have.
 pub const MAX_ALLOW: usize = 32;
 
+/// Why an allow list was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AllowListError {
+    #[error("has {count} entries, more than the {MAX_ALLOW} allowed")]
+    TooMany { count: usize },
+    #[error("entry {index} ({entry:?}) {reason}")]
+    Entry {
+        index: usize,
+        entry: String,
+        reason: String,
+    },
+}
+
 /// What a VM may reach beyond the host: the spec's `[network]` section.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -229,19 +242,22 @@ impl EgressPolicy {
 
     /// Parses the allow list's entries, naming the first bad one by its index; refuses
     /// more than `MAX_ALLOW` entries and an entry listed twice.
-    pub fn parse_allow(entries: &[String]) -> Result<Vec<AllowRule>, (usize, String, String)> {
+    pub fn parse_allow(entries: &[String]) -> Result<Vec<AllowRule>, AllowListError> {
         if entries.len() > MAX_ALLOW {
-            return Err((
-                MAX_ALLOW,
-                format!("{} entries", entries.len()),
-                format!("has more than {MAX_ALLOW} entries"),
-            ));
+            return Err(AllowListError::TooMany {
+                count: entries.len(),
+            });
         }
         let mut rules: Vec<AllowRule> = Vec::with_capacity(entries.len());
-        for (i, entry) in entries.iter().enumerate() {
-            let rule: AllowRule = entry.parse().map_err(|e| (i, entry.clone(), e))?;
+        for (index, entry) in entries.iter().enumerate() {
+            let bad = |reason: String| AllowListError::Entry {
+                index,
+                entry: entry.clone(),
+                reason,
+            };
+            let rule: AllowRule = entry.parse().map_err(bad)?;
             if rules.contains(&rule) {
-                return Err((i, entry.clone(), "is listed twice".into()));
+                return Err(bad("is listed twice".into()));
             }
             rules.push(rule);
         }
@@ -302,18 +318,25 @@ mod tests {
     #[test]
     fn allow_lists_are_bounded_and_have_no_duplicates() {
         let many: Vec<String> = (0..=MAX_ALLOW).map(|i| format!("10.0.{i}.1")).collect();
-        let (_, value, reason) = EgressPolicy::parse_allow(&many).unwrap_err();
-        assert!(
-            value.contains("33 entries") && reason.contains("32"),
-            "{reason}"
-        );
-        let twice = vec!["10.0.0.1".to_string(), "10.0.0.1/32".to_string()];
-        let (i, value, reason) = EgressPolicy::parse_allow(&twice).unwrap_err();
-        assert_eq!((i, value.as_str()), (1, "10.0.0.1/32"));
+        let err = EgressPolicy::parse_allow(&many).unwrap_err();
+        assert_eq!(err, AllowListError::TooMany { count: 33 });
+        assert!(err.to_string().contains("32"), "{err}");
+        let entry_error = |list: &[&str]| {
+            let list: Vec<String> = list.iter().map(|e| e.to_string()).collect();
+            match EgressPolicy::parse_allow(&list) {
+                Err(AllowListError::Entry {
+                    index,
+                    entry,
+                    reason,
+                }) => (index, entry, reason),
+                other => panic!("{list:?}: {other:?}"),
+            }
+        };
+        let (index, entry, reason) = entry_error(&["10.0.0.1", "10.0.0.1/32"]);
+        assert_eq!((index, entry.as_str()), (1, "10.0.0.1/32"));
         assert!(reason.contains("twice"));
-        let (i, value, _) =
-            EgressPolicy::parse_allow(&["10.0.0.1".into(), "bad".into()]).unwrap_err();
-        assert_eq!((i, value.as_str()), (1, "bad"));
+        let (index, entry, _) = entry_error(&["10.0.0.1", "bad"]);
+        assert_eq!((index, entry.as_str()), (1, "bad"));
     }
 
     #[test]

@@ -361,17 +361,11 @@ fn app_sets_of<'a>(state: &'a TableState, tap: &'a str) -> impl Iterator<Item = 
     })
 }
 
-/// Deletes what the kernel holds of `tap` in elements: map entries, its MACs other than
-/// `keep_mac`, its memberships of app sets other than `keep_app`, its address in the
-/// egress map (and `also_ip`, whoever held it before).
-fn delete_elements(
-    s: &mut String,
-    state: &FenceState,
-    tap: &str,
-    keep_mac: Option<Mac>,
-    keep_app: Option<&str>,
-    also_ip: Option<Ipv4Addr>,
-) {
+/// Deletes what the kernel holds of `tap` in elements: its map entries, and its port,
+/// MAC, app memberships and address in the egress map. With `keep` (the fence about to be
+/// installed in the same transaction), what that fence adds again unchanged stays (its
+/// port, its MAC, its app's set), and its address is taken from whoever held it before.
+fn delete_elements(s: &mut String, state: &FenceState, tap: &str, keep: Option<&VmFence>) {
     let bridge_chains = [out_chain(tap), to_chain(tap)];
     for map in ["from_vm", "to_vm"] {
         delete_map_elements(
@@ -384,7 +378,7 @@ fn delete_elements(
             render_port,
         );
     }
-    if keep_mac.is_none() && state.bridge.set("vm_ports").iter().any(|k| is_port(k, tap)) {
+    if keep.is_none() && state.bridge.set("vm_ports").iter().any(|k| is_port(k, tap)) {
         line!(s, "delete element {BR} vm_ports {{ \"{tap}\" }}");
     }
     for key in state.bridge.set("port_mac") {
@@ -392,12 +386,12 @@ fn delete_elements(
             let Ok(mac) = mac.parse::<Mac>() else {
                 continue;
             };
-            if port == tap && Some(mac) != keep_mac {
+            if port == tap && Some(mac) != keep.map(|k| k.mac) {
                 line!(s, "delete element {BR} port_mac {{ \"{tap}\" . {mac} }}");
             }
         }
     }
-    let keep_set = keep_app.map(app_set);
+    let keep_set = keep.map(|k| app_set(&k.app));
     for set in app_sets_of(&state.bridge, tap) {
         if Some(set) != keep_set.as_ref() {
             line!(s, "delete element {BR} {set} {{ \"{tap}\" }}");
@@ -409,7 +403,7 @@ fn delete_elements(
         IN,
         &state.inet,
         "egress_of",
-        |k| also_ip.is_some_and(|ip| render_ip(k) == Some(ip.to_string())),
+        |k| keep.is_some_and(|v| render_ip(k) == Some(v.ip.to_string())),
         &egress,
         render_ip,
     );
@@ -421,7 +415,7 @@ fn delete_elements(
 pub fn vm_script(base: &FenceBase, vm: &VmFence, state: &FenceState) -> String {
     let mut s = base_script(base);
     let (tap, mac, ip) = (&vm.tap, vm.mac, vm.ip);
-    delete_elements(&mut s, state, tap, Some(mac), Some(&vm.app), Some(ip));
+    delete_elements(&mut s, state, tap, Some(vm));
     let (out, to, egress, app) = (
         out_chain(tap),
         to_chain(tap),
@@ -484,7 +478,7 @@ pub fn removal_script(tap: &str, state: &FenceState) -> Option<String> {
         return None;
     }
     let mut s = String::new();
-    delete_elements(&mut s, state, tap, None, None, None);
+    delete_elements(&mut s, state, tap, None);
     for chain in [out_chain(tap), to_chain(tap)] {
         if state.bridge.chains.contains(&chain) {
             line!(s, "delete chain {BR} {chain}");

@@ -4,7 +4,8 @@
 //! - three apps: `fence-a` (allowed `10.77.0.10:7000`), `fence-b` (the default policy:
 //!   the internet, nothing private) and `fence-c` (`egress = "none"`);
 //! - the agent runs in the test's namespace (the "host"), with its API also on TCP and a
-//!   listener of the test's own on port 9000;
+//!   listener of the test's own on port 9000; it is killed and started again midway (the
+//!   fences are re-applied to the running VMs and still hold);
 //! - "beyond the host" is a second namespace of the test, behind a veth: on its loopback
 //!   it holds one public address (203.0.113.10, "the internet") and private ones
 //!   (RFC 1918, CGNAT, link-local), each with the test's listeners. It has no route back
@@ -205,10 +206,12 @@ fn isolation_fence_guests_cannot_spoof_reach_the_host_other_apps_or_private_rang
     let udp = Listener::udp(&outside, "0.0.0.0:7001");
 
     let token = stack.dir.path().join("api.token");
-    stack.start_agent(&[
-        ("SHELLWEGO_API_TCP", &format!("0.0.0.0:{API_PORT}")),
+    let api_tcp = format!("0.0.0.0:{API_PORT}");
+    let agent_env = [
+        ("SHELLWEGO_API_TCP", api_tcp.as_str()),
         ("SHELLWEGO_API_TOKEN_FILE", token.to_str().expect("path")),
-    ]);
+    ];
+    stack.start_agent(&agent_env);
     phase("agent up");
     for (name, network) in [
         (
@@ -406,6 +409,51 @@ fn isolation_fence_guests_cannot_spoof_reach_the_host_other_apps_or_private_rang
     );
 
     phase("spoofing checks done");
+
+    // An agent killed and started again re-applies every running VM's fence (the rules
+    // stayed in the kernel meanwhile), and the fence still decides the same.
+    let log = stack.log.clone();
+    let fenced = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("network fence in place")
+            .count()
+    };
+    let before = fenced();
+    let since = stack.last_seq();
+    stack.kill_agent();
+    stack.start_agent(&agent_env);
+    for app in ["fence-a", "fence-b", "fence-c"] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !stack.events().iter().any(|e| {
+            e["seq"].as_u64().is_some_and(|s| s > since)
+                && e["app"] == app
+                && e["message"] == "re-attached after agent restart"
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{app} not re-attached"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    assert!(
+        fenced() >= before + 3,
+        "the restarted agent re-applied {} fences",
+        fenced() - before
+    );
+    expect(
+        &stack,
+        &[
+            ("fence-a", INTERNET, 7000, Some("outside-7000")),
+            ("fence-a", ALLOWED, 7000, Some("outside-7000")),
+            ("fence-a", &b.ip, 8080, None),
+            ("fence-b", ALLOWED, 7000, None),
+            ("fence-c", INTERNET, 7000, None),
+        ],
+    );
+    phase("agent restarted, fences re-applied");
+
     // Every app stayed healthy through all of it.
     let ps = stack.ps();
     for app in ["fence-a", "fence-b", "fence-c"] {

@@ -2,7 +2,7 @@
 //! its exact reverse. Used by the reconciler's executor and by the cold-start gauntlet.
 //!
 //! Every resource is keyed by the VM id, and `deprovision` removes whatever exists of
-//! them (VM, TAP, IFB, QoS, lease, dataset) — also for a VM that was only half built, so
+//! them (VM, TAP, IFB, QoS, fence, lease, dataset) — also for a VM that was only half built, so
 //! a failed or interrupted provision leaves nothing behind.
 
 use std::collections::BTreeMap;
@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use shellwego_network::qos::Limits;
-use shellwego_network::{CniNetwork, VmNetwork};
+use shellwego_network::{CniNetwork, Tenant, VmNetwork};
 use shellwego_proto::NetConfig;
 use shellwego_storage::image::{ImageStore, Progress, PulledImage};
 use shellwego_storage::{RootfsBuilder, VmDisk};
@@ -67,6 +67,14 @@ fn fail(phase: &'static str) -> impl Fn(&dyn std::fmt::Display) -> ProvisionErro
     move |e| ProvisionError {
         phase,
         message: e.to_string(),
+    }
+}
+
+/// Whose a VM is and what it may reach: what its network fence is made of.
+pub fn tenant(app: &DesiredApp) -> Tenant {
+    Tenant {
+        app: app.name.clone(),
+        policy: app.network.clone(),
     }
 }
 
@@ -187,7 +195,7 @@ impl Platform {
         };
         let net = self
             .network
-            .setup_vm(&id, &mac, limits)
+            .setup_vm(&id, &mac, limits, &tenant(app))
             .await
             .map_err(|e| fail("network")(&e))?;
         phases.push(Phase {
@@ -339,8 +347,8 @@ impl Platform {
         )
     }
 
-    /// Stops the VM (asking its init first) and removes its TAP, IFB, QoS, lease and
-    /// disk. Idempotent; works on whatever part exists.
+    /// Stops the VM (asking its init first) and removes its TAP, IFB, QoS, fence, lease
+    /// and disk. Idempotent; works on whatever part exists.
     pub async fn deprovision(&self, vm_id: Uuid) -> Result<Vec<Phase>, ProvisionError> {
         let id = vm_id.to_string();
         let mut phases = Vec::new();

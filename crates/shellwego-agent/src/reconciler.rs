@@ -345,6 +345,7 @@ mod tests {
             ports: vec![],
             health: None,
             bandwidth: Bandwidth::default(),
+            network: Default::default(),
         }
     }
 

@@ -34,7 +34,23 @@
 //! [bandwidth]
 //! download = "50Mbit"                   # to the VM (TAP egress)
 //! upload = "50Mbit"                     # from the VM (TAP ingress)
+//!
+//! [network]                             # what the VM may reach beyond the host
+//! egress = "internet"                   # default; or "none": nothing but `allow`
+//! allow = ["10.1.2.0/24:5432", "192.168.1.10"]   # private destinations it may reach
 //! ```
+//!
+//! `[network]`: every VM is fenced (see `shellwego_network::fence`). It sends only with
+//! its own MAC and IP, reaches VMs of its own app but no other app's, and opens no
+//! connection to the host itself (any address, any port; the host's own connections to
+//! it, health checks and the endpoint proxy, work). Beyond the host, `egress =
+//! "internet"` reaches public addresses through NAT but no private ones (RFC 1918,
+//! CGNAT 100.64/10, 192.0.0/24, 198.18/15); `"none"` reaches nothing. `allow` opens
+//! networks (`A.B.C.D[/N]`, at most a /8) or one port of them (`:PORT`, TCP and UDP),
+//! at most 32 entries; loopback, link-local (with the metadata service
+//! 169.254.169.254), multicast and reserved addresses can never be allowed. A changed
+//! `[network]` is a new version of the app: its VMs are replaced blue-green, and the new
+//! ones start with the new fence.
 //!
 //! Parsing is strict: unknown keys are errors, and every error names the field and value.
 
@@ -44,6 +60,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use shellwego_network::fence::policy::MAX_ALLOW;
+use shellwego_network::fence::{AllowListError, EgressPolicy};
 
 use crate::resources::{FieldError, ResourceSpec};
 use crate::units;
@@ -62,6 +80,11 @@ pub struct DesiredApp {
     pub ports: Vec<PortSpec>,
     pub health: Option<HealthCheck>,
     pub bandwidth: Bandwidth,
+    /// What the VMs may reach beyond the host. Left out of the stored form (and so of the
+    /// version hash) when it is the default, so apps deployed before it existed keep
+    /// their versions.
+    #[serde(default, skip_serializing_if = "EgressPolicy::is_default")]
+    pub network: EgressPolicy,
 }
 
 /// Overrides of the image's config; `None` keeps the image's value.
@@ -211,6 +234,8 @@ struct RawSpec {
     health: Option<RawHealth>,
     #[serde(default)]
     bandwidth: RawBandwidth,
+    #[serde(default)]
+    network: RawNetwork,
 }
 
 #[derive(Deserialize, Default)]
@@ -254,6 +279,13 @@ struct RawHealth {
 struct RawBandwidth {
     download: Option<String>,
     upload: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    egress: Option<String>,
+    allow: Option<Vec<String>>,
 }
 
 /// Largest app name: it becomes part of hostnames and labels.
@@ -403,6 +435,30 @@ fn health(raw: RawHealth) -> Result<HealthCheck, SpecError> {
     })
 }
 
+fn network(raw: RawNetwork) -> Result<EgressPolicy, SpecError> {
+    let egress = match raw.egress {
+        None => Default::default(),
+        Some(text) => text
+            .parse()
+            .map_err(|reason: String| invalid("network.egress", &text, &reason))?,
+    };
+    let allow = EgressPolicy::parse_allow(raw.allow.as_deref().unwrap_or_default()).map_err(
+        |e| match e {
+            AllowListError::TooMany { count } => invalid(
+                "network.allow",
+                format!("{count} entries"),
+                &format!("has more than {MAX_ALLOW} entries"),
+            ),
+            AllowListError::Entry {
+                index,
+                entry,
+                reason,
+            } => invalid(format!("network.allow[{index}]"), entry, &reason),
+        },
+    )?;
+    Ok(EgressPolicy { egress, allow })
+}
+
 impl DesiredApp {
     /// Parses and validates a spec file's text.
     pub fn from_toml(text: &str) -> Result<DesiredApp, SpecError> {
@@ -502,6 +558,7 @@ impl DesiredApp {
             download_bps: bitrate("bandwidth.download", raw.bandwidth.download.as_deref())?,
             upload_bps: bitrate("bandwidth.upload", raw.bandwidth.upload.as_deref())?,
         };
+        let network = network(raw.network)?;
         let app = DesiredApp {
             name: raw.name,
             image: raw.image,
@@ -512,6 +569,7 @@ impl DesiredApp {
             ports,
             health,
             bandwidth,
+            network,
         };
         crate::bounds::check(&app)?;
         Ok(app)
@@ -697,6 +755,90 @@ download = "50Mbit"
         let stored = serde_json::to_string(&http).unwrap();
         let back: DesiredApp = serde_json::from_str(&stored).unwrap();
         assert_eq!(back.ports[0].protocol, Protocol::Http);
+    }
+
+    #[test]
+    fn network_section_parses_strictly() {
+        let base = "name = \"a\"\nimage = \"a\"\n";
+        let app = DesiredApp::from_toml(&format!(
+            "{base}[network]\negress = \"none\"\nallow = [\"10.1.2.0/24:5432\", \"192.168.1.10\"]"
+        ))
+        .unwrap();
+        assert_eq!(app.network.egress, shellwego_network::fence::Egress::None);
+        assert_eq!(
+            app.network
+                .allow
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.1.2.0/24:5432", "192.168.1.10"]
+        );
+        let default = DesiredApp::from_toml(base).unwrap();
+        assert!(default.network.is_default());
+        for (section, field, value) in [
+            ("egress = \"all\"", "network.egress", "all"),
+            (
+                "allow = [\"10.0.0.1\", \"10.1.2.5/24\"]",
+                "network.allow[1]",
+                "10.1.2.5/24",
+            ),
+            (
+                "allow = [\"169.254.169.254\"]",
+                "network.allow[0]",
+                "169.254.169.254",
+            ),
+            ("allow = [\"0.0.0.0/0\"]", "network.allow[0]", "0.0.0.0/0"),
+            (
+                "allow = [\"10.0.0.1:99999\"]",
+                "network.allow[0]",
+                "10.0.0.1:99999",
+            ),
+            (
+                "allow = [\"10.0.0.1\", \"10.0.0.1\"]",
+                "network.allow[1]",
+                "10.0.0.1",
+            ),
+            (
+                "allow = [\"db.internal:5432\"]",
+                "network.allow[0]",
+                "db.internal:5432",
+            ),
+        ] {
+            let e = err_of(&format!("{base}[network]\n{section}"));
+            assert!(e.contains(field) && e.contains(value), "{section}: {e}");
+        }
+        let many: Vec<String> = (0..33).map(|i| format!("\"10.0.{i}.1\"")).collect();
+        let e = err_of(&format!("{base}[network]\nallow = [{}]", many.join(", ")));
+        assert!(e.contains("network.allow") && e.contains("32"), "{e}");
+        let e = err_of(&format!("{base}[network]\negres = \"none\""));
+        assert!(e.contains("egres"), "{e}");
+    }
+
+    #[test]
+    fn the_default_network_policy_leaves_versions_as_they_were() {
+        let a = DesiredApp::from_toml(FULL).unwrap();
+        let json = serde_json::to_string(&a).unwrap();
+        assert!(!json.contains("network"), "{json}");
+        let explicit = DesiredApp::from_toml(&format!(
+            "{FULL}\n[network]\negress = \"internet\"\nallow = []\n"
+        ))
+        .unwrap();
+        assert_eq!(a.spec_hash(), explicit.spec_hash());
+        let closed =
+            DesiredApp::from_toml(&format!("{FULL}\n[network]\negress = \"none\"\n")).unwrap();
+        assert_ne!(
+            a.spec_hash(),
+            closed.spec_hash(),
+            "a changed policy is a new version"
+        );
+        let stored: DesiredApp =
+            serde_json::from_str(&serde_json::to_string(&closed).unwrap()).unwrap();
+        assert_eq!(stored, closed);
+        let old: DesiredApp = serde_json::from_str(&json).unwrap();
+        assert!(
+            old.network.is_default(),
+            "a stored spec from before [network] reads back"
+        );
     }
 
     proptest! {

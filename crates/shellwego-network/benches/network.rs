@@ -35,11 +35,15 @@ fn main() {
                 download_bps: Some(100_000_000),
                 upload_bps: Some(100_000_000),
             };
+            let tenant = shellwego_network::Tenant {
+                app: "bench".into(),
+                ..Default::default()
+            };
             let (mut s, mut t) = (Vec::new(), Vec::new());
             for i in 0..20 {
                 let id = format!("{i:08x}-0000-4000-8000-000000000000");
                 let start = Instant::now();
-                net.setup_vm(&id, "02:00:00:00:00:01", limits)
+                net.setup_vm(&id, "02:00:00:00:00:01", limits, &tenant)
                     .await
                     .expect("setup");
                 s.push(start.elapsed());
@@ -53,7 +57,7 @@ fn main() {
         })
     });
     println!(
-        "per-VM network setup (lease, TAP, IFB, eBPF + HTB), median of 20: {:.1} ms",
+        "per-VM network setup (lease, fence, TAP, IFB, eBPF + HTB), median of 20: {:.1} ms",
         setup.as_secs_f64() * 1e3
     );
     println!(

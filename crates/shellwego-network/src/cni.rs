@@ -1,10 +1,12 @@
 //! `CniNetwork`: everything a VM needs on the host side of its network.
 //!
 //! The bridge (default `swg-br0`, gateway 10.0.4.1/24) is ensured idempotently: an
-//! agent restart never flushes its addresses or detaches running VMs' TAPs. Per VM: a
-//! lease from the persistent IPAM, a persistent TAP named from the VM id on the bridge,
-//! an IFB for upload shaping, and the eBPF+HTB QoS. Teardown removes all of it and the
-//! lease, is idempotent, and works on a half-built setup.
+//! agent restart never flushes its addresses or detaches running VMs' TAPs. With it come
+//! the fence's tables, so a VM port (name prefix `swg`) without a fence of its own sends
+//! nothing. Per VM: a lease from the persistent IPAM, its network fence (installed
+//! before its TAP exists), a persistent TAP named from the VM id on the bridge, an IFB
+//! for upload shaping, and the eBPF+HTB QoS. Teardown removes all of it and the lease,
+//! is idempotent, and works on a half-built setup.
 //!
 //! Every call acts in the calling thread's network namespace.
 
@@ -13,6 +15,7 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Mutex;
 
+use crate::fence::{EgressPolicy, Fence, FenceBase, FenceError, VmFence};
 use crate::ipam::{Ipam, IpamError, Subnet};
 use crate::link::{LinkError, LinkInfo, Netlink};
 use crate::qos::{self, Limits, QosError, VmQos};
@@ -30,6 +33,10 @@ pub enum NetError {
     Qos(#[from] QosError),
     #[error(transparent)]
     Nat(#[from] crate::nat::NatError),
+    #[error(transparent)]
+    Fence(#[from] FenceError),
+    #[error("VM {0} has no address lease")]
+    NoLease(String),
 }
 
 /// The host network's shape.
@@ -64,6 +71,17 @@ pub struct VmNetwork {
     pub gateway: Ipv4Addr,
 }
 
+/// Whose a VM is and what it may reach beyond the host: what its fence is made of.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tenant {
+    /// VMs of the same app reach each other on the bridge; of other apps, never.
+    pub app: String,
+    pub policy: EgressPolicy,
+}
+
+/// Bridge ports with this name prefix are VMs' (the fence drops any without a fence).
+pub const TAP_PREFIX: &str = "swg";
+
 /// The TAP name of a VM: "swg" + the first 12 hex digits of its id (15 characters).
 pub fn tap_name(vm_id: &str) -> String {
     let hex: String = vm_id
@@ -71,7 +89,7 @@ pub fn tap_name(vm_id: &str) -> String {
         .filter(|c| c.is_ascii_hexdigit())
         .take(12)
         .collect();
-    format!("swg{hex}")
+    format!("{TAP_PREFIX}{hex}")
 }
 
 /// The IFB (upload shaping) device of a VM: "swi" + the same 12 hex digits.
@@ -88,16 +106,20 @@ pub struct CniNetwork {
     config: NetworkConfig,
     ipam: Ipam,
     qos: Mutex<HashMap<String, VmQos>>,
+    fence: Fence,
 }
 
 impl CniNetwork {
     /// Opens the IPAM under `state_dir` (leases survive restarts).
     pub fn new(config: NetworkConfig, state_dir: &Path) -> Result<CniNetwork, NetError> {
         let ipam = Ipam::open(state_dir, config.subnet)?;
+        let base =
+            FenceBase::new(&config.bridge, config.subnet, TAP_PREFIX).map_err(FenceError::from)?;
         Ok(CniNetwork {
             config,
             ipam,
             qos: Mutex::new(HashMap::new()),
+            fence: Fence::new(base),
         })
     }
 
@@ -109,10 +131,16 @@ impl CniNetwork {
         &self.ipam
     }
 
-    /// Ensures the bridge exists, carries the gateway address and is up, and (if
-    /// configured) the NAT table. Never removes anything.
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+
+    /// Ensures the bridge exists, carries the gateway address and is up, the fence's
+    /// tables, and (if configured) the NAT table. Never removes anything.
     pub async fn ensure_bridge(&self) -> Result<LinkInfo, NetError> {
         let nl = Netlink::connect()?;
+        // The fence first: from here on no VM port sends anything without its own fence.
+        self.fence.ensure()?;
         let bridge = nl.ensure_bridge(&self.config.bridge).await?;
         let s = self.config.subnet;
         nl.ensure_address(bridge.index, s.gateway, s.prefix_len)
@@ -141,16 +169,20 @@ impl CniNetwork {
         Ok(nl.require(name).await?)
     }
 
-    /// Everything the VM needs: lease, TAP, IFB and QoS. Idempotent per VM id.
+    /// Everything the VM needs: lease, fence, TAP, IFB and QoS. Idempotent per VM id.
     pub async fn setup_vm(
         &self,
         vm_id: &str,
         mac: &str,
         limits: Limits,
+        tenant: &Tenant,
     ) -> Result<VmNetwork, NetError> {
         let ip = self.ipam.allocate(vm_id)?;
         let tap = tap_name(vm_id);
-        let result = self.setup_links(vm_id, &tap, limits).await;
+        let result = match self.apply_fence(&tap, mac, ip, tenant) {
+            Ok(()) => self.setup_links(vm_id, &tap, limits).await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = result {
             // Half-built: take it all down again, lease included.
             let _ = self.teardown_vm(vm_id).await;
@@ -163,6 +195,31 @@ impl CniNetwork {
             prefix_len: self.config.subnet.prefix_len,
             gateway: self.config.subnet.gateway,
         })
+    }
+
+    fn apply_fence(
+        &self,
+        tap: &str,
+        mac: &str,
+        ip: std::net::Ipv4Addr,
+        tenant: &Tenant,
+    ) -> Result<(), NetError> {
+        let vm =
+            VmFence::new(tap, mac, ip, &tenant.app, &tenant.policy).map_err(FenceError::from)?;
+        Ok(self.fence.apply(&vm)?)
+    }
+
+    /// Re-applies the fence of a VM whose TAP and lease exist (after an agent restart the
+    /// rules are still in the kernel; this makes them match the current policy and
+    /// rules). Removes nothing on failure.
+    pub fn reattach_fence(&self, vm_id: &str, mac: &str, tenant: &Tenant) -> Result<(), NetError> {
+        let ip = self
+            .ipam
+            .leases()?
+            .get(vm_id)
+            .copied()
+            .ok_or_else(|| NetError::NoLease(vm_id.to_string()))?;
+        self.apply_fence(&tap_name(vm_id), mac, ip, tenant)
     }
 
     async fn setup_links(&self, vm_id: &str, tap: &str, limits: Limits) -> Result<(), NetError> {
@@ -214,7 +271,7 @@ impl CniNetwork {
         }
     }
 
-    /// Removes the VM's QoS, IFB, TAP and lease. Idempotent.
+    /// Removes the VM's QoS, IFB, TAP, fence and lease. Idempotent.
     pub async fn teardown_vm(&self, vm_id: &str) -> Result<(), NetError> {
         let tap = tap_name(vm_id);
         let ifb = ifb_name(vm_id);
@@ -230,6 +287,8 @@ impl CniNetwork {
         let nl = Netlink::connect()?;
         nl.delete(&tap).await?;
         nl.delete(&ifb).await?;
+        // After the TAP: it never exists without its fence.
+        self.fence.remove(&tap)?;
         self.ipam.release(vm_id)?;
         Ok(())
     }

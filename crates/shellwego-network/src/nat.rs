@@ -3,9 +3,6 @@
 //! leaving through anything but the bridge, and drops guest traffic to the cloud
 //! metadata address 169.254.169.254 (forwarded or to the host itself).
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use crate::ipam::Subnet;
 use crate::link::check_name;
 
@@ -15,10 +12,8 @@ const METADATA_IP: &str = "169.254.169.254";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NatError {
-    #[error("nft failed: {0}")]
-    Nft(String),
-    #[error("cannot run nft (apt-get install nftables): {0}")]
-    Spawn(#[source] std::io::Error),
+    #[error(transparent)]
+    Nft(#[from] crate::nft::NftError),
     #[error("cannot enable IPv4 forwarding: {0}")]
     Forwarding(#[source] std::io::Error),
     #[error(transparent)]
@@ -47,29 +42,6 @@ pub fn ruleset(bridge: &str, subnet: &Subnet) -> String {
     )
 }
 
-fn nft(script: &str) -> Result<(), NatError> {
-    let mut child = Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(NatError::Spawn)?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(NatError::Spawn)?;
-    }
-    let out = child.wait_with_output().map_err(NatError::Spawn)?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(NatError::Nft(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ))
-    }
-}
-
 /// Installs (or replaces) the table and turns on IPv4 forwarding, which NAT needs.
 pub fn enable(bridge: &str, subnet: &Subnet) -> Result<(), NatError> {
     check_name(bridge)?;
@@ -79,23 +51,20 @@ pub fn enable(bridge: &str, subnet: &Subnet) -> Result<(), NatError> {
         "table ip {TABLE}\ndelete table ip {TABLE}\n{}",
         ruleset(bridge, subnet)
     );
-    nft(&script)?;
+    crate::nft::apply(&script)?;
     std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1").map_err(NatError::Forwarding)
 }
 
 /// Removes the table; removing what is not there is fine.
 pub fn disable() -> Result<(), NatError> {
-    nft(&format!("table ip {TABLE}\ndelete table ip {TABLE}\n"))
+    Ok(crate::nft::apply(&format!(
+        "table ip {TABLE}\ndelete table ip {TABLE}\n"
+    ))?)
 }
 
 /// True if the table is installed.
 pub fn is_enabled() -> bool {
-    Command::new("nft")
-        .args(["list", "table", "ip", TABLE])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    crate::nft::has_table("ip", TABLE)
 }
 
 #[cfg(test)]

@@ -4,10 +4,11 @@
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use shellwego_network::fence::{self, EgressPolicy, VmFence};
 use shellwego_network::ipam::{Ipam, IpamError, Subnet};
 use shellwego_network::link::Netlink;
 use shellwego_network::qos::{Limits, VmQos};
-use shellwego_network::{CniNetwork, NetworkConfig};
+use shellwego_network::{CniNetwork, NetworkConfig, Tenant};
 use shellwego_testkit::netns::NetNs;
 use shellwego_testkit::prereq::require_command;
 
@@ -152,12 +153,16 @@ fn vm_setup_and_teardown_leave_nothing_behind() {
                 download_bps: Some(50_000_000),
                 upload_bps: Some(20_000_000),
             };
+            let tenant = Tenant {
+                app: "web".into(),
+                ..Default::default()
+            };
             let vmn = net
-                .setup_vm(vm, "02:00:00:00:00:01", limits)
+                .setup_vm(vm, "02:00:00:00:00:01", limits, &tenant)
                 .await
                 .expect("setup_vm");
             let again = net
-                .setup_vm(vm, "02:00:00:00:00:01", limits)
+                .setup_vm(vm, "02:00:00:00:00:01", limits, &tenant)
                 .await
                 .expect("setup_vm is idempotent");
             assert_eq!(again.ip, vmn.ip);
@@ -178,7 +183,12 @@ fn vm_setup_and_teardown_leave_nothing_behind() {
                 .into_iter()
                 .map(|l| l.name)
                 .collect();
+            // The fence's tables stay (they guard the bridge), with nothing of the VM.
+            let fence_state = fence::read_state().unwrap();
+            let traces = format!("{fence_state:?}");
+            assert!(!traces.contains("swg0d9f"), "{traces}");
             net.disable_nat().unwrap();
+            fence::remove_all().unwrap();
             (vmn.ip, counters_ok, (names, net.ipam().leases().unwrap()))
         })
     });
@@ -216,14 +226,33 @@ fn nat_masquerades_egress_and_blocks_metadata() {
     host.veth_to("vmport", &guest, "eth0", "10.0.4.2/24");
     host.ip(&["link", "set", "vmport", "master", "swg-br0"]);
     guest.ip(&["route", "add", "default", "via", "10.0.4.1"]);
-    // "The internet": 192.168.77.2, and a metadata service at 169.254.169.254. It has
+    // The guest's port gets a VM's fence (without one, nothing it sends is forwarded).
+    let mac = guest_mac(&guest, "eth0");
+    host.run_in(move || {
+        let vm = VmFence::new(
+            "vmport",
+            &mac,
+            Ipv4Addr::new(10, 0, 4, 2),
+            "nat",
+            &EgressPolicy::default(),
+        )
+        .unwrap();
+        let base = fence::FenceBase::new(
+            "swg-br0",
+            Subnet::default_pool(),
+            shellwego_network::cni::TAP_PREFIX,
+        )
+        .unwrap();
+        fence::Fence::new(base).apply(&vm).unwrap();
+    });
+    // "The internet": 203.0.113.2, and a metadata service at 169.254.169.254. It has
     // no route back to 10.0.4.0/24, so replies reach the guest only if masqueraded.
-    host.veth_to("uplink", &outside, "wan", "192.168.77.2/24");
-    host.ip(&["addr", "add", "192.168.77.1/24", "dev", "uplink"]);
+    host.veth_to("uplink", &outside, "wan", "203.0.113.2/24");
+    host.ip(&["addr", "add", "203.0.113.1/24", "dev", "uplink"]);
     outside.ip(&["addr", "add", "169.254.169.254/32", "dev", "wan"]);
     host.ip(&["route", "add", "169.254.169.254/32", "dev", "uplink"]);
 
-    let ok = guest.exec(&["ping", "-c", "1", "-W", "3", "192.168.77.2"]);
+    let ok = guest.exec(&["ping", "-c", "1", "-W", "3", "203.0.113.2"]);
     assert!(
         ok.status.success(),
         "guest reaches outside through NAT: {}",
@@ -241,11 +270,18 @@ fn nat_masquerades_egress_and_blocks_metadata() {
     );
 
     host.run_in(|| shellwego_network::nat::disable().unwrap());
-    let after = guest.exec(&["ping", "-c", "1", "-W", "2", "192.168.77.2"]);
+    let after = guest.exec(&["ping", "-c", "1", "-W", "2", "203.0.113.2"]);
     assert!(
         !after.status.success(),
         "without the NAT table there is no way back"
     );
+}
+
+/// The MAC address of `dev` in `ns`.
+fn guest_mac(ns: &NetNs, dev: &str) -> String {
+    let out = ns.exec(&["cat", &format!("/sys/class/net/{dev}/address")]);
+    assert!(out.status.success(), "MAC of {dev} in {}", ns.name);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! the test with a message saying what is missing and how to get it: nothing skips.
 
 pub mod guest;
+pub mod listen;
 pub mod netns;
 pub mod oci;
 pub mod prereq;

@@ -67,6 +67,16 @@ impl NetNs {
     /// Runs `f` on a thread that has entered this namespace (netlink sockets, ioctls
     /// and child processes made there all belong to it) and returns its result.
     pub fn run_in<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn_in(f)
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    }
+
+    /// Starts `f` on a thread that has entered this namespace; the caller joins it.
+    pub fn spawn_in<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = self.path();
         std::thread::spawn(move || {
             let file = std::fs::File::open(&path)
@@ -87,8 +97,6 @@ impl NetNs {
             );
             f()
         })
-        .join()
-        .unwrap_or_else(|p| std::panic::resume_unwind(p))
     }
 
     /// A veth pair: `host_end` here, `guest_end` moved into `guest` with `cidr`, both up.

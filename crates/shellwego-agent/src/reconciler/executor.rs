@@ -160,12 +160,17 @@ impl Executor {
                         download_bps: app.bandwidth.download_bps,
                         upload_bps: app.bandwidth.upload_bps,
                     };
-                    if let Err(e) = self
-                        .platform
-                        .network
-                        .reattach_qos(&row.vm_id.to_string(), limits)
-                        .await
+                    let id = row.vm_id.to_string();
+                    // The fence's rules outlive the agent; re-applying makes them match
+                    // this agent's rules and the app's policy.
+                    let mac = crate::vmm::config::generate_mac(row.vm_id);
+                    let network = &self.platform.network;
+                    if let Err(e) =
+                        network.reattach_fence(&id, &mac, &crate::provision::tenant(app))
                     {
+                        warn!(vm_id = %row.vm_id, error = %e, "cannot re-apply the network fence of a re-attached VM");
+                    }
+                    if let Err(e) = network.reattach_qos(&id, limits).await {
                         warn!(vm_id = %row.vm_id, error = %e, "cannot restore network of re-attached VM");
                     }
                 }

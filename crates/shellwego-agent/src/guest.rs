@@ -50,7 +50,7 @@ pub struct ExecOutput {
 impl GuestClient {
     /// Connects to the init's port through the VM's vsock socket.
     pub fn connect(uds: &Path, timeout: Duration) -> Result<GuestClient, GuestError> {
-        let stream = UnixStream::connect(uds).map_err(|source| GuestError::Connect {
+        let stream = crate::hardening::connect_unix(uds).map_err(|source| GuestError::Connect {
             path: uds.to_path_buf(),
             source,
         })?;

@@ -5,6 +5,7 @@
 //! are root-only.
 
 use std::io;
+use std::os::fd::FromRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
@@ -88,4 +89,47 @@ mod tests {
         assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
         assert_eq!(n, lim.rlim_max);
     }
+}
+
+/// Connects to the Unix socket at `path` only if `path` itself is a socket, never through
+/// a symlink in its last component. The sockets of a jailed VM (API, vsock) sit in a
+/// directory its unprivileged VMM owns: a VMM a guest took over could put a symlink there
+/// to another VM's socket or the agent's own, which a plain `connect` would follow as
+/// root. The socket is opened with `O_PATH | O_NOFOLLOW`, checked to be a socket, and
+/// connected to through that descriptor (`/proc/self/fd/N`), so nothing can swap it in
+/// between.
+pub fn connect_unix(path: &Path) -> io::Result<std::os::unix::net::UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: open(2) with a valid C string; the descriptor is closed below.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is ours and open; from here it is closed when `owned` drops.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // A symlink opened with O_NOFOLLOW | O_PATH is the link itself: not a socket.
+    // SAFETY: all-zero is a valid stat buffer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on an open descriptor into a valid buffer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is not a socket (a symlink or other file)",
+                path.display()
+            ),
+        ));
+    }
+    let stream = std::os::unix::net::UnixStream::connect(format!("/proc/self/fd/{fd}"));
+    drop(owned);
+    stream
 }

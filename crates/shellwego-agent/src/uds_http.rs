@@ -35,12 +35,13 @@ pub async fn request(
         socket: socket.to_path_buf(),
         message: e.to_string(),
     };
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|source| UdsHttpError::Connect {
-            socket: socket.to_path_buf(),
-            source,
-        })?;
+    let connect_err = |source| UdsHttpError::Connect {
+        socket: socket.to_path_buf(),
+        source,
+    };
+    let std_stream = crate::hardening::connect_unix(socket).map_err(connect_err)?;
+    std_stream.set_nonblocking(true).map_err(connect_err)?;
+    let stream = UnixStream::from_std(std_stream).map_err(connect_err)?;
     request_over(stream, method, path, body, None)
         .await
         .map_err(|e| http(&e))

@@ -59,38 +59,6 @@ pub fn private_file(path: &Path) -> io::Result<()> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::MetadataExt;
-
-    #[test]
-    fn private_dirs_and_files() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("a/b");
-        private_dir(&dir).unwrap();
-        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
-        let f = dir.join("f");
-        std::fs::write(&f, b"x").unwrap();
-        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
-        private_file(&f).unwrap();
-        assert_eq!(std::fs::metadata(&f).unwrap().mode() & 0o777, 0o600);
-        private_file(&dir.join("missing")).unwrap();
-    }
-
-    #[test]
-    fn nofile_is_raised_to_the_hard_limit() {
-        let n = raise_nofile().unwrap();
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
-        assert_eq!(n, lim.rlim_max);
-    }
-}
-
 /// Connects to the Unix socket at `path` only if `path` itself is a socket, never through
 /// a symlink in its last component. The sockets of a jailed VM (API, vsock) sit in a
 /// directory its unprivileged VMM owns: a VMM a guest took over could put a symlink there
@@ -132,4 +100,52 @@ pub fn connect_unix(path: &Path) -> io::Result<std::os::unix::net::UnixStream> {
     let stream = std::os::unix::net::UnixStream::connect(format!("/proc/self/fd/{fd}"));
     drop(owned);
     stream
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn private_dirs_and_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/b");
+        private_dir(&dir).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        let f = dir.join("f");
+        std::fs::write(&f, b"x").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        private_file(&f).unwrap();
+        assert_eq!(std::fs::metadata(&f).unwrap().mode() & 0o777, 0o600);
+        private_file(&dir.join("missing")).unwrap();
+    }
+
+    #[test]
+    fn nofile_is_raised_to_the_hard_limit() {
+        let n = raise_nofile().unwrap();
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
+        assert_eq!(n, lim.rlim_max);
+    }
+
+    #[test]
+    fn connects_to_a_socket_but_never_through_a_symlink_or_to_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        assert!(connect_unix(&sock).is_ok());
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&sock, &link).unwrap();
+        let e = connect_unix(&link).unwrap_err();
+        assert!(e.to_string().contains("not a socket"), "{e}");
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        assert!(connect_unix(&file).is_err());
+        assert!(connect_unix(&dir.path().join("missing")).is_err());
+    }
 }

@@ -95,7 +95,12 @@ fn tc_e2e_2_secret_only_in_the_apps_environment() {
         .as_str()
         .unwrap()
         .to_string();
-    let api = stack.run.join("vms").join(&vm_id).join("api.sock");
+    // The VM is jailed: its API socket is in its chroot.
+    let api = stack
+        .run
+        .join("jail/firecracker")
+        .join(&vm_id)
+        .join("root/api.sock");
     let config = Command::new("curl")
         .args(["-sS", "--unix-socket"])
         .arg(&api)

@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use shellwego_agent::guest::{wait_ready, GuestClient};
+use shellwego_agent::guest::{run_after_restore, wait_ready, GuestClient};
 use shellwego_agent::host::{self, HostKind};
 use shellwego_agent::snapshot::RestoreTarget;
 use shellwego_agent::template::{TemplateInputs, TemplateStore};
@@ -95,10 +95,11 @@ impl Bench {
         self.rt
             .block_on(self.store.warm_start(vmm, &self.template, name, &target))
             .expect("warm start");
-        let (mut c, _) =
-            wait_ready(&vmm.runtime_dir(name).vsock(), self.budget).expect("guest answers");
+        let uds = vmm.runtime_dir(name).vsock();
+        let (c, _) = wait_ready(&uds, self.budget).expect("guest answers");
         let answering = t.elapsed();
-        c.run(run_config(ip, argv)).expect("run");
+        // As the agent does: a restore resets vsock connections, so `run` may need a new one.
+        let c = run_after_restore(&uds, c, run_config(ip, argv), self.budget).expect("run");
         (c, answering)
     }
 }

@@ -171,13 +171,21 @@ pub fn run_after_restore(
 pub fn wait_ready(uds: &Path, timeout: Duration) -> Result<(GuestClient, Response), GuestError> {
     let start = Instant::now();
     let mut last = String::from("no attempt");
+    // Each attempt may wait a little longer than the one before: a connection lost in the
+    // vsock reset right after a snapshot restore is never answered, and must cost a
+    // second, not the whole patience of a slow guest.
+    let mut patience = Duration::from_secs(1);
     while start.elapsed() < timeout {
-        match GuestClient::connect(uds, Duration::from_secs(30))
-            .and_then(|mut c| c.hello().map(|r| (c, r)))
-        {
+        let attempt = GuestClient::connect(uds, patience).and_then(|mut c| {
+            let hello = c.hello()?;
+            c.set_timeout(Duration::from_secs(30))?;
+            Ok((c, hello))
+        });
+        match attempt {
             Ok(ok) => return Ok(ok),
             Err(e) => last = e.to_string(),
         }
+        patience = (patience * 2).min(Duration::from_secs(30));
         std::thread::sleep(Duration::from_millis(200));
     }
     Err(GuestError::NotReady {

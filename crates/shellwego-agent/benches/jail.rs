@@ -17,7 +17,6 @@ use shellwego_agent::template::{TemplateInputs, TemplateStore};
 use shellwego_agent::vmm::config::MachineConfig;
 use shellwego_agent::vmm::jail::Jail;
 use shellwego_agent::vmm::VmmManager;
-use shellwego_proto::{NetConfig, RunConfig};
 use shellwego_testkit::guest;
 use shellwego_testkit::netns::NetNs;
 use shellwego_testkit::prereq::require_command;
@@ -25,6 +24,9 @@ use shellwego_testkit::process::KillVmsOnDrop;
 
 const STARTS: usize = 5;
 const PROBES: usize = 40;
+
+mod common;
+use common::run_config;
 
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
@@ -38,23 +40,6 @@ fn median(mut v: Vec<Duration>) -> Duration {
 fn p90(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[(v.len() * 9 / 10).min(v.len() - 1)]
-}
-
-fn run_config(ip: &str, argv: &[&str]) -> RunConfig {
-    RunConfig {
-        argv: argv.iter().map(|a| a.to_string()).collect(),
-        hostname: "bench".into(),
-        net: Some(NetConfig {
-            address: ip.into(),
-            prefix_len: 24,
-            gateway: "10.0.4.1".into(),
-            nameservers: vec![],
-            mac: None,
-        }),
-        root_device: "/dev/vda".into(),
-        root_device_bytes: Some(256 << 20),
-        ..Default::default()
-    }
 }
 
 struct Bench {

@@ -12,36 +12,21 @@ use shellwego_agent::snapshot::{RestoreTarget, SnapshotManager};
 use shellwego_agent::template::{TemplateInputs, TemplateStore};
 use shellwego_agent::vmm::config::{guest_vm_config, GuestLayout, MachineConfig};
 use shellwego_agent::vmm::VmmManager;
-use shellwego_proto::{NetConfig, RunConfig};
 use shellwego_testkit::guest;
 use shellwego_testkit::netns::NetNs;
 use shellwego_testkit::prereq::require_command;
+
+mod common;
+use common::run_config;
 
 fn secs(d: Duration) -> String {
     format!("{:.3} s", d.as_secs_f64())
 }
 
-fn run_config(ip: &str) -> RunConfig {
-    RunConfig {
-        argv: vec!["/bin/sleep".into(), "3600".into()],
-        hostname: "bench".into(),
-        net: Some(NetConfig {
-            address: ip.into(),
-            prefix_len: 24,
-            gateway: "10.0.4.1".into(),
-            nameservers: vec![],
-            mac: None,
-        }),
-        root_device: "/dev/vda".into(),
-        root_device_bytes: Some(256 << 20),
-        ..Default::default()
-    }
-}
-
 /// Runs the app and waits until it answers: the app here is the guest's own `true`
 /// round trip over exec (a process started in the app's root).
 fn run_until_answering(c: &mut GuestClient, ip: &str) {
-    c.run(run_config(ip)).expect("run");
+    c.run(run_config(ip, &["/bin/sleep", "3600"])).expect("run");
     let out = c.exec(&["true"], Duration::from_secs(120)).expect("exec");
     assert_eq!(out.code, 0);
 }

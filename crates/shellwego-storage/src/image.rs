@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::layer::LayerStreamError;
+
 use crate::spool::{Spool, SpoolError};
 
 /// Why an image could not be pulled or read.
@@ -85,6 +86,8 @@ pub struct ImageBudget {
     pub max_unpacked_bytes: u64,
     /// Archive entries of all layers together.
     pub max_entries: u64,
+    /// The image config blob (JSON; 4 MiB, as skopeo and containerd allow).
+    pub max_config_bytes: u64,
     /// Layers downloaded at once (the store's total, across pulls).
     pub parallel_downloads: usize,
     /// Connecting to a registry.
@@ -98,6 +101,7 @@ impl Default for ImageBudget {
         ImageBudget {
             max_unpacked_bytes: 2 << 30,
             max_entries: 500_000,
+            max_config_bytes: 4 << 20,
             parallel_downloads: 3,
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
@@ -459,6 +463,54 @@ impl ImageStore {
         }
     }
 
+    /// The image's config blob, read only up to its descriptor's size, which must be within
+    /// the budget's `max_config_bytes` (a registry cannot feed the agent an endless config).
+    async fn pull_config(
+        &self,
+        reference: &Reference,
+        desc: &OciDescriptor,
+        whole: &str,
+    ) -> Result<String, ImageError> {
+        use futures_util::StreamExt;
+        let invalid = |reason: String| ImageError::Invalid {
+            reference: whole.to_string(),
+            reason,
+        };
+        let limit = self.budget.max_config_bytes;
+        let size = usize::try_from(desc.size)
+            .ok()
+            .filter(|s| *s as u64 <= limit)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "its config is {} bytes, more than the limit of {limit} bytes",
+                    desc.size
+                ))
+            })?;
+        let response = self
+            .client
+            .pull_blob_stream_partial(reference, desc, 0, None)
+            .await
+            .map_err(|source| ImageError::Registry {
+                reference: whole.to_string(),
+                source,
+            })?;
+        let mut stream = match response {
+            oci_client::client::BlobResponse::Full(s)
+            | oci_client::client::BlobResponse::Partial(s) => s.stream,
+        };
+        let mut bytes = Vec::with_capacity(size);
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| invalid(format!("reading its config: {e}")))?;
+            if bytes.len() + chunk.len() > size {
+                return Err(invalid(format!(
+                    "its config blob is longer than the {size} bytes its descriptor names"
+                )));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        String::from_utf8(bytes).map_err(|_| invalid("its config is not UTF-8".into()))
+    }
+
     /// Resolves an image: an index to its linux/amd64 manifest; checks the manifest
     /// (by oci-client, against the registry's digest and the reference's) and the config
     /// (against the manifest). Fetches no layer.
@@ -470,11 +522,12 @@ impl ImageStore {
             source,
         };
         let auth = self.auth_for(&parsed);
-        let (manifest, digest, config_json) = self
+        let (manifest, digest) = self
             .client
-            .pull_manifest_and_config(&parsed, &auth)
+            .pull_image_manifest(&parsed, &auth)
             .await
             .map_err(registry_err)?;
+        let config_json = self.pull_config(&parsed, &manifest.config, &whole).await?;
         // oci-client checks the manifest's bytes against the registry's digest header and
         // against the digest in the reference, if it has one.
         let config_digest = sha256_hex(config_json.as_bytes());

@@ -417,3 +417,36 @@ fn isolation_a_3_gb_zero_filled_layer_is_refused_by_the_default_budget() {
     );
     rig.assert_nothing_left(&store_root);
 }
+
+/// An image config longer than the budget allows is refused before any of it is fetched,
+/// naming the limit; no layer is fetched either. (The default limit, 4 MiB, is also
+/// skopeo's, so the test pushes a 100 KB config against a 64 KiB budget.)
+#[test]
+fn isolation_an_image_config_over_its_limit_is_refused() {
+    let rig = Rig::new();
+    let layer = TarBuilder::new().file("a", 0o644, b"a").finish();
+    let image = ImageBuilder::new()
+        .layer(&layer, LayerCompression::Gzip)
+        .env(&format!("HUGE={}", "x".repeat(100_000)));
+    rig.push(&image, "bigconfig:v1");
+    let store_root = rig.data.join("oci");
+    let budget = ImageBudget {
+        max_config_bytes: 64 << 10,
+        ..ImageBudget::default()
+    };
+    let store = open_store(&store_root, &rig.registry.addr, budget);
+    let err = runtime()
+        .block_on(rig.builder.pull_base(
+            &store,
+            &format!("{}/bigconfig:v1", rig.registry.addr),
+            &|_| {},
+        ))
+        .expect_err("config over its limit");
+    let text = err.to_string();
+    assert!(
+        text.contains("config") && text.contains("limit of 65536 bytes"),
+        "{text}"
+    );
+    assert_eq!(rig.base_datasets(), 0, "nothing built");
+    rig.assert_nothing_left(&store_root);
+}

@@ -346,10 +346,10 @@ impl SnapshotManager {
                 (MEM_FILE.to_string(), mem.clone()),
             ],
             taps: target.tap.iter().cloned().collect(),
-            limits: Some(VmLimits {
+            limits: VmLimits {
                 cpu_milli: target.cpu_milli,
                 ..meta.vm_config.limits()
-            }),
+            },
         };
         let api = vmm.spawn_bare(vm_id, &bare).await?;
         let load = SnapshotLoad {

@@ -53,7 +53,7 @@ impl MicrovmConfig {
 }
 
 /// What a firecracker that is to restore a snapshot needs before it starts.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct BareSpawn {
     /// Network namespace (`/run/netns/NAME`) the process runs in.
     pub netns: Option<PathBuf>,
@@ -65,7 +65,8 @@ pub struct BareSpawn {
     pub inputs: Vec<(String, PathBuf)>,
     /// TAPs the VM will open.
     pub taps: Vec<String>,
-    pub limits: Option<VmLimits>,
+    /// What its cgroup allows (the snapshot's shape, the app's CPU).
+    pub limits: VmLimits,
 }
 
 /// What the agent records about a running firecracker so it can re-attach after a
@@ -355,27 +356,27 @@ impl VmmManager {
         if vms.contains_key(vm_id) {
             return Err(VmmError::Exists(vm_id.to_string()));
         }
-        let limits = bare.limits.unwrap_or(VmLimits {
-            cpu_milli: None,
-            mem_mib: 0,
-            io_weight: None,
-        });
         let (rt, spawned, uid) = self
-            .spawn_vm(vm_id, bare.netns.as_deref(), limits, |rt, ids| match ids {
-                Some((uid, gid)) => {
-                    for (name, target) in &bare.links {
-                        jail::place(&rt.dir, name, target, Access::Owned { uid, gid })?;
+            .spawn_vm(
+                vm_id,
+                bare.netns.as_deref(),
+                bare.limits,
+                |rt, ids| match ids {
+                    Some((uid, gid)) => {
+                        for (name, target) in &bare.links {
+                            jail::place(&rt.dir, name, target, Access::Owned { uid, gid })?;
+                        }
+                        for (name, target) in &bare.inputs {
+                            jail::place(&rt.dir, name, target, Access::Shared { gid })?;
+                        }
+                        for tap in &bare.taps {
+                            jail::own_tap(bare.netns.as_deref(), tap, uid)?;
+                        }
+                        Ok(())
                     }
-                    for (name, target) in &bare.inputs {
-                        jail::place(&rt.dir, name, target, Access::Shared { gid })?;
-                    }
-                    for tap in &bare.taps {
-                        jail::own_tap(bare.netns.as_deref(), tap, uid)?;
-                    }
-                    Ok(())
-                }
-                None => make_links(rt, &bare.links),
-            })
+                    None => make_links(rt, &bare.links),
+                },
+            )
             .await?;
         let record = ProcessRecord {
             vm_id: vm_id.to_string(),

@@ -7,8 +7,7 @@ use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::api::{AppStatus, ApplyRequest, ApplyResponse, ExecRequest, ExecResponse};
-use crate::state::Event;
+use crate::wire::{AppStatus, ApplyRequest, ApplyResponse, Event, ExecRequest, ExecResponse};
 
 /// Where the agent's API is.
 #[derive(Debug, Clone)]

@@ -65,6 +65,10 @@ pub struct Config {
     /// Percent of the pool's size that the apps' disks may add up to (disks are thin
     /// clones, so more than 100 is reasonable). `SHELLWEGO_DISK_OVERCOMMIT`.
     pub disk_overcommit: u32,
+    /// VMs built at once (pull, disk, network, start); further provisions wait their
+    /// turn in arrival order. Removals, drains and health checks never wait for them.
+    /// Default: twice the host's cores, 2 to 16. `SHELLWEGO_MAX_PROVISIONS`.
+    pub max_provisions: usize,
 }
 
 impl Default for Config {
@@ -91,6 +95,7 @@ impl Default for Config {
             image_max_entries: 500_000,
             memory_overcommit: 100,
             disk_overcommit: 400,
+            max_provisions: crate::reconciler::executor::default_max_provisions(),
         }
     }
 }
@@ -212,6 +217,9 @@ impl Config {
         }
         if let Some(v) = parse_env(&get, "SHELLWEGO_DISK_OVERCOMMIT", number)? {
             self.disk_overcommit = v;
+        }
+        if let Some(v) = parse_env(&get, "SHELLWEGO_MAX_PROVISIONS", number)? {
+            self.max_provisions = v;
         }
         if let Some(v) = get("SHELLWEGO_INSECURE_REGISTRIES").and_then(|v| v.into_string().ok()) {
             self.insecure_registries = v

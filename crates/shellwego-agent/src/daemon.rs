@@ -8,15 +8,16 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use shellwego_network::{CniNetwork, NetworkConfig};
 use shellwego_storage::{ImageBudget, ImageStore, RegistryConfig, RootfsBuilder, ZfsManager};
-use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::api::{self, ApiState};
+use crate::api;
+use crate::command::AgentService;
 use crate::config::{find_executable, Config};
 use crate::endpoint::Endpoints;
 use crate::hardening::{harden_process, private_dir, private_file};
 use crate::provision::{BootMode, Platform};
-use crate::reconciler::executor::Executor;
+use crate::reconciler::executor::{Executor, ExecutorConfig};
+use crate::reconciler::steps::Deadlines;
 use crate::state::Store;
 use crate::template::TemplateStore;
 use crate::vault::Vault;
@@ -111,7 +112,7 @@ pub async fn platform(config: &Config) -> Result<Platform> {
         rootfs: Arc::new(rootfs),
         network,
         vmm,
-        templates: tokio::sync::Mutex::new(TemplateStore::open(&config.templates())?),
+        templates: tokio::sync::RwLock::new(TemplateStore::open(&config.templates())?),
         template_tap: "swgtemplate".into(),
     })
 }
@@ -131,14 +132,23 @@ pub async fn run(config: Config) -> Result<()> {
     crate::fault::check_configured().map_err(anyhow::Error::msg)?;
     let vault = Vault::open_or_create(&config.secrets_key)?;
     let endpoints = Endpoints::new(config.publish_address);
-    let exec = Arc::new(Executor::new(platform, store, boot, vault, endpoints));
+    let config_exec = ExecutorConfig {
+        mode: boot,
+        max_provisions: config.max_provisions,
+        deadlines: Deadlines::for_platform(&*platform, boot),
+    };
+    let exec = Arc::new(Executor::new(
+        platform,
+        store,
+        Arc::new(endpoints),
+        vault,
+        config_exec,
+    ));
     exec.recover().await?;
-    let wake = Arc::new(Notify::new());
     let socket = config.api_socket();
-    info!(socket = %socket.display(), ?boot, "agent running");
-    let state = Arc::new(ApiState {
+    info!(socket = %socket.display(), ?boot, max_provisions = config.max_provisions, "agent running");
+    let state = Arc::new(AgentService {
         exec: exec.clone(),
-        wake: wake.clone(),
         overcommit: crate::admission::Overcommit {
             memory: config.memory_overcommit,
             disk: config.disk_overcommit,
@@ -154,7 +164,7 @@ pub async fn run(config: Config) -> Result<()> {
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
     });
-    tokio::spawn(exec.run(wake, Duration::from_secs(5)));
+    tokio::spawn(exec.run(Duration::from_secs(5)));
     if let Some(addr) = config.api_tcp {
         let token = crate::vault::api_token(&config.api_token_file)?;
         let listener = tokio::net::TcpListener::bind(addr)

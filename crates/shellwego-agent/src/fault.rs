@@ -6,7 +6,17 @@
 //!
 //! Points: `after-pull`, `after-clone`, `after-vm-start`, `health-wait`, `after-switch`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
+
+/// Set once a point stalled: the reconciler then launches nothing more, so the kill that
+/// follows lands on exactly that step (tasks of other VMs would otherwise go on).
+static STALLED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a fault point has stalled this agent.
+pub fn stalled() -> bool {
+    STALLED.load(Ordering::Relaxed)
+}
 
 /// Every point the agent can stall at, in the order a deploy reaches them.
 pub const POINTS: [&str; 5] = [
@@ -30,6 +40,7 @@ fn configured() -> Option<&'static str> {
 /// Never returns when the agent was told to stall at `point`; `record` is told first.
 pub async fn point(point: &str, record: impl FnOnce(String)) {
     if configured() == Some(point) {
+        STALLED.store(true, Ordering::Relaxed);
         record(format!("stalled at {point} (SHELLWEGO_FAULT_STALL_AT)"));
         std::future::pending::<()>().await;
     }

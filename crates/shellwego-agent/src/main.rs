@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use shellwego_agent::api::{uptime, ApplyRequest};
 use shellwego_agent::client::AgentClient;
 use shellwego_agent::config::Config;
 use shellwego_agent::reconciler::{Health, VmState};
 use shellwego_agent::spec::{DesiredApp, SecretSource};
 use shellwego_agent::vmm::config::{machine_config, MachineLimits};
+use shellwego_agent::wire::{uptime, ApplyRequest};
 use shellwego_agent::{daemon, doctor, host};
 
 /// ShellWeGo turns a Linux host into a microVM platform: apps declared in a spec file run
@@ -318,7 +318,7 @@ async fn ps(client: &AgentClient, json: bool) -> Result<()> {
                 state,
                 health,
                 v.ip.clone().unwrap_or_else(|| "-".into()),
-                uptime(v)
+                uptime(v, shellwego_agent::state::now_secs())
             );
             if let Some(e) = &v.last_error {
                 println!("{:<16} last error: {e}", "");

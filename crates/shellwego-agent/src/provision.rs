@@ -5,7 +5,7 @@
 //! them (VM, TAP, IFB, QoS, fence, lease, dataset) — also for a VM that was only half built, so
 //! a failed or interrupted provision leaves nothing behind.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -14,15 +14,18 @@ use shellwego_network::qos::Limits;
 use shellwego_network::{CniNetwork, Tenant, VmNetwork};
 use shellwego_proto::NetConfig;
 use shellwego_storage::image::{ImageStore, Progress, PulledImage};
-use shellwego_storage::{RootfsBuilder, VmDisk};
-use tokio::sync::Mutex;
-use tracing::{info, warn};
+use shellwego_storage::{BaseImage, RootfsBuilder, VmDisk};
+use tokio::sync::RwLock;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::guest::{wait_ready, GuestClient};
+use crate::health;
 use crate::host::HostKind;
+use crate::reconciler::ports::{PortError, PortResult, Ports, Progress as PortProgress};
+use crate::reconciler::steps::{Deadlines, Steps};
 use crate::snapshot::RestoreTarget;
-use crate::spec::DesiredApp;
+use crate::spec::{DesiredApp, HealthCheck};
 use crate::template::{TemplateInputs, TemplateStore};
 use crate::vmm::config::{
     generate_mac, guest_vm_config, machine_config, GuestLayout, MachineLimits,
@@ -88,7 +91,8 @@ pub struct Platform {
     pub rootfs: Arc<RootfsBuilder>,
     pub network: CniNetwork,
     pub vmm: VmmManager,
-    pub templates: Mutex<TemplateStore>,
+    /// Builds are exclusive (write), restores from a built template shared (read).
+    pub templates: RwLock<TemplateStore>,
     /// A TAP on the bridge that template builds boot with (their clones get their own).
     pub template_tap: String,
 }
@@ -106,7 +110,8 @@ impl Platform {
         }
     }
 
-    /// Builds and starts the VM `vm_id` for `app` and gives it its run config. On any
+    /// Builds and starts the VM `vm_id` for `app` and gives it its run config, step by
+    /// step with the executor's deadlines (see [`crate::reconciler::steps`]). On any
     /// failure everything already made for it is removed again.
     pub async fn provision(
         &self,
@@ -116,226 +121,29 @@ impl Platform {
         mode: BootMode,
         progress: ProgressFn<'_>,
     ) -> Result<ProvisionedVm, ProvisionError> {
-        let result = self.build(app, vm_id, secrets, mode, progress).await;
-        if result.is_err() {
-            if let Err(e) = self.deprovision(vm_id).await {
-                warn!(%vm_id, error = %e, "cleanup after a failed provision");
-            }
-        }
-        result
-    }
-
-    async fn build(
-        &self,
-        app: &DesiredApp,
-        vm_id: Uuid,
-        secrets: BTreeMap<String, String>,
-        mode: BootMode,
-        progress: ProgressFn<'_>,
-    ) -> Result<ProvisionedVm, ProvisionError> {
-        let mut phases = Vec::new();
-        let id = vm_id.to_string();
-        let machine = machine_config(&app.resources, &MachineLimits::for_host(self.kind))
-            .map_err(|e| fail("resources")(&e))?;
-
-        let t = Instant::now();
-        progress(format!("pulling {}", app.image));
-        let report = |p: Progress| match &p {
-            // Bytes, rate and ETA of downloads that take more than a second; a line for
-            // each layer that arrived, and one for each that was cached.
-            Progress::Downloading { .. } | Progress::Cached { .. } | Progress::Verified { .. } => {
-                progress(format!("  {}", p.describe()))
-            }
-            Progress::Resolved { .. } => {}
+        let deadlines = Deadlines::for_platform(self, mode);
+        let run = Steps {
+            platform: self,
+            deadlines: &deadlines,
+            mode,
+            cancel: &CancellationToken::new(),
+            on_step: &|_| {},
+            progress,
         };
-        let (image, base) = self
-            .rootfs
-            .pull_base(&self.images, &app.image, &report)
+        let vm = run
+            .provision(app, vm_id, secrets)
             .await
-            .map_err(|e| fail("pull")(&e))?;
-        if base.built_now {
-            let b = &base.timings;
-            progress(format!(
-                "  root disk base built: {} entries, {} MiB (unpack {:.1} s, mkfs {:.1} s)",
-                b.entries,
-                b.content_bytes >> 20,
-                b.unpack.as_secs_f64(),
-                b.mkfs.as_secs_f64()
-            ));
-        }
-        phases.push(Phase {
-            name: "pull",
-            took: t.elapsed(),
-        });
-        crate::fault::point("after-pull", progress).await;
-
-        let t = Instant::now();
-        progress(format!(
-            "cloning root disk from {}",
-            shellwego_storage::image::short_digest(&image.digest)
-        ));
-        let (rootfs, vm) = (self.rootfs.clone(), id.clone());
-        let disk_bytes = app.resources.disk_bytes;
-        let disk =
-            tokio::task::spawn_blocking(move || rootfs.clone_for_vm(&base, &vm, Some(disk_bytes)))
-                .await
-                .map_err(|e| fail("rootfs")(&e))?
-                .map_err(|e| fail("rootfs")(&e))?;
-        phases.push(Phase {
-            name: "rootfs",
-            took: t.elapsed(),
-        });
-        crate::fault::point("after-clone", progress).await;
-
-        let t = Instant::now();
-        let mac = generate_mac(vm_id);
-        let limits = Limits {
-            download_bps: app.bandwidth.download_bps,
-            upload_bps: app.bandwidth.upload_bps,
-        };
-        let net = self
-            .network
-            .setup_vm(&id, &mac, limits, &tenant(app))
-            .await
-            .map_err(|e| fail("network")(&e))?;
-        phases.push(Phase {
-            name: "network",
-            took: t.elapsed(),
-        });
-        progress(format!("network: {} on {} ({})", net.ip, net.tap, mac));
-
-        let t = Instant::now();
-        match mode {
-            BootMode::Warm => {
-                let disk_bytes = std::fs::metadata(&disk.image_path)
-                    .map(|m| m.len())
-                    .map_err(|e| fail("template")(&e))?;
-                let inputs = TemplateInputs {
-                    disk_bytes,
-                    machine: machine.config,
-                    kernel: self.kernel.clone(),
-                    init: self.init.clone(),
-                    firecracker: self.firecracker.clone(),
-                    kind: self.kind,
-                };
-                let mut templates = self.templates.lock().await;
-                self.network
-                    .create_tap(&self.template_tap)
-                    .await
-                    .map_err(|e| fail("template")(&e))?;
-                let (tpl, built) = templates
-                    .ensure(
-                        &self.vmm,
-                        &inputs,
-                        None,
-                        Some(self.template_tap.clone()),
-                        self.boot_budget(BootMode::Cold),
-                    )
-                    .await
-                    .map_err(|e| fail("template")(&e))?;
-                if built {
-                    progress(format!("built template {} (one cold boot)", tpl.id));
-                }
-                templates
-                    .warm_start(
-                        &self.vmm,
-                        &tpl.id,
-                        &id,
-                        &RestoreTarget {
-                            tap: Some(net.tap.clone()),
-                            cpu_milli: Some(app.resources.cpu_milli),
-                            ..RestoreTarget::with_root_disk(&disk.image_path)
-                        },
-                    )
-                    .await
-                    .map_err(|e| fail("vm")(&e))?;
-            }
-            BootMode::Cold => {
-                let initrd = self.vmm.runtime_dir(&id).dir.with_extension("initrd");
-                if let Some(parent) = initrd.parent() {
-                    std::fs::create_dir_all(parent).map_err(|e| fail("vm")(&e))?;
-                }
-                crate::initrd::write(&self.init, &initrd).map_err(|e| fail("vm")(&e))?;
-                let layout = GuestLayout {
-                    kernel: self.kernel.display().to_string(),
-                    initrd: initrd.display().to_string(),
-                    root_drive: "rootfs".into(),
-                    vsock: "vsock.sock".into(),
-                    nic: Some((net.tap.clone(), mac.clone())),
-                };
-                let mut cfg = guest_vm_config(&id, machine.config, self.kind, &layout);
-                cfg.links = vec![("rootfs".into(), disk.image_path.clone())];
-                cfg.cpu_milli = Some(app.resources.cpu_milli);
-                self.vmm.create(&cfg).await.map_err(|e| fail("vm")(&e))?;
-                self.vmm.start(&id).await.map_err(|e| fail("vm")(&e))?;
-            }
-        }
-        phases.push(Phase {
-            name: "vm",
-            took: t.elapsed(),
-        });
-        crate::fault::point("after-vm-start", progress).await;
-
-        let t = Instant::now();
-        progress("waiting for the guest init".into());
-        let uds = self.vmm.runtime_dir(&id).vsock();
-        let budget = self.boot_budget(mode);
-        let client = tokio::task::spawn_blocking(move || wait_ready(&uds, budget))
-            .await
-            .map_err(|e| fail("guest")(&e))?
             .map_err(|e| ProvisionError {
-                phase: "guest",
-                message: format!(
-                    "{e}\n--- guest console ---\n{}",
-                    self.vmm.console_tail(&id, 20)
-                ),
-            })?
-            .0;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        // The guest credits these bytes and reseeds its RNG from them before the app
-        // starts: they must be real randomness, never a fallback.
-        let mut entropy = vec![0u8; 64];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut entropy)
-            .map_err(|_| fail("guest")(&"the host's random source failed"))?;
-        let netcfg = NetConfig {
-            address: net.ip.to_string(),
-            prefix_len: net.prefix_len,
-            gateway: net.gateway.to_string(),
-            nameservers: vec![],
-            mac: Some(mac),
-        };
-        let root_bytes = std::fs::metadata(&disk.image_path).map(|m| m.len()).ok();
-        let mut rc = crate::runconfig::run_config(
-            app,
-            &image.config,
-            Some(netcfg),
-            secrets,
-            (now.as_secs() as i64, now.subsec_nanos()),
-            entropy,
-        )
-        .map_err(|e| fail("guest")(&e))?;
-        rc.root_device_bytes = root_bytes;
-        let uds = self.vmm.runtime_dir(&id).vsock();
-        let run = tokio::task::spawn_blocking(move || {
-            crate::guest::run_after_restore(&uds, client, rc, budget)
-        })
-        .await
-        .map_err(|e| fail("guest")(&e))?;
-        run.map_err(|e| fail("guest")(&e))?;
-        phases.push(Phase {
-            name: "guest",
-            took: t.elapsed(),
-        });
-        info!(%vm_id, app = %app.name, ip = %net.ip, "VM provisioned");
+                phase: e.step,
+                message: e.message,
+            })?;
         Ok(ProvisionedVm {
             vm_id,
-            image,
-            disk,
-            net,
+            image: vm.image.0,
+            disk: vm.disk,
+            net: vm.net,
             mode,
-            phases,
+            phases: vm.phases,
         })
     }
 
@@ -349,7 +157,7 @@ impl Platform {
 
     /// Stops the VM (asking its init first) and removes its TAP, IFB, QoS, fence, lease
     /// and disk. Idempotent; works on whatever part exists.
-    pub async fn deprovision(&self, vm_id: Uuid) -> Result<Vec<Phase>, ProvisionError> {
+    pub async fn teardown(&self, vm_id: Uuid) -> Result<Vec<Phase>, ProvisionError> {
         let id = vm_id.to_string();
         let mut phases = Vec::new();
         let t = Instant::now();
@@ -391,5 +199,293 @@ impl Platform {
             took: t.elapsed(),
         });
         Ok(phases)
+    }
+}
+
+/// The real platform behind the executor's ports.
+impl Ports for Platform {
+    type Image = (PulledImage, BaseImage);
+    type Disk = VmDisk;
+    type Net = VmNetwork;
+
+    fn now(&self) -> u64 {
+        crate::state::now_secs()
+    }
+
+    async fn pull(&self, app: &DesiredApp, progress: PortProgress<'_>) -> PortResult<Self::Image> {
+        progress(format!("pulling {}", app.image));
+        let report = |p: Progress| match &p {
+            // Bytes, rate and ETA of downloads that take more than a second; a line for
+            // each layer that arrived, and one for each that was cached.
+            Progress::Downloading { .. } | Progress::Cached { .. } | Progress::Verified { .. } => {
+                progress(format!("  {}", p.describe()))
+            }
+            Progress::Resolved { .. } => {}
+        };
+        let (image, base) = self
+            .rootfs
+            .pull_base(&self.images, &app.image, &report)
+            .await
+            .map_err(PortError::of)?;
+        if base.built_now {
+            let b = &base.timings;
+            progress(format!(
+                "  root disk base built: {} entries, {} MiB (unpack {:.1} s, mkfs {:.1} s)",
+                b.entries,
+                b.content_bytes >> 20,
+                b.unpack.as_secs_f64(),
+                b.mkfs.as_secs_f64()
+            ));
+        }
+        Ok((image, base))
+    }
+
+    fn digest(image: &Self::Image) -> String {
+        image.0.digest.clone()
+    }
+
+    async fn clone_disk(
+        &self,
+        vm: Uuid,
+        app: &DesiredApp,
+        image: &Self::Image,
+    ) -> PortResult<VmDisk> {
+        let (rootfs, id, base) = (self.rootfs.clone(), vm.to_string(), image.1.clone());
+        let disk_bytes = app.resources.disk_bytes;
+        tokio::task::spawn_blocking(move || rootfs.clone_for_vm(&base, &id, Some(disk_bytes)))
+            .await
+            .map_err(PortError::of)?
+            .map_err(PortError::of)
+    }
+
+    async fn disk_owners(&self) -> PortResult<Vec<String>> {
+        let rootfs = self.rootfs.clone();
+        tokio::task::spawn_blocking(move || rootfs.vm_disks())
+            .await
+            .map_err(PortError::of)?
+            .map_err(PortError::of)
+    }
+
+    async fn wire(&self, vm: Uuid, app: &DesiredApp) -> PortResult<VmNetwork> {
+        let limits = Limits {
+            download_bps: app.bandwidth.download_bps,
+            upload_bps: app.bandwidth.upload_bps,
+        };
+        self.network
+            .setup_vm(&vm.to_string(), &generate_mac(vm), limits, &tenant(app))
+            .await
+            .map_err(PortError::of)
+    }
+
+    fn ip(net: &VmNetwork) -> std::net::Ipv4Addr {
+        net.ip
+    }
+
+    async fn rewire(&self, vm: Uuid, app: &DesiredApp) -> PortResult<()> {
+        let id = vm.to_string();
+        // The fence's rules outlive the agent; re-applying makes them match this agent's
+        // rules and the app's policy.
+        self.network
+            .reattach_fence(&id, &generate_mac(vm), &tenant(app))
+            .map_err(PortError::of)?;
+        let limits = Limits {
+            download_bps: app.bandwidth.download_bps,
+            upload_bps: app.bandwidth.upload_bps,
+        };
+        self.network
+            .reattach_qos(&id, limits)
+            .await
+            .map_err(PortError::of)
+    }
+
+    fn lease_owners(&self) -> PortResult<Vec<String>> {
+        Ok(self
+            .network
+            .ipam()
+            .leases()
+            .map_err(PortError::of)?
+            .into_keys()
+            .collect())
+    }
+
+    fn boot_budget(&self, mode: BootMode) -> Duration {
+        Platform::boot_budget(self, mode)
+    }
+
+    async fn boot(
+        &self,
+        vm: Uuid,
+        app: &DesiredApp,
+        mode: BootMode,
+        disk: &VmDisk,
+        net: &VmNetwork,
+        progress: PortProgress<'_>,
+    ) -> PortResult<()> {
+        let id = vm.to_string();
+        let machine = machine_config(&app.resources, &MachineLimits::for_host(self.kind))
+            .map_err(PortError::of)?;
+        match mode {
+            BootMode::Warm => {
+                let disk_bytes = std::fs::metadata(&disk.image_path)
+                    .map(|m| m.len())
+                    .map_err(PortError::of)?;
+                let inputs = TemplateInputs {
+                    disk_bytes,
+                    machine: machine.config,
+                    kernel: self.kernel.clone(),
+                    init: self.init.clone(),
+                    firecracker: self.firecracker.clone(),
+                    kind: self.kind,
+                };
+                // Only finding (or building) the template is exclusive; restores from it
+                // run side by side.
+                let tpl = {
+                    let mut templates = self.templates.write().await;
+                    self.network
+                        .create_tap(&self.template_tap)
+                        .await
+                        .map_err(|e| PortError(format!("template: {e}")))?;
+                    let (tpl, built) = templates
+                        .ensure(
+                            &self.vmm,
+                            &inputs,
+                            None,
+                            Some(self.template_tap.clone()),
+                            self.boot_budget(BootMode::Cold),
+                        )
+                        .await
+                        .map_err(|e| PortError(format!("template: {e}")))?;
+                    if built {
+                        progress(format!("built template {} (one cold boot)", tpl.id));
+                    }
+                    tpl
+                };
+                self.templates
+                    .read()
+                    .await
+                    .warm_start(
+                        &self.vmm,
+                        &tpl.id,
+                        &id,
+                        &RestoreTarget {
+                            tap: Some(net.tap.clone()),
+                            cpu_milli: Some(app.resources.cpu_milli),
+                            ..RestoreTarget::with_root_disk(&disk.image_path)
+                        },
+                    )
+                    .await
+                    .map_err(PortError::of)?;
+            }
+            BootMode::Cold => {
+                let initrd = self.vmm.runtime_dir(&id).dir.with_extension("initrd");
+                if let Some(parent) = initrd.parent() {
+                    std::fs::create_dir_all(parent).map_err(PortError::of)?;
+                }
+                crate::initrd::write(&self.init, &initrd).map_err(PortError::of)?;
+                let layout = GuestLayout {
+                    kernel: self.kernel.display().to_string(),
+                    initrd: initrd.display().to_string(),
+                    root_drive: "rootfs".into(),
+                    vsock: "vsock.sock".into(),
+                    nic: Some((net.tap.clone(), net.mac.clone())),
+                };
+                let mut cfg = guest_vm_config(&id, machine.config, self.kind, &layout);
+                cfg.links = vec![("rootfs".into(), disk.image_path.clone())];
+                cfg.cpu_milli = Some(app.resources.cpu_milli);
+                self.vmm.create(&cfg).await.map_err(PortError::of)?;
+                self.vmm.start(&id).await.map_err(PortError::of)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn alive(&self) -> HashSet<Uuid> {
+        let mut alive = HashSet::new();
+        for id in self.vmm.list().await {
+            if let Ok(vm) = id.parse::<Uuid>() {
+                if self.vmm.alive(&id).await {
+                    alive.insert(vm);
+                }
+            }
+        }
+        alive
+    }
+
+    async fn reattach(&self) -> PortResult<(Vec<String>, Vec<String>)> {
+        self.vmm.reattach().await.map_err(PortError::of)
+    }
+
+    async fn deprovision(&self, vm: Uuid) -> PortResult<()> {
+        self.teardown(vm).await.map(drop).map_err(PortError::of)
+    }
+
+    async fn hand_over(
+        &self,
+        vm: Uuid,
+        app: &DesiredApp,
+        image: &Self::Image,
+        disk: &VmDisk,
+        net: &VmNetwork,
+        secrets: BTreeMap<String, String>,
+        budget: Duration,
+    ) -> PortResult<()> {
+        let id = vm.to_string();
+        let uds = self.vmm.runtime_dir(&id).vsock();
+        let client = tokio::task::spawn_blocking(move || wait_ready(&uds, budget))
+            .await
+            .map_err(PortError::of)?
+            .map_err(|e| {
+                PortError(format!(
+                    "{e}\n--- guest console ---\n{}",
+                    self.vmm.console_tail(&id, 20)
+                ))
+            })?
+            .0;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        // The guest credits these bytes and reseeds its RNG from them before the app
+        // starts: they must be real randomness, never a fallback.
+        let mut entropy = vec![0u8; 64];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut entropy)
+            .map_err(|_| PortError("the host's random source failed".into()))?;
+        let netcfg = NetConfig {
+            address: net.ip.to_string(),
+            prefix_len: net.prefix_len,
+            gateway: net.gateway.to_string(),
+            nameservers: vec![],
+            mac: Some(net.mac.clone()),
+        };
+        let root_bytes = std::fs::metadata(&disk.image_path).map(|m| m.len()).ok();
+        let mut rc = crate::runconfig::run_config(
+            app,
+            &image.0.config,
+            Some(netcfg),
+            secrets,
+            (now.as_secs() as i64, now.subsec_nanos()),
+            entropy,
+        )
+        .map_err(PortError::of)?;
+        rc.root_device_bytes = root_bytes;
+        let uds = self.vmm.runtime_dir(&id).vsock();
+        tokio::task::spawn_blocking(move || {
+            crate::guest::run_after_restore(&uds, client, rc, budget)
+        })
+        .await
+        .map_err(PortError::of)?
+        .map(drop)
+        .map_err(PortError::of)
+    }
+
+    fn health_check(&self, check: &HealthCheck) -> HealthCheck {
+        health::for_host(check, self.kind)
+    }
+
+    async fn probe(
+        &self,
+        ip: std::net::Ipv4Addr,
+        check: &HealthCheck,
+    ) -> Result<(), health::ProbeFailure> {
+        health::probe(ip, check).await
     }
 }

@@ -19,6 +19,12 @@
 //! - more than one live VM of the desired version: the extras are removed.
 
 pub mod executor;
+#[cfg(test)]
+mod executor_tests;
+#[cfg(test)]
+mod fake;
+pub mod ports;
+pub mod steps;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

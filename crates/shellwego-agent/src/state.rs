@@ -219,6 +219,55 @@ impl Store {
         })
     }
 
+    /// Makes `app` desired in one transaction: its spec, its sealed secrets (`None`:
+    /// none), a reset failure record and the event. Returns the event's number.
+    pub fn apply(
+        &self,
+        app: &DesiredApp,
+        sealed_secrets: Option<&[u8]>,
+        event: &str,
+    ) -> Result<u64, StateError> {
+        let spec = encode(app)?;
+        let txn = self.db.begin_write().map_err(err)?;
+        let seq = {
+            txn.open_table(APPS)
+                .map_err(err)?
+                .insert(app.name.as_str(), spec.as_slice())
+                .map_err(err)?;
+            let mut secrets = txn.open_table(SECRETS).map_err(err)?;
+            match sealed_secrets {
+                Some(sealed) => secrets.insert(app.name.as_str(), sealed).map(drop),
+                None => secrets.remove(app.name.as_str()).map(drop),
+            }
+            .map_err(err)?;
+            txn.open_table(FAILURES)
+                .map_err(err)?
+                .remove(app.name.as_str())
+                .map_err(err)?;
+            append_event(&txn, &app.name, None, event.to_string())?
+        };
+        txn.commit().map_err(err)?;
+        Ok(seq)
+    }
+
+    /// Stops wanting app `name` in one transaction: its spec, its secrets, the event.
+    pub fn remove_app_and_secrets(&self, name: &str, event: &str) -> Result<u64, StateError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        let seq = {
+            txn.open_table(APPS)
+                .map_err(err)?
+                .remove(name)
+                .map_err(err)?;
+            txn.open_table(SECRETS)
+                .map_err(err)?
+                .remove(name)
+                .map_err(err)?;
+            append_event(&txn, name, None, event.to_string())?
+        };
+        txn.commit().map_err(err)?;
+        Ok(seq)
+    }
+
     /// Appends an event; returns its sequence number.
     pub fn event(
         &self,
@@ -227,24 +276,7 @@ impl Store {
         message: impl Into<String>,
     ) -> Result<u64, StateError> {
         let txn = self.db.begin_write().map_err(err)?;
-        let seq = {
-            let mut t = txn.open_table(EVENTS).map_err(err)?;
-            let next = t
-                .last()
-                .map_err(err)?
-                .map(|(k, _)| k.value() + 1)
-                .unwrap_or(1);
-            let ev = Event {
-                seq: next,
-                at: now_secs(),
-                app: app.to_string(),
-                vm_id,
-                message: message.into(),
-            };
-            let bytes = encode(&ev)?;
-            t.insert(next, bytes.as_slice()).map_err(err)?;
-            next
-        };
+        let seq = append_event(&txn, app, vm_id, message.into())?;
         txn.commit().map_err(err)?;
         Ok(seq)
     }
@@ -263,6 +295,31 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Appends an event inside `txn`; returns its sequence number.
+fn append_event(
+    txn: &redb::WriteTransaction,
+    app: &str,
+    vm_id: Option<Uuid>,
+    message: String,
+) -> Result<u64, StateError> {
+    let mut t = txn.open_table(EVENTS).map_err(err)?;
+    let next = t
+        .last()
+        .map_err(err)?
+        .map(|(k, _)| k.value() + 1)
+        .unwrap_or(1);
+    let ev = Event {
+        seq: next,
+        at: now_secs(),
+        app: app.to_string(),
+        vm_id,
+        message,
+    };
+    let bytes = encode(&ev)?;
+    t.insert(next, bytes.as_slice()).map_err(err)?;
+    Ok(next)
 }
 
 #[cfg(test)]

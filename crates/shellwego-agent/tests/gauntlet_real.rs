@@ -60,7 +60,7 @@ fn tc_e2e_1_cold_start_gauntlet() {
                 .unwrap();
             let leases = platform.network.ipam().leases().unwrap();
             let disks = platform.rootfs.vm_disks().unwrap();
-            let mut templates = platform.templates.lock().await;
+            let mut templates = platform.templates.write().await;
             let keys: Vec<String> = templates
                 .snapshots()
                 .list()

@@ -1,18 +1,26 @@
-//! The executor: observes what runs, asks `plan` what to do, and does it, recording every
-//! step in the agent's database before and after it runs.
+//! The executor: observes what runs, asks `plan` what to do, and launches each action as
+//! its own task keyed by the VM it acts on, recording every step in the agent's database
+//! before and after it runs.
 //!
-//! Crash safety: a VM record is written (`Starting`, step "provisioning") before anything
-//! is built for it. After an agent restart a record still `Starting` that no task of this
-//! process owns is an interrupted provision: it is observed as `Exited`, so the plan
-//! removes it — `deprovision` cleans whatever part exists (VM, TAP, IFB, QoS, lease,
-//! dataset) — and then creates a fresh VM. A `Running` record whose firecracker is gone
-//! is likewise `Exited`.
+//! Control flow (after kube-rs' controller): a pass only observes, plans and launches; it
+//! never waits for a VM. Provisions, health waits, probes, drains and removals run as
+//! tasks, at most one per VM; a VM with a task in flight is left alone by the pass until
+//! the task ends, and each ending task wakes the next pass. Different apps never wait for
+//! each other. Provisions take a slot of a fair (first come, first served) semaphore, so
+//! a burst of applies builds at most `max_provisions` VMs at once; removals, drains and
+//! probes take none and run at once.
+//!
+//! Crash safety: a VM record is written (`Starting`, step "queued") before anything is
+//! built for it, and each step ("pull", "rootfs", "network", "vm", "guest",
+//! "health-wait") is recorded before it runs. After an agent restart a record still
+//! `Starting` is an interrupted provision: `recover` removes whatever part of it exists
+//! and the next pass creates a fresh VM. A `Running` record whose process is gone is
+//! `Exited` and is replaced.
 //!
 //! Blue-green: a new version's VM starts beside the old one; once its health check
-//! passes, the app's endpoint (see [`crate::endpoint`]) is switched to it, and only then
-//! does the plan retire the old VM: its open connections drain (bounded by
-//! `DRAIN_LIMIT`), then it is stopped and removed. A new VM that never becomes healthy
-//! is removed and the old one keeps serving.
+//! passes, the app's endpoint is switched to it, and only then does the plan retire the
+//! old VM: its open connections drain (bounded by `DRAIN_LIMIT`), then it is stopped and
+//! removed. A new VM that never becomes healthy is removed and the old one keeps serving.
 //!
 //! Secrets: `apply` hands their values over once; they are sealed with the vault's key
 //! and stored, and opened again for every VM that is created (also after an agent
@@ -20,19 +28,22 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv4Addr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex as SyncMutex, PoisonError};
+use std::time::Duration;
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify, Semaphore};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use super::{plan, Action, ActualState, FailureRecord, Health, RemoveReason, VmState};
-use crate::endpoint::{Backend, Endpoints, Published};
-use crate::health;
-use crate::provision::{BootMode, Platform};
-use crate::spec::DesiredApp;
-use crate::state::{now_secs, StateError, Store, VmRow};
+use super::ports::{Frontend, Ports};
+use super::steps::{teardown, Deadlines, Steps, CANCELLED};
+use super::{plan, Action, FailureRecord, Health, RemoveReason, VmState};
+use crate::endpoint::{Backend, Published};
+use crate::provision::BootMode;
+use crate::spec::{DesiredApp, HealthCheck};
+use crate::state::{StateError, Store, VmRow};
 use crate::vault::{Vault, VaultError};
 
 /// How long a retired VM's open connections may take to finish before it is stopped.
@@ -47,39 +58,109 @@ pub enum SecretsError {
     State(#[from] StateError),
 }
 
-pub struct Executor {
-    pub platform: Arc<Platform>,
-    pub store: Arc<Store>,
+/// How the executor runs.
+#[derive(Debug, Clone)]
+pub struct ExecutorConfig {
     pub mode: BootMode,
-    pub endpoints: Endpoints,
-    /// Seals secret values before they reach the database.
-    vault: Vault,
-    /// VMs whose provision runs in this process.
-    in_flight: Mutex<HashSet<Uuid>>,
-    /// Serialises reconcile passes.
-    pass: Mutex<()>,
-    /// Consecutive failed health probes of running VMs.
-    probe_failures: Mutex<HashMap<Uuid, u32>>,
+    /// Provisions building at once; more wait their turn in arrival order.
+    pub max_provisions: usize,
+    pub deadlines: Deadlines,
 }
 
-impl Executor {
+/// The default number of provisions building at once: twice the host's cores (a
+/// provision mostly waits for I/O and the guest), at least 2, at most 16.
+pub fn default_max_provisions() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores * 2).clamp(2, 16)
+}
+
+/// What a VM's task does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskKind {
+    Provision,
+    HealthWait,
+    Probe,
+    Retire,
+    Remove,
+}
+
+struct Task {
+    kind: TaskKind,
+    cancel: CancellationToken,
+    abort: tokio::task::AbortHandle,
+}
+
+/// Health monitoring of one running VM.
+#[derive(Debug, Clone, Copy)]
+struct ProbeState {
+    failures: u32,
+    next_at: Instant,
+}
+
+pub struct Executor<P: Ports, F: Frontend> {
+    pub platform: Arc<P>,
+    pub store: Arc<Store>,
+    pub frontend: Arc<F>,
+    config: ExecutorConfig,
+    /// Seals secret values before they reach the database.
+    vault: Vault,
+    provisions: Arc<Semaphore>,
+    /// The task in flight per VM.
+    tasks: SyncMutex<HashMap<Uuid, Task>>,
+    /// Serialises passes (tasks run beside them).
+    pass: Mutex<()>,
+    probes: SyncMutex<HashMap<Uuid, ProbeState>>,
+    /// Notified when a task ends or the desired state changes.
+    pub wake: Arc<Notify>,
+}
+
+/// Removes a VM's task entry when the task ends (also if it panicked or was aborted) and
+/// wakes the next pass.
+struct TaskGuard<P: Ports, F: Frontend> {
+    exec: Arc<Executor<P, F>>,
+    vm: Uuid,
+}
+
+impl<P: Ports, F: Frontend> Drop for TaskGuard<P, F> {
+    fn drop(&mut self) {
+        self.exec.tasks().remove(&self.vm);
+        self.exec.wake.notify_one();
+    }
+}
+
+impl<P: Ports, F: Frontend> Executor<P, F> {
     pub fn new(
-        platform: Arc<Platform>,
+        platform: Arc<P>,
         store: Arc<Store>,
-        mode: BootMode,
+        frontend: Arc<F>,
         vault: Vault,
-        endpoints: Endpoints,
-    ) -> Executor {
+        config: ExecutorConfig,
+    ) -> Executor<P, F> {
         Executor {
             platform,
             store,
-            mode,
-            endpoints,
+            frontend,
+            provisions: Arc::new(Semaphore::new(config.max_provisions.max(1))),
+            config,
             vault,
-            in_flight: Mutex::new(HashSet::new()),
+            tasks: SyncMutex::new(HashMap::new()),
             pass: Mutex::new(()),
-            probe_failures: Mutex::new(HashMap::new()),
+            probes: SyncMutex::new(HashMap::new()),
+            wake: Arc::new(Notify::new()),
         }
+    }
+
+    fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Task>> {
+        self.tasks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn probes(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, ProbeState>> {
+        self.probes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The VMs with a task in flight, and what each task does.
+    pub fn busy(&self) -> HashMap<Uuid, TaskKind> {
+        self.tasks().iter().map(|(id, t)| (*id, t.kind)).collect()
     }
 
     /// Seals and stores an app's secret values (replacing earlier ones).
@@ -88,11 +169,22 @@ impl Executor {
         app: &str,
         values: &BTreeMap<String, String>,
     ) -> Result<(), SecretsError> {
-        if values.is_empty() {
-            return Ok(self.store.remove_sealed_secrets(app)?);
+        match self.seal_secrets(app, values)? {
+            None => Ok(self.store.remove_sealed_secrets(app)?),
+            Some(sealed) => Ok(self.store.put_sealed_secrets(app, &sealed)?),
         }
-        let sealed = self.vault.seal(app, values)?;
-        Ok(self.store.put_sealed_secrets(app, &sealed)?)
+    }
+
+    /// An app's secret values sealed for the database (`None`: the app has none).
+    pub fn seal_secrets(
+        &self,
+        app: &str,
+        values: &BTreeMap<String, String>,
+    ) -> Result<Option<Vec<u8>>, VaultError> {
+        if values.is_empty() {
+            return Ok(None);
+        }
+        self.vault.seal(app, values).map(Some)
     }
 
     /// The app's secret values, opened from the database.
@@ -116,22 +208,38 @@ impl Executor {
         }
     }
 
-    /// Re-attaches to VMs an earlier agent left running and restores their network QoS.
+    /// Writes a VM's record; a failed write is logged (the next pass observes reality
+    /// again, so a lost update costs at most a repeated step).
+    fn save(&self, row: &VmRow) {
+        if let Err(e) = self.store.put_vm(row) {
+            warn!(vm_id = %row.vm_id, error = %e, "cannot record the VM's state");
+        }
+    }
+
+    /// Re-attaches to VMs an earlier agent left running, restores their network, removes
+    /// what interrupted provisions left, and sweeps resources nobody recorded.
     pub async fn recover(&self) -> Result<(), StateError> {
-        let (attached, dead) = self.platform.vmm.reattach().await.unwrap_or_default();
+        let (attached, dead) = match self.platform.reattach().await {
+            Ok(found) => found,
+            Err(e) => {
+                warn!(error = %e, "cannot look for VMs of an earlier agent");
+                Default::default()
+            }
+        };
         for id in &dead {
             warn!(vm_id = %id, "VM found dead at start");
         }
         let desired = self.store.desired()?;
-        for mut row in self.store.vms()? {
+        let now = self.platform.now();
+        let mut interrupted = Vec::new();
+        for row in self.store.vms()? {
             if row.state == VmState::Starting {
                 // A provision the last agent did not finish: whatever part of it exists
                 // is removed now, and the next pass starts the VM afresh. Once is not a
                 // failure of the version; the same provision interrupted again is (it
                 // may be what takes the agent down), so a crash loop turns into backoff.
                 let prev = self.store.failures()?.remove(&row.app);
-                let f =
-                    FailureRecord::interrupted(prev.as_ref(), &row.version, &row.step, now_secs());
+                let f = FailureRecord::interrupted(prev.as_ref(), &row.version, &row.step, now);
                 if f.attempts > prev.as_ref().map_or(0, |p| p.attempts) {
                     self.event(&row.app, Some(row.vm_id), f.reason.clone());
                 }
@@ -144,264 +252,225 @@ impl Executor {
                         row.step
                     ),
                 );
-                match self.platform.deprovision(row.vm_id).await {
-                    Ok(_) => self.store.remove_vm(row.vm_id)?,
-                    Err(e) => {
-                        row.state = VmState::Exited;
-                        row.last_error = Some(format!("cleanup of an interrupted provision: {e}"));
-                        self.store.put_vm(&row)?;
-                    }
-                }
+                interrupted.push(row);
                 continue;
             }
             if attached.contains(&row.vm_id.to_string()) {
                 if let Some(app) = desired.apps.get(&row.app) {
-                    let limits = shellwego_network::qos::Limits {
-                        download_bps: app.bandwidth.download_bps,
-                        upload_bps: app.bandwidth.upload_bps,
-                    };
-                    let id = row.vm_id.to_string();
-                    // The fence's rules outlive the agent; re-applying makes them match
-                    // this agent's rules and the app's policy.
-                    let mac = crate::vmm::config::generate_mac(row.vm_id);
-                    let network = &self.platform.network;
-                    if let Err(e) =
-                        network.reattach_fence(&id, &mac, &crate::provision::tenant(app))
-                    {
-                        warn!(vm_id = %row.vm_id, error = %e, "cannot re-apply the network fence of a re-attached VM");
-                    }
-                    if let Err(e) = network.reattach_qos(&id, limits).await {
-                        warn!(vm_id = %row.vm_id, error = %e, "cannot restore network of re-attached VM");
+                    if let Err(e) = self.platform.rewire(row.vm_id, app).await {
+                        warn!(vm_id = %row.vm_id, error = %e, "cannot restore the network of a re-attached VM");
                     }
                 }
                 self.event(&row.app, Some(row.vm_id), "re-attached after agent restart");
             }
         }
-        self.sweep_orphans(&attached).await
+        let limit = self.config.deadlines.teardown;
+        let cleanups = interrupted.into_iter().map(|mut row| async move {
+            match teardown(&*self.platform, row.vm_id, limit).await {
+                Ok(()) => self.store.remove_vm(row.vm_id),
+                Err(e) => {
+                    row.state = VmState::Exited;
+                    row.last_error = Some(format!("cleanup of an interrupted provision: {e}"));
+                    self.store.put_vm(&row)
+                }
+            }
+        });
+        for done in futures_util::future::join_all(cleanups).await {
+            done?;
+        }
+        self.sweep_orphans(&HashSet::new()).await
     }
 
-    /// Removes what this agent owns but has no record of: VMs, disks and leases left by a
-    /// crash between making a resource and recording it.
-    async fn sweep_orphans(&self, attached: &[String]) -> Result<(), StateError> {
+    /// Removes what this agent owns but has no record of (and no task working on): VMs,
+    /// disks and leases left by a crash between making a resource and recording it, or by
+    /// blocking work that finished after its provision was given up.
+    async fn sweep_orphans(&self, busy: &HashSet<Uuid>) -> Result<(), StateError> {
+        let mut found: HashSet<String> = self
+            .platform
+            .alive()
+            .await
+            .into_iter()
+            .map(|id| id.to_string())
+            .collect();
+        match self.platform.disk_owners().await {
+            Ok(disks) => found.extend(disks),
+            Err(e) => warn!(error = %e, "cannot list VM disks for the orphan sweep"),
+        }
+        match self.platform.lease_owners() {
+            Ok(leases) => found.extend(leases),
+            Err(e) => warn!(error = %e, "cannot list IP leases for the orphan sweep"),
+        }
+        // Records are read after the resources were listed: a VM recorded since then is
+        // not mistaken for an orphan.
         let known: HashSet<String> = self
             .store
             .vms()?
             .iter()
             .map(|r| r.vm_id.to_string())
             .collect();
-        let mut orphans: HashSet<String> = attached
-            .iter()
-            .filter(|id| !known.contains(*id))
-            .cloned()
-            .collect();
-        orphans.extend(
-            self.platform
-                .rootfs
-                .vm_disks()
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|id| !known.contains(id)),
-        );
-        if let Ok(leases) = self.platform.network.ipam().leases() {
-            orphans.extend(leases.into_keys().filter(|id| !known.contains(id)));
-        }
-        for id in orphans {
+        for id in found.into_iter().filter(|id| !known.contains(id)) {
             let Ok(vm_id) = id.parse::<Uuid>() else {
                 warn!(vm = %id, "unrecorded resource with a foreign name; left alone");
                 continue;
             };
+            if busy.contains(&vm_id) {
+                continue;
+            }
             warn!(%vm_id, "removing an orphaned VM's resources");
-            if let Err(e) = self.platform.deprovision(vm_id).await {
+            if let Err(e) = teardown(&*self.platform, vm_id, self.config.deadlines.teardown).await {
                 warn!(%vm_id, error = %e, "orphan cleanup failed");
             }
         }
         Ok(())
     }
 
-    /// Probes running, healthy VMs of apps with a health check; after `retries`
-    /// consecutive failures a VM counts as unhealthy (and the plan replaces it).
-    async fn monitor(&self, row: &mut VmRow, apps: &BTreeMap<String, DesiredApp>) -> bool {
-        let kind = self.platform.kind;
-        let check = apps
-            .get(&row.app)
-            .and_then(|a| a.health.as_ref())
-            .map(|c| health::for_host(c, kind));
-        let (Some(check), Some(ip)) = (check, row.ip.as_deref().and_then(|ip| ip.parse().ok()))
-        else {
-            return false;
-        };
-        let result = health::probe(ip, &check).await;
-        let mut fails = self.probe_failures.lock().await;
-        match result {
-            Ok(()) => {
-                fails.remove(&row.vm_id);
-                false
-            }
-            Err(e) if e.inconclusive => {
-                warn!(vm = %row.vm_id, error = %e, "health probe could not run on this host; not counted");
-                false
-            }
-            Err(e) => {
-                let n = fails.entry(row.vm_id).or_insert(0);
-                *n += 1;
-                if *n < check.retries {
-                    return false;
-                }
-                fails.remove(&row.vm_id);
-                row.health = Health::Unhealthy;
-                row.last_error = Some(format!("health check failed {} times: {e}", check.retries));
-                true
+    /// One pass: observe, plan, launch. Returns the number of tasks launched. Never waits
+    /// for a VM: everything that does runs as a task.
+    pub async fn reconcile_once(self: &Arc<Self>) -> Result<usize, StateError> {
+        if crate::fault::stalled() {
+            return Ok(0);
+        }
+        let _pass = self.pass.lock().await;
+        // Order matters: tasks, then processes, then records. A task that ended before
+        // the first look has written its record already; one that ends later is busy.
+        let busy = self.busy();
+        let alive = self.platform.alive().await;
+        let desired = self.store.desired()?;
+        let mut launched = 0;
+        for row in self.store.vms()? {
+            if !busy.contains_key(&row.vm_id) {
+                launched += self.observe(row, &desired.apps, &alive);
             }
         }
-    }
-
-    /// A running VM whose health was still undecided when the last agent stopped (it died
-    /// during the health wait): one probe per pass decides it, within the boot budget plus
-    /// the grace period counted from the VM's creation. Returns true when decided.
-    async fn resume_health_wait(
-        &self,
-        row: &mut VmRow,
-        apps: &BTreeMap<String, DesiredApp>,
-    ) -> bool {
-        let check = apps
-            .get(&row.app)
-            .and_then(|a| a.health.as_ref())
-            .map(|c| health::for_host(c, self.platform.kind));
-        let ip = row.ip.as_deref().and_then(|ip| ip.parse().ok());
-        let verdict = match (check, ip) {
-            (None, _) => Ok(()),
-            (Some(_), None) => Err("the VM has no IP".to_string()),
-            (Some(check), Some(ip)) => match health::probe(ip, &check).await {
-                Ok(()) => Ok(()),
-                Err(e) if e.inconclusive => return false,
-                Err(e) => {
-                    let budget = self.platform.boot_budget(self.mode) + check.grace;
-                    if now_secs().saturating_sub(row.created_at) < budget.as_secs() {
-                        return false;
-                    }
-                    Err(format!("not healthy within {budget:?}: {e}"))
-                }
-            },
-        };
-        match verdict {
-            Ok(()) => {
-                row.health = Health::Healthy;
-                let _ = self.store.clear_failure(&row.app);
-                self.event(
-                    &row.app,
-                    Some(row.vm_id),
-                    "healthy (health wait resumed after an agent restart)",
-                );
-            }
-            Err(e) => {
-                row.health = Health::Unhealthy;
-                self.event(
-                    &row.app,
-                    Some(row.vm_id),
-                    format!("health check failed: {e}"),
-                );
-                row.last_error = Some(e);
-            }
+        self.sync_endpoints(&desired.apps, Scope::All).await?;
+        let mut actual = self.store.actual()?;
+        actual.now = self.platform.now();
+        for action in plan(&desired, &actual) {
+            launched += self.launch(action, &desired.apps)?;
         }
-        true
+        Ok(launched)
     }
 
-    /// The recorded state corrected by what is observed: dead processes and interrupted
-    /// provisions are `Exited`.
-    async fn observe(
-        &self,
-        apps: &BTreeMap<String, DesiredApp>,
-    ) -> Result<ActualState, StateError> {
-        let in_flight = self.in_flight.lock().await.clone();
-        let known = self.platform.vmm.list().await;
-        // Each VM is looked at on its own (probes of slow guests run side by side).
-        let looks = self
-            .store
-            .vms()?
-            .into_iter()
-            .map(|row| self.observe_vm(row, apps, &in_flight, &known));
-        for result in futures_util::future::join_all(looks).await {
-            result?;
-        }
-        self.store.actual()
-    }
-
-    /// Corrects one VM's record by what is observed (process gone, health decided).
-    async fn observe_vm(
-        &self,
+    /// Corrects one idle VM's record by what is observed (process gone, provision
+    /// interrupted) and launches its health wait or probe when one is due.
+    fn observe(
+        self: &Arc<Self>,
         mut row: VmRow,
         apps: &BTreeMap<String, DesiredApp>,
-        in_flight: &HashSet<Uuid>,
-        known: &[String],
-    ) -> Result<(), StateError> {
-        let id = row.vm_id.to_string();
-        let dead = match row.state {
-            VmState::Starting => !in_flight.contains(&row.vm_id),
-            VmState::Running => {
-                !known.contains(&id)
-                    || !self
-                        .platform
-                        .vmm
-                        .inspect(&id)
-                        .await
-                        .map(|s| s.alive)
-                        .unwrap_or(false)
-            }
-            VmState::Exited => false,
+        alive: &HashSet<Uuid>,
+    ) -> usize {
+        let gone = match row.state {
+            // No task builds it: its provision was interrupted.
+            VmState::Starting => Some("its provision was interrupted"),
+            VmState::Running if !alive.contains(&row.vm_id) => Some("the VM's process is gone"),
+            _ => None,
         };
-        if dead {
+        if let Some(why) = gone {
             row.state = VmState::Exited;
-            row.last_error
-                .get_or_insert_with(|| "the VM's process is gone".into());
-            self.store.put_vm(&row)?;
-        } else if row.state == VmState::Running
-            && row.health == Health::Unknown
-            && !in_flight.contains(&row.vm_id)
-        {
-            if self.resume_health_wait(&mut row, apps).await {
-                self.store.put_vm(&row)?;
+            row.last_error.get_or_insert_with(|| why.into());
+            self.save(&row);
+            self.probes().remove(&row.vm_id);
+            return 0;
+        }
+        if row.state != VmState::Running {
+            return 0;
+        }
+        let check = apps
+            .get(&row.app)
+            .and_then(|a| a.health.as_ref())
+            .map(|c| self.platform.health_check(c));
+        let ip = row.ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok());
+        match (row.health, check, ip) {
+            // Decided when the app has no check.
+            (Health::Unknown, None, _) => {
+                row.health = Health::Healthy;
+                self.save(&row);
+                0
             }
-        } else if row.state == VmState::Running
-            && row.health == Health::Healthy
-            && self.monitor(&mut row, apps).await
-        {
-            self.event(
-                &row.app,
-                Some(row.vm_id),
-                row.last_error.clone().unwrap_or_default(),
-            );
-            self.store.put_vm(&row)?;
+            // Its health wait was cut short by an agent restart: resume it.
+            (Health::Unknown, Some(check), ip) => {
+                let me = self.clone();
+                let app = row.app.clone();
+                let vm = row.vm_id;
+                usize::from(
+                    self.start(vm, TaskKind::HealthWait, move |cancel| async move {
+                        let budget = me.platform.boot_budget(me.config.mode) + check.grace;
+                        let age = me.platform.now().saturating_sub(row.created_at);
+                        let left = budget.saturating_sub(Duration::from_secs(age));
+                        let verdict = match ip {
+                            None => Err("the VM has no IP".to_string()),
+                            Some(ip) => me.wait_healthy(ip, &check, left, &cancel).await,
+                        };
+                        if cancel.is_cancelled() {
+                            return;
+                        }
+                        me.decide_health(
+                            &app,
+                            vm,
+                            verdict,
+                            " (health wait resumed after an agent restart)",
+                        )
+                        .await;
+                    }),
+                )
+            }
+            (Health::Healthy, Some(check), Some(ip)) => {
+                let due = self
+                    .probes()
+                    .get(&row.vm_id)
+                    .is_none_or(|p| Instant::now() >= p.next_at);
+                if !due {
+                    return 0;
+                }
+                let me = self.clone();
+                usize::from(self.start(row.vm_id, TaskKind::Probe, move |_| async move {
+                    me.monitor(row, ip, &check).await;
+                }))
+            }
+            _ => 0,
         }
-        Ok(())
     }
 
-    /// One pass: observe, plan, execute. Returns the number of actions carried out.
-    pub async fn reconcile_once(&self) -> Result<usize, StateError> {
-        let _pass = self.pass.lock().await;
-        let desired = self.store.desired()?;
-        let actual = self.observe(&desired.apps).await?;
-        self.sync_endpoints(&desired.apps, Scope::All).await?;
-        let actions = plan(&desired, &actual);
-        for action in &actions {
-            self.execute(action, &desired.apps).await?;
-        }
-        if !actions.is_empty() {
-            release_freed_heap();
-        }
-        Ok(actions.len())
-    }
-
-    async fn execute(
-        &self,
-        action: &Action,
+    /// Launches the task that carries out `action`; returns 1 when one was launched.
+    fn launch(
+        self: &Arc<Self>,
+        action: Action,
         apps: &BTreeMap<String, DesiredApp>,
-    ) -> Result<(), StateError> {
+    ) -> Result<usize, StateError> {
         match action {
             Action::Create { app, version } | Action::Replace { app, version, .. } => {
-                let Some(spec) = apps.get(app) else {
-                    return Ok(());
+                let Some(spec) = apps.get(&app) else {
+                    return Ok(0);
                 };
-                self.create(spec, version).await
+                let row = VmRow {
+                    vm_id: Uuid::new_v4(),
+                    app: app.clone(),
+                    version: version.clone(),
+                    state: VmState::Starting,
+                    health: Health::Unknown,
+                    step: "queued".into(),
+                    ip: None,
+                    image_digest: None,
+                    created_at: self.platform.now(),
+                    last_error: None,
+                };
+                // Recorded before anything exists of it, and before its task can run.
+                self.store.put_vm(&row)?;
+                self.event(
+                    &app,
+                    Some(row.vm_id),
+                    format!("creating VM for version {version}"),
+                );
+                let me = self.clone();
+                let spec = spec.clone();
+                let vm = row.vm_id;
+                Ok(usize::from(self.start(
+                    vm,
+                    TaskKind::Provision,
+                    move |cancel| async move {
+                        me.provision(spec, row, cancel).await;
+                    },
+                )))
             }
             Action::Retire {
                 app,
@@ -409,171 +478,373 @@ impl Executor {
                 successor,
             } => {
                 if self
-                    .endpoints
-                    .backend(app)
-                    .is_some_and(|b| b.vm_id == *vm_id)
+                    .frontend
+                    .backend(&app)
+                    .is_some_and(|b| b.vm_id == vm_id)
                 {
                     // The endpoint could not be switched: the old VM keeps serving.
-                    return Ok(());
+                    return Ok(0);
                 }
-                self.event(
-                    app,
-                    Some(*vm_id),
-                    format!("{successor} is healthy and serves the endpoint: draining the old VM"),
-                );
-                let t = Instant::now();
-                let open = self.endpoints.drain(*vm_id, DRAIN_LIMIT).await;
-                self.event(
-                    app,
-                    Some(*vm_id),
-                    format!(
-                        "drained in {:.1}s ({open} connections still open)",
-                        t.elapsed().as_secs_f64()
-                    ),
-                );
-                self.remove(app, *vm_id, None).await
+                let me = self.clone();
+                Ok(usize::from(self.start(vm_id, TaskKind::Retire, move |_| async move {
+                    me.event(
+                        &app,
+                        Some(vm_id),
+                        format!("{successor} is healthy and serves the endpoint: draining the old VM"),
+                    );
+                    let t = Instant::now();
+                    let open = me.frontend.drain(vm_id, DRAIN_LIMIT).await;
+                    me.event(
+                        &app,
+                        Some(vm_id),
+                        format!(
+                            "drained in {:.1}s ({open} connections still open)",
+                            t.elapsed().as_secs_f64()
+                        ),
+                    );
+                    me.remove(&app, vm_id, false).await;
+                })))
             }
             Action::Remove { app, vm_id, reason } => {
-                let failed = match reason {
-                    RemoveReason::Failed {
+                // A VM still being built is cancelled; its task removes what it made.
+                if let Some(task) = self.tasks().get(&vm_id) {
+                    if matches!(task.kind, TaskKind::Provision | TaskKind::HealthWait) {
+                        task.cancel.cancel();
+                    }
+                    return Ok(0);
+                }
+                let failed = reason
+                    == RemoveReason::Failed {
                         counts_as_failure: true,
-                    } => Some(()),
-                    _ => None,
-                };
-                self.event(app, Some(*vm_id), format!("removing VM ({reason:?})"));
-                self.remove(app, *vm_id, failed).await
+                    };
+                let me = self.clone();
+                Ok(usize::from(self.start(
+                    vm_id,
+                    TaskKind::Remove,
+                    move |_| async move {
+                        me.event(&app, Some(vm_id), format!("removing VM ({reason:?})"));
+                        me.remove(&app, vm_id, failed).await;
+                    },
+                )))
             }
         }
     }
 
-    async fn create(&self, app: &DesiredApp, version: &str) -> Result<(), StateError> {
-        let vm_id = Uuid::new_v4();
-        let mut row = VmRow {
-            vm_id,
-            app: app.name.clone(),
-            version: version.to_string(),
-            state: VmState::Starting,
-            health: Health::Unknown,
-            step: "provisioning".into(),
-            ip: None,
-            image_digest: None,
-            created_at: now_secs(),
-            last_error: None,
+    /// Runs `work` as the task of `vm`, unless that VM has one already.
+    fn start<W, Fut>(self: &Arc<Self>, vm: Uuid, kind: TaskKind, work: W) -> bool
+    where
+        W: FnOnce(CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let mut tasks = self.tasks();
+        if tasks.contains_key(&vm) {
+            return false;
+        }
+        let cancel = CancellationToken::new();
+        let guard = TaskGuard {
+            exec: self.clone(),
+            vm,
         };
-        self.store.put_vm(&row)?;
-        self.in_flight.lock().await.insert(vm_id);
-        self.event(
-            &app.name,
-            Some(vm_id),
-            format!("creating VM for version {version}"),
+        let fut = work(cancel.clone());
+        let handle = tokio::spawn(async move {
+            let _guard = guard;
+            fut.await;
+        });
+        tasks.insert(
+            vm,
+            Task {
+                kind,
+                cancel,
+                abort: handle.abort_handle(),
+            },
         );
+        true
+    }
+
+    /// Stops every task where it is, as the death of the process would (for tests of
+    /// crash recovery). What was recorded stays recorded.
+    pub fn abort_all(&self) {
+        for task in self.tasks().values() {
+            task.abort.abort();
+        }
+    }
+
+    /// The provision task: waits for a slot, builds the VM step by step, then waits for
+    /// its health check and points the endpoint at it.
+    async fn provision(
+        self: Arc<Self>,
+        app: DesiredApp,
+        mut row: VmRow,
+        cancel: CancellationToken,
+    ) {
+        let vm = row.vm_id;
+        let slot = tokio::select! {
+            () = cancel.cancelled() => None,
+            slot = self.provisions.clone().acquire_owned() => slot.ok(),
+        };
+        let Some(slot) = slot else {
+            self.forget(&app.name, vm, CANCELLED).await;
+            return;
+        };
         let store = self.store.clone();
-        let name = app.name.clone();
+        let step_row = SyncMutex::new(row.clone());
+        let on_step = |step: &'static str| {
+            let mut r = step_row.lock().unwrap_or_else(PoisonError::into_inner);
+            r.step = step.into();
+            if let Err(e) = store.put_vm(&r) {
+                warn!(vm_id = %r.vm_id, error = %e, "cannot record the step");
+            }
+        };
+        let (events, name) = (self.store.clone(), app.name.clone());
         let progress = move |line: String| {
-            let _ = store.event(&name, Some(vm_id), line);
+            let _ = events.event(&name, Some(vm), line);
         };
         let result = match self.secrets(&app.name) {
-            Ok(secrets) => self
-                .platform
-                .provision(app, vm_id, secrets, self.mode, &progress)
-                .await
-                .map_err(|e| e.to_string()),
             Err(e) => Err(format!("secrets: {e}")),
+            Ok(secrets) => Steps {
+                platform: &*self.platform,
+                deadlines: &self.config.deadlines,
+                mode: self.config.mode,
+                cancel: &cancel,
+                on_step: &on_step,
+                progress: &progress,
+            }
+            .provision(&app, vm, secrets)
+            .await
+            .map_err(|e| e.to_string()),
         };
-        self.in_flight.lock().await.remove(&vm_id);
-        match result {
+        drop(slot);
+        let built = match result {
+            Err(e) if cancel.is_cancelled() => {
+                self.forget(&app.name, vm, &e).await;
+                return;
+            }
             Err(e) => {
                 row.state = VmState::Exited;
                 row.health = Health::Unhealthy;
                 row.step = "failed".into();
-                row.last_error = Some(e.to_string());
-                self.store.put_vm(&row)?;
-                self.event(&app.name, Some(vm_id), format!("failed: {e}"));
+                row.last_error = Some(e.clone());
+                self.save(&row);
+                self.event(&app.name, Some(vm), format!("failed: {e}"));
+                return;
             }
-            Ok(vm) => {
-                row.state = VmState::Running;
-                row.step = "running".into();
-                row.ip = Some(vm.net.ip.to_string());
-                row.image_digest = Some(vm.image.digest.clone());
-                self.store.put_vm(&row)?;
-                let phases: Vec<String> = vm
-                    .phases
-                    .iter()
-                    .map(|p| format!("{} {:.1}s", p.name, p.took.as_secs_f64()))
-                    .collect();
-                self.event(
-                    &app.name,
-                    Some(vm_id),
-                    format!("VM running at {} ({})", vm.net.ip, phases.join(", ")),
-                );
-                row.health = match &app.health {
-                    None => Health::Healthy,
-                    Some(check) => {
-                        self.event(&app.name, Some(vm_id), "waiting for the health check");
-                        crate::fault::point("health-wait", |m| {
-                            self.event(&app.name, Some(vm_id), m)
-                        })
-                        .await;
-                        let check = health::for_host(check, self.platform.kind);
-                        match health::wait_healthy(vm.net.ip, &check, check.grace).await {
-                            Ok(_) => Health::Healthy,
-                            Err(e) => {
-                                row.last_error = Some(e.clone());
-                                self.event(
-                                    &app.name,
-                                    Some(vm_id),
-                                    format!("health check failed: {e}"),
-                                );
-                                Health::Unhealthy
-                            }
-                        }
-                    }
-                };
-                self.store.put_vm(&row)?;
-                if row.health == Health::Healthy {
-                    self.store.clear_failure(&app.name)?;
-                    self.event(&app.name, Some(vm_id), "healthy");
-                    let apps = BTreeMap::from([(app.name.clone(), app.clone())]);
-                    self.sync_endpoints(&apps, Scope::These).await?;
-                }
-            }
+            Ok(built) => built,
+        };
+        let ip = P::ip(&built.net);
+        row.state = VmState::Running;
+        row.ip = Some(ip.to_string());
+        row.image_digest = Some(P::digest(&built.image));
+        row.step = if app.health.is_some() {
+            "health-wait"
+        } else {
+            "running"
         }
-        Ok(())
+        .into();
+        self.save(&row);
+        let phases: Vec<String> = built
+            .phases
+            .iter()
+            .map(|p| format!("{} {:.1}s", p.name, p.took.as_secs_f64()))
+            .collect();
+        self.event(
+            &app.name,
+            Some(vm),
+            format!("VM running at {ip} ({})", phases.join(", ")),
+        );
+        let verdict = match &app.health {
+            None => Ok(()),
+            Some(check) => {
+                self.event(&app.name, Some(vm), "waiting for the health check");
+                crate::fault::point("health-wait", |m| self.event(&app.name, Some(vm), m)).await;
+                let check = self.platform.health_check(check);
+                self.wait_healthy(ip, &check, check.grace, &cancel).await
+            }
+        };
+        if cancel.is_cancelled() {
+            // The app was removed meanwhile: the next pass removes the VM.
+            return;
+        }
+        self.decide_health(&app.name, vm, verdict, "").await;
     }
 
-    async fn remove(&self, app: &str, vm_id: Uuid, failed: Option<()>) -> Result<(), StateError> {
-        if let Some(mut row) = self.store.vm(vm_id)? {
-            row.step = "removing".into();
-            self.store.put_vm(&row)?;
-            if failed.is_some() {
-                let prev = self.store.failures()?.remove(app);
-                let mut f = FailureRecord::next(prev.as_ref(), &row.version, now_secs());
-                f.reason = row.last_error.clone().unwrap_or_default();
-                self.event(
-                    app,
-                    Some(vm_id),
-                    format!(
-                        "attempt {} of version {} failed; next try after {}s",
-                        f.attempts,
-                        f.version,
-                        super::backoff(f.attempts).as_secs()
-                    ),
-                );
-                self.store.put_failure(app, &f)?;
+    /// Records the outcome of a health wait; a healthy VM gets the app's endpoint.
+    async fn decide_health(&self, app: &str, vm: Uuid, verdict: Result<(), String>, how: &str) {
+        let Ok(Some(mut row)) = self.store.vm(vm) else {
+            return;
+        };
+        match verdict {
+            Ok(()) => {
+                row.health = Health::Healthy;
+                row.step = "running".into();
+                self.save(&row);
+                if let Err(e) = self.store.clear_failure(app) {
+                    warn!(app, error = %e, "cannot clear the failure record");
+                }
+                self.event(app, Some(vm), format!("healthy{how}"));
+                let desired = self.store.desired().unwrap_or_default();
+                if let Some(spec) = desired.apps.get(app) {
+                    let apps = BTreeMap::from([(app.to_string(), spec.clone())]);
+                    if let Err(e) = self.sync_endpoints(&apps, Scope::These).await {
+                        warn!(app, error = %e, "cannot switch the endpoint");
+                    }
+                }
+            }
+            Err(e) => {
+                row.health = Health::Unhealthy;
+                row.last_error = Some(e.clone());
+                self.save(&row);
+                self.event(app, Some(vm), format!("health check failed: {e}"));
             }
         }
+    }
+
+    /// Forgets a VM whose provision was cancelled (its task already removed what it
+    /// made).
+    async fn forget(&self, app: &str, vm: Uuid, why: &str) {
+        if let Err(e) = teardown(&*self.platform, vm, self.config.deadlines.teardown).await {
+            self.event(app, Some(vm), format!("cleanup failed (will retry): {e}"));
+            return;
+        }
+        if let Err(e) = self.store.remove_vm(vm) {
+            warn!(%vm, error = %e, "cannot remove the VM's record");
+        }
+        self.event(app, Some(vm), format!("VM removed ({why})"));
+    }
+
+    /// Probes every `interval` until one passes or `budget` runs out (or the VM is no
+    /// longer wanted).
+    async fn wait_healthy(
+        &self,
+        ip: Ipv4Addr,
+        check: &HealthCheck,
+        budget: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<(), String> {
+        let start = Instant::now();
+        loop {
+            let probed = Instant::now();
+            let last = match self.probe(ip, check).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            let left = budget.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(format!("not healthy within {budget:?}: {last}"));
+            }
+            let pause = check.interval.saturating_sub(probed.elapsed()).min(left);
+            tokio::select! {
+                () = cancel.cancelled() => return Err(CANCELLED.into()),
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// One probe, bounded by the check's timeout (plus a margin for the connect).
+    /// An inconclusive probe (the host, not the VM, failed) is not an error.
+    async fn probe(&self, ip: Ipv4Addr, check: &HealthCheck) -> Result<(), String> {
+        let limit = check.timeout + Duration::from_secs(1);
+        match tokio::time::timeout(limit, self.platform.probe(ip, check)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) if e.inconclusive => {
+                warn!(%ip, error = %e, "health probe could not run on this host; not counted");
+                Err(e.message)
+            }
+            Ok(Err(e)) => Err(e.message),
+            Err(_) => Err(format!("no answer within {limit:?}")),
+        }
+    }
+
+    /// The probe task of a running, healthy VM: after `retries` consecutive failures the
+    /// VM counts as unhealthy (and the plan replaces it).
+    async fn monitor(&self, mut row: VmRow, ip: Ipv4Addr, check: &HealthCheck) {
+        let limit = check.timeout + Duration::from_secs(1);
+        let outcome = tokio::time::timeout(limit, self.platform.probe(ip, check)).await;
+        let failed = match outcome {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) if e.inconclusive => {
+                warn!(vm = %row.vm_id, error = %e, "health probe could not run on this host; not counted");
+                None
+            }
+            Ok(Err(e)) => Some(e.message),
+            Err(_) => Some(format!("no answer within {limit:?}")),
+        };
+        let failures = {
+            let mut probes = self.probes();
+            let state = probes.entry(row.vm_id).or_insert(ProbeState {
+                failures: 0,
+                next_at: Instant::now(),
+            });
+            state.next_at = Instant::now() + check.interval;
+            state.failures = if failed.is_some() {
+                state.failures + 1
+            } else {
+                0
+            };
+            state.failures
+        };
+        let Some(e) = failed else { return };
+        if failures < check.retries {
+            return;
+        }
+        self.probes().remove(&row.vm_id);
+        let Ok(Some(current)) = self.store.vm(row.vm_id) else {
+            return;
+        };
+        row = current;
+        row.health = Health::Unhealthy;
+        row.last_error = Some(format!("health check failed {} times: {e}", check.retries));
+        self.save(&row);
+        self.event(
+            &row.app,
+            Some(row.vm_id),
+            row.last_error.clone().unwrap_or_default(),
+        );
+    }
+
+    /// Stops the VM and removes everything it owns, then its record. `failed`: it ran
+    /// the desired version and failed, which counts for backoff.
+    async fn remove(&self, app: &str, vm_id: Uuid, failed: bool) {
+        if let Ok(Some(mut row)) = self.store.vm(vm_id) {
+            row.step = "removing".into();
+            self.save(&row);
+            if failed {
+                self.record_failure(app, &row);
+            }
+        }
+        self.probes().remove(&vm_id);
         self.event(app, Some(vm_id), "stopping the VM");
-        if let Err(e) = self.platform.deprovision(vm_id).await {
+        if let Err(e) = teardown(&*self.platform, vm_id, self.config.deadlines.teardown).await {
             self.event(
                 app,
                 Some(vm_id),
                 format!("cleanup failed (will retry): {e}"),
             );
-            return Ok(());
+            return;
         }
-        self.store.remove_vm(vm_id)?;
+        if let Err(e) = self.store.remove_vm(vm_id) {
+            warn!(%vm_id, error = %e, "cannot remove the VM's record");
+            return;
+        }
         self.event(app, Some(vm_id), "VM removed");
-        Ok(())
+    }
+
+    fn record_failure(&self, app: &str, row: &VmRow) {
+        let prev = self.store.failures().ok().and_then(|mut f| f.remove(app));
+        let mut f = FailureRecord::next(prev.as_ref(), &row.version, self.platform.now());
+        f.reason = row.last_error.clone().unwrap_or_default();
+        self.event(
+            app,
+            Some(row.vm_id),
+            format!(
+                "attempt {} of version {} failed; next try after {}s",
+                f.attempts,
+                f.version,
+                super::backoff(f.attempts).as_secs()
+            ),
+        );
+        if let Err(e) = self.store.put_failure(app, &f) {
+            warn!(app, error = %e, "cannot record the failure");
+        }
     }
 
     /// Points each app's endpoint at the VM that should serve it: the desired version's
@@ -587,9 +858,9 @@ impl Executor {
     ) -> Result<(), StateError> {
         let rows = self.store.vms()?;
         if scope == Scope::All {
-            for name in self.endpoints.published_apps() {
+            for name in self.frontend.published_apps() {
                 if apps.get(&name).is_none_or(|a| published(a).is_empty()) {
-                    self.endpoints.unpublish(&name);
+                    self.frontend.unpublish(&name);
                     self.event(&name, None, "endpoint closed");
                 }
             }
@@ -614,14 +885,14 @@ impl Executor {
                 vm_id: row.vm_id,
                 ip,
             };
-            if self.endpoints.is_current(name, &ports, backend) {
+            if self.frontend.is_current(name, &ports, backend) {
                 continue;
             }
             let hosts: Vec<String> = ports
                 .iter()
                 .map(|p| format!(":{}/{}", p.host, p.protocol))
                 .collect();
-            match self.endpoints.publish(name, &ports, backend) {
+            match self.frontend.publish(name, &ports, backend) {
                 Ok(Some(previous)) if previous == backend => self.event(
                     name,
                     Some(row.vm_id),
@@ -646,23 +917,25 @@ impl Executor {
         Ok(())
     }
 
-    /// Reconciles every `period` and whenever `wake` is notified, forever.
-    /// A pass that carried out actions is followed at once by another (a new VM that
-    /// became healthy lets the next pass retire the old one without waiting), up to
-    /// three in a row, so an action that keeps failing cannot spin.
-    pub async fn run(self: Arc<Self>, wake: Arc<tokio::sync::Notify>, period: Duration) {
-        let mut back_to_back = 0;
+    /// Reconciles whenever a task ends or `wake` is notified, and every `period`, until
+    /// the process ends. Every twelfth idle pass also sweeps orphans.
+    pub async fn run(self: Arc<Self>, period: Duration) {
+        let mut passes: u64 = 0;
         loop {
             match self.reconcile_once().await {
-                Ok(n) if n > 0 && back_to_back < 3 => {
-                    back_to_back += 1;
-                    continue;
-                }
+                Ok(n) if n > 0 => release_freed_heap(),
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "reconcile pass failed"),
             }
-            back_to_back = 0;
-            let _ = tokio::time::timeout(period, wake.notified()).await;
+            passes += 1;
+            if passes % 12 == 0 && !crate::fault::stalled() {
+                let _pass = self.pass.lock().await;
+                let busy: HashSet<Uuid> = self.busy().into_keys().collect();
+                if let Err(e) = self.sweep_orphans(&busy).await {
+                    warn!(error = %e, "orphan sweep failed");
+                }
+            }
+            let _ = tokio::time::timeout(period, self.wake.notified()).await;
         }
     }
 }

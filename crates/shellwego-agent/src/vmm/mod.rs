@@ -160,6 +160,25 @@ pub struct VmmManager {
     uids: std::sync::Mutex<UidPool>,
     ready_timeout: Duration,
     vms: Mutex<BTreeMap<String, VmHandle>>,
+    /// Ids of VMs being spawned: reserved without holding `vms`, so a slow spawn (the
+    /// jailer, firecracker's API coming up) never blocks other VMs' starts, stops or
+    /// liveness checks.
+    spawning: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// An id reserved for a spawn in progress; released when dropped.
+struct Reservation<'a> {
+    set: &'a std::sync::Mutex<std::collections::HashSet<String>>,
+    vm_id: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.vm_id);
+    }
 }
 
 impl VmmManager {
@@ -171,7 +190,24 @@ impl VmmManager {
             uids: std::sync::Mutex::new(UidPool::new(0, 0)),
             ready_timeout: Duration::from_secs(10),
             vms: Mutex::new(BTreeMap::new()),
+            spawning: std::sync::Mutex::new(std::collections::HashSet::new()),
         }
+    }
+
+    /// Reserves `vm_id` for a spawn: fails when it is known or being spawned.
+    async fn reserve(&self, vm_id: &str) -> Result<Reservation<'_>, VmmError> {
+        let known = self.vms.lock().await.contains_key(vm_id);
+        let mut spawning = self
+            .spawning
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if known || !spawning.insert(vm_id.to_string()) {
+            return Err(VmmError::Exists(vm_id.to_string()));
+        }
+        Ok(Reservation {
+            set: &self.spawning,
+            vm_id: vm_id.to_string(),
+        })
     }
 
     /// Runs every VM's firecracker under the jailer (see [`jail`]): its own chroot, uid,
@@ -303,10 +339,7 @@ impl VmmManager {
     /// source, drives, network, vsock); the VM is not started yet. On any failure the
     /// process and its directory are removed again.
     pub async fn create(&self, cfg: &MicrovmConfig) -> Result<ProcessRecord, VmmError> {
-        let mut vms = self.vms.lock().await;
-        if vms.contains_key(&cfg.vm_id) {
-            return Err(VmmError::Exists(cfg.vm_id.clone()));
-        }
+        let _reserved = self.reserve(&cfg.vm_id).await?;
         let mut seen = cfg.clone();
         let (rt, spawned, uid) = self
             .spawn_vm(
@@ -341,7 +374,7 @@ impl VmmManager {
             self.kill_and_clean(&handle).await;
             return Err(e);
         }
-        vms.insert(cfg.vm_id.clone(), handle);
+        self.vms.lock().await.insert(cfg.vm_id.clone(), handle);
         Ok(record)
     }
 
@@ -352,10 +385,7 @@ impl VmmManager {
         vm_id: &str,
         bare: &BareSpawn,
     ) -> Result<FirecrackerApi, VmmError> {
-        let mut vms = self.vms.lock().await;
-        if vms.contains_key(vm_id) {
-            return Err(VmmError::Exists(vm_id.to_string()));
-        }
+        let _reserved = self.reserve(vm_id).await?;
         let (rt, spawned, uid) = self
             .spawn_vm(
                 vm_id,
@@ -396,7 +426,7 @@ impl VmmManager {
             self.kill_and_clean(&handle).await;
             return Err(Self::io(vm_id, "preparing runtime files")(e));
         }
-        vms.insert(vm_id.to_string(), handle);
+        self.vms.lock().await.insert(vm_id.to_string(), handle);
         Ok(api)
     }
 
@@ -460,6 +490,16 @@ impl VmmManager {
             alive,
             state,
         })
+    }
+
+    /// Whether the VM's firecracker process runs (no API call: a busy or hostile VMM
+    /// cannot slow this down).
+    pub async fn alive(&self, vm_id: &str) -> bool {
+        let Some(pid) = self.pid_of(vm_id).await else {
+            return false;
+        };
+        reap(pid);
+        process_alive(pid)
     }
 
     /// Known VM ids.

@@ -79,7 +79,7 @@ pub async fn platform(firecracker: &Path, pool: &str, registry: &str, data: &Pat
         rootfs: Arc::new(RootfsBuilder::new(zfs, data)),
         network,
         vmm: VmmManager::new(firecracker, &data.join("run")),
-        templates: tokio::sync::Mutex::new(
+        templates: tokio::sync::RwLock::new(
             TemplateStore::open(&data.join("templates")).expect("templates"),
         ),
         template_tap: "swgtemplate".into(),
@@ -122,7 +122,7 @@ pub async fn run(platform: &Platform, app: &DesiredApp, mode: BootMode) -> (Vec<
         took: t.elapsed(),
     });
     assert!(platform.rootfs.zfs().exists(&vm.disk.dataset).expect("zfs"));
-    phases.extend(platform.deprovision(vm_id).await.expect("deprovision"));
+    phases.extend(platform.teardown(vm_id).await.expect("teardown"));
     (phases, start.elapsed())
 }
 

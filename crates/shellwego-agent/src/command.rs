@@ -1,0 +1,325 @@
+//! The agent's commands and the one service that carries them out (after Firecracker's
+//! `VmmAction`): the API's handlers only decode a request into an [`AgentCommand`] and
+//! encode the [`Reply`] or [`CommandError`], so what the agent does for a client is in
+//! one place, testable without HTTP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::admission::{Capacity, Overcommit, Refusal};
+use crate::endpoint::Endpoints;
+use crate::provision::Platform;
+use crate::reconciler::executor::Executor;
+use crate::reconciler::{Health, VmState};
+use crate::spec::DesiredApp;
+use crate::state::VmRow;
+use crate::wire::{
+    AppStatus, ApplyRequest, ApplyResponse, Event, ExecRequest, ExecResponse, FailureStatus, Logs,
+    VmStatus,
+};
+
+/// The executor on the real platform.
+pub type AgentExecutor = Executor<Platform, Endpoints>;
+
+/// Most events one `events` answer carries; a client pages on with `since`.
+pub const MAX_EVENTS_PER_PAGE: usize = 1000;
+
+/// Everything a client can ask of the agent.
+#[derive(Debug, Clone)]
+pub enum AgentCommand {
+    /// Apps with their VMs (`ps`).
+    Status,
+    /// Make `request.spec` the desired state of app `name`.
+    Apply { name: String, request: ApplyRequest },
+    /// Stop wanting the app.
+    Remove { name: String },
+    /// The last `lines` of the console of the app's newest VM.
+    Logs { name: String, lines: usize },
+    /// Run a command in the app's VM.
+    Exec { name: String, request: ExecRequest },
+    /// Events after `since`, oldest first, at most `limit`.
+    Events {
+        since: u64,
+        app: Option<String>,
+        limit: usize,
+    },
+    /// Pulled images.
+    Images,
+    /// Forget an image and its unused layers.
+    RemoveImage { digest: String },
+}
+
+/// What a command answers.
+#[derive(Debug, Clone, Serialize)]
+#[serde(untagged)]
+pub enum Reply {
+    Apps(Vec<AppStatus>),
+    Applied(ApplyResponse),
+    Removed { app: String },
+    Logs(Logs),
+    Exec(ExecResponse),
+    Events(Vec<Event>),
+    Images(Vec<shellwego_storage::PulledImage>),
+    ImageRemoved { removed: String },
+}
+
+/// Why a command was not carried out; each kind maps to one HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// The request itself is malformed (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The spec or its secrets are invalid, or the host cannot take the app (422).
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The guest did not answer as it should (502).
+    #[error("{0}")]
+    Guest(String),
+    /// The agent failed (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn internal(e: impl std::fmt::Display) -> CommandError {
+    CommandError::Internal(e.to_string())
+}
+
+/// Carries out [`AgentCommand`]s.
+pub struct AgentService {
+    pub exec: Arc<AgentExecutor>,
+    pub overcommit: Overcommit,
+}
+
+impl AgentService {
+    pub async fn handle(&self, command: AgentCommand) -> Result<Reply, CommandError> {
+        match command {
+            AgentCommand::Status => self.status().map(Reply::Apps),
+            AgentCommand::Apply { name, request } => {
+                self.apply(&name, request).await.map(Reply::Applied)
+            }
+            AgentCommand::Remove { name } => {
+                self.remove(&name).map(|()| Reply::Removed { app: name })
+            }
+            AgentCommand::Logs { name, lines } => self.logs(&name, lines).map(Reply::Logs),
+            AgentCommand::Exec { name, request } => {
+                self.exec_in(&name, request).await.map(Reply::Exec)
+            }
+            AgentCommand::Events { since, app, limit } => {
+                let limit = limit.clamp(1, MAX_EVENTS_PER_PAGE);
+                let events = self
+                    .exec
+                    .store
+                    .events(since, app.as_deref())
+                    .map_err(internal)?;
+                Ok(Reply::Events(
+                    events.into_iter().take(limit).map(Event::from).collect(),
+                ))
+            }
+            AgentCommand::Images => self
+                .exec
+                .platform
+                .images
+                .list()
+                .map(Reply::Images)
+                .map_err(internal),
+            AgentCommand::RemoveImage { digest } => {
+                match self.exec.platform.images.remove(&digest) {
+                    Ok(()) => Ok(Reply::ImageRemoved { removed: digest }),
+                    Err(e) => Err(CommandError::BadRequest(e.to_string())),
+                }
+            }
+        }
+    }
+
+    fn status(&self) -> Result<Vec<AppStatus>, CommandError> {
+        let store = &self.exec.store;
+        let desired = store.desired().map_err(internal)?;
+        let failures = store.failures().map_err(internal)?;
+        let vms = store.vms().map_err(internal)?;
+        let mut names: Vec<String> = desired.apps.keys().cloned().collect();
+        for v in &vms {
+            if !names.contains(&v.app) {
+                names.push(v.app.clone());
+            }
+        }
+        Ok(names
+            .into_iter()
+            .map(|name| {
+                let spec = desired.apps.get(&name);
+                let version = spec.map(DesiredApp::spec_hash).unwrap_or_default();
+                let app_vms: Vec<VmStatus> = vms
+                    .iter()
+                    .filter(|v| v.app == name)
+                    .map(VmStatus::from)
+                    .collect();
+                let healthy = app_vms.iter().any(|v| {
+                    v.version == version
+                        && v.state == VmState::Running
+                        && v.health == Health::Healthy
+                });
+                AppStatus {
+                    image: spec.map(|s| s.image.clone()).unwrap_or_default(),
+                    // A record of interruptions alone (no failed attempt) is not a failure.
+                    failure: failures
+                        .get(&name)
+                        .filter(|f| f.attempts > 0)
+                        .map(FailureStatus::from),
+                    name,
+                    version,
+                    vms: app_vms,
+                    healthy,
+                }
+            })
+            .collect())
+    }
+
+    async fn apply(&self, name: &str, body: ApplyRequest) -> Result<ApplyResponse, CommandError> {
+        let app =
+            DesiredApp::from_toml(&body.spec).map_err(|e| CommandError::Invalid(e.to_string()))?;
+        if app.name != name {
+            return Err(CommandError::BadRequest(format!(
+                "spec names app {:?}, URL names {name:?}",
+                app.name
+            )));
+        }
+        if let Some(missing) = app.secrets.keys().find(|k| !body.secrets.contains_key(*k)) {
+            return Err(CommandError::Invalid(format!(
+                "secrets.{missing}: no value was delivered"
+            )));
+        }
+        if let Some(bad) = body.secrets.keys().find(|k| !app.secrets.contains_key(*k)) {
+            return Err(CommandError::Invalid(format!(
+                "secret {bad:?} is not declared in the spec's [secrets]"
+            )));
+        }
+        crate::bounds::check_secret_values(&body.secrets)
+            .map_err(|e| CommandError::Invalid(e.to_string()))?;
+        self.admit(&app).await?;
+        // Inline values arrived with the others (to be sealed); the stored spec keeps none.
+        let app = app.without_secret_values();
+        let sealed = self
+            .exec
+            .seal_secrets(name, &body.secrets)
+            .map_err(internal)?;
+        let version = app.spec_hash();
+        // One transaction: spec, sealed secrets, the failure record reset (applying again
+        // is an explicit retry) and the event.
+        self.exec
+            .store
+            .apply(
+                &app,
+                sealed.as_deref(),
+                &format!("desired: {} (version {version})", app.image),
+            )
+            .map_err(internal)?;
+        self.exec.wake.notify_one();
+        Ok(ApplyResponse {
+            app: name.to_string(),
+            version,
+        })
+    }
+
+    /// Whether the host can take `app` next to the other apps.
+    async fn admit(&self, app: &DesiredApp) -> Result<(), CommandError> {
+        let others: Vec<_> = self
+            .exec
+            .store
+            .desired()
+            .map_err(internal)?
+            .apps
+            .values()
+            .filter(|a| a.name != app.name)
+            .map(|a| a.resources)
+            .collect();
+        let zfs = self.exec.platform.rootfs.zfs().clone();
+        let pool = zfs.pool().to_string();
+        let (mem, pool_size) = tokio::task::spawn_blocking(move || {
+            let mem = crate::admission::mem_total().map_err(|e| e.to_string())?;
+            let used = zfs.get_u64(&pool, "used").map_err(|e| e.to_string())?;
+            let avail = zfs.get_u64(&pool, "available").map_err(|e| e.to_string())?;
+            Ok::<_, String>((mem, used + avail))
+        })
+        .await
+        .map_err(internal)?
+        .map_err(CommandError::Internal)?;
+        let cap = Capacity::of_host(mem, pool_size, self.overcommit.memory, self.overcommit.disk);
+        crate::admission::admit(cap, &others, &app.resources)
+            .map_err(|r: Refusal| CommandError::Invalid(r.to_string()))
+    }
+
+    fn remove(&self, name: &str) -> Result<(), CommandError> {
+        self.exec
+            .store
+            .remove_app_and_secrets(name, "app removed from desired state")
+            .map_err(internal)?;
+        self.exec.wake.notify_one();
+        Ok(())
+    }
+
+    fn app_vms(&self, name: &str) -> Vec<VmRow> {
+        self.exec
+            .store
+            .vms()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|v| v.app == name)
+            .collect()
+    }
+
+    fn logs(&self, name: &str, lines: usize) -> Result<Logs, CommandError> {
+        let vms = self.app_vms(name);
+        let vm = vms
+            .iter()
+            .max_by_key(|v| v.created_at)
+            .ok_or_else(|| CommandError::NotFound(format!("app {name} has no VM")))?;
+        Ok(Logs {
+            vm_id: vm.vm_id,
+            log: self
+                .exec
+                .platform
+                .vmm
+                .console_tail(&vm.vm_id.to_string(), lines),
+        })
+    }
+
+    async fn exec_in(&self, name: &str, body: ExecRequest) -> Result<ExecResponse, CommandError> {
+        if body.argv.is_empty() {
+            return Err(CommandError::BadRequest("argv is empty".into()));
+        }
+        let vms = self.app_vms(name);
+        let vm = target_vm(&vms)
+            .ok_or_else(|| CommandError::NotFound(format!("app {name} has no running VM")))?;
+        let platform = self.exec.platform.clone();
+        let vm_id = vm.vm_id;
+        let timeout = Duration::from_millis(if body.timeout_ms == 0 {
+            60_000
+        } else {
+            body.timeout_ms
+        });
+        let out = tokio::task::spawn_blocking(move || {
+            let mut c = platform.guest(vm_id)?;
+            let argv: Vec<&str> = body.argv.iter().map(String::as_str).collect();
+            c.exec(&argv, timeout)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(|e| CommandError::Guest(e.to_string()))?;
+        Ok(ExecResponse {
+            code: out.code,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            timed_out: out.timed_out,
+        })
+    }
+}
+
+/// The app's VM to talk to: the newest running one, healthy first.
+fn target_vm(vms: &[VmRow]) -> Option<&VmRow> {
+    vms.iter()
+        .filter(|v| v.state == VmState::Running)
+        .max_by_key(|v| (v.health == Health::Healthy, v.created_at))
+}

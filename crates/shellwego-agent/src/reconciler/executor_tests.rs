@@ -1,0 +1,424 @@
+//! The executor's control logic on the fake platform (`fake.rs`), on tokio's paused
+//! clock: minutes of agent time run in milliseconds. What each test proves on the fake is
+//! also exercised for real by `crash_real`, `bluegreen_real`, `executor_real` and the
+//! other `*_real` tests.
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use uuid::Uuid;
+
+use super::executor::TaskKind;
+use super::fake::{Effect, Fault, Node};
+use super::{Health, VmState};
+use crate::spec::DesiredApp;
+
+/// An app with a health check and a published port (so the endpoint is exercised).
+fn app(name: &str, image: &str, port: u16) -> DesiredApp {
+    DesiredApp::from_toml(&format!(
+        "name = \"{name}\"\nimage = \"{image}\"\n\
+         [[ports]]\nguest = 8080\nhost = {port}\n\
+         [health]\nhttp = \"/\"\nport = 8080\ninterval = \"1s\"\ntimeout = \"1s\"\nretries = 3\n"
+    ))
+    .expect("spec")
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn serving(node: &Node, app: &str) -> Vec<Uuid> {
+    node.store
+        .vms()
+        .expect("records")
+        .into_iter()
+        .filter(|v| v.app == app && v.state == VmState::Running && v.health == Health::Healthy)
+        .map(|v| v.vm_id)
+        .collect()
+}
+
+fn position(calls: &[String], what: &str) -> usize {
+    calls
+        .iter()
+        .position(|c| c == what)
+        .unwrap_or_else(|| panic!("no call {what:?} in {calls:?}"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn tc_u14_apply_converges_and_remove_leaves_nothing() {
+    let node = Node::new();
+    let agent = node.start().await;
+    node.apply(&app("web", "img:1", 8001));
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    assert_eq!(serving(&node, "web").len(), 1);
+    node.remove("web");
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    assert!(node.platform.world().owners().is_empty());
+    assert!(node.store.vms().expect("records").is_empty());
+}
+
+/// Every step of a first deploy and of a blue-green swap: the agent dies there, a new
+/// one converges with nothing orphaned, and the endpoint leads to the desired version.
+#[tokio::test(start_paused = true)]
+async fn tc_u14_crash_at_every_step_converges_without_orphans() {
+    const STEPS: [&str; 6] = ["pull", "rootfs", "network", "vm", "guest", "probe"];
+    for swap in [false, true] {
+        for step in STEPS {
+            let node = Node::new();
+            let mut agent = node.start().await;
+            if swap {
+                node.apply(&app("web", "img:1", 8001));
+                agent.exec.wake.notify_one();
+                agent.settle(&node, MINUTE).await;
+            }
+            node.platform
+                .inject(Fault::at(step, "web", Effect::Crash).once());
+            let target = app("web", if swap { "img:2" } else { "img:1" }, 8001);
+            node.apply(&target);
+            agent.exec.wake.notify_one();
+            tokio::time::timeout(MINUTE, node.platform.crashed.notified())
+                .await
+                .unwrap_or_else(|_| panic!("never reached {step} (swap: {swap})"));
+            agent.crash();
+            agent = node.start().await;
+            // Recovery alone removed what the interrupted step left: the host holds
+            // nothing the records do not name.
+            let recorded: std::collections::BTreeSet<Uuid> = node
+                .store
+                .vms()
+                .expect("records")
+                .iter()
+                .map(|v| v.vm_id)
+                .collect();
+            let owners = node.platform.world().owners();
+            assert!(
+                owners.is_subset(&recorded),
+                "{step}: {owners:?} vs {recorded:?}"
+            );
+            agent.settle(&node, 2 * MINUTE).await;
+            let vms = node.store.vms().expect("records");
+            assert_eq!(vms.len(), 1, "{step} (swap {swap}): {vms:?}");
+            assert_eq!(vms[0].version, target.spec_hash(), "{step} (swap {swap})");
+            let backend = super::ports::Frontend::backend(&*agent.exec.frontend, "web");
+            assert_eq!(backend.map(|b| b.vm_id), Some(vms[0].vm_id), "{step}");
+            agent.crash();
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn tc_u14_blue_green_switches_the_endpoint_before_the_old_vm_goes() {
+    let node = Node::new();
+    let agent = node.start().await;
+    node.apply(&app("web", "img:1", 8001));
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    let blue = serving(&node, "web")[0];
+    node.apply(&app("web", "img:2", 8001));
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    let green = serving(&node, "web")[0];
+    assert_ne!(blue, green);
+    let calls = node.platform.world().calls.clone();
+    let healthy = position(&calls, "probe web");
+    let switched = position(&calls, &format!("publish web {green}"));
+    let drained = position(&calls, &format!("drain {blue}"));
+    let removed = position(&calls, &format!("deprovision {blue}"));
+    assert!(
+        position(&calls, &format!("guest {green}")) < switched
+            && healthy < switched
+            && switched < drained
+            && drained < removed,
+        "order: {calls:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn tc_u14_a_failing_version_backs_off_while_the_old_one_serves() {
+    let node = Node::new();
+    let agent = node.start().await;
+    node.apply(&app("web", "img:1", 8001));
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    let blue = serving(&node, "web")[0];
+    node.platform
+        .inject(Fault::at("guest", "web", Effect::Fail));
+    node.apply(&app("web", "img:2", 8001));
+    agent.exec.wake.notify_one();
+    // Attempts at 0, +5, +10, +20, +40 s...: count pulls over ten minutes.
+    let start = tokio::time::Instant::now();
+    let mut attempts_at = Vec::new();
+    let mut seen = 0;
+    while start.elapsed() < 10 * MINUTE {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let pulls = node
+            .platform
+            .world()
+            .calls
+            .iter()
+            .filter(|c| *c == "pull web")
+            .count();
+        if pulls > seen {
+            seen = pulls;
+            attempts_at.push(start.elapsed().as_secs());
+        }
+        assert_eq!(
+            serving(&node, "web"),
+            vec![blue],
+            "the old VM keeps serving"
+        );
+    }
+    let gaps: Vec<u64> = attempts_at.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps.len() >= 4, "attempts at {attempts_at:?}");
+    for pair in gaps.windows(2) {
+        assert!(pair[1] >= pair[0], "backoff never shrinks: {gaps:?}");
+    }
+    assert!(gaps[0] >= 5 && *gaps.last().unwrap_or(&0) >= 40, "{gaps:?}");
+    let failure = node.store.failures().expect("failures")["web"].clone();
+    assert!(failure.attempts >= 4 && failure.reason.contains("injected failure at guest"));
+    // Fixed: the next attempt goes through.
+    node.platform.clear_faults();
+    agent.settle(&node, 10 * MINUTE).await;
+    assert_ne!(serving(&node, "web"), vec![blue]);
+}
+
+/// One app's registry stalls: five others come up as if it did not exist, a removal
+/// completes at once, and removing the stalled app cancels its pull.
+#[tokio::test(start_paused = true)]
+async fn tc_u14_a_stalled_app_delays_no_other_app() {
+    let node = Node::new();
+    let agent = node.start().await;
+    node.platform
+        .inject(Fault::at("pull", "stuck", Effect::Stall));
+    node.apply(&app("stuck", "img:1", 8000));
+    for i in 1..=5 {
+        node.platform.inject(Fault::at(
+            "pull",
+            &format!("app{i}"),
+            Effect::Slow(Duration::from_secs(3)),
+        ));
+        node.apply(&app(&format!("app{i}"), "img:1", 8000 + i));
+    }
+    agent.exec.wake.notify_one();
+    let start = tokio::time::Instant::now();
+    agent
+        .until("five apps serving", MINUTE, || {
+            (1..=5).all(|i| serving(&node, &format!("app{i}")).len() == 1)
+        })
+        .await;
+    // 3 s pulls, four at a time: two rounds, not six.
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        agent
+            .exec
+            .busy()
+            .values()
+            .any(|k| *k == TaskKind::Provision),
+        "the stalled provision is still running"
+    );
+
+    node.remove("app3");
+    agent.exec.wake.notify_one();
+    let t = tokio::time::Instant::now();
+    agent
+        .until("app3 removed", Duration::from_secs(5), || {
+            serving(&node, "app3").is_empty()
+                && !node.platform.world().vms.values().any(|v| v.app == "app3")
+        })
+        .await;
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    node.remove("stuck");
+    agent.exec.wake.notify_one();
+    agent.settle(&node, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn tc_u14_provisions_are_bounded_and_served_in_arrival_order() {
+    let mut node = Node::new();
+    node.max_provisions = 2;
+    let agent = node.start().await;
+    let names: Vec<String> = (1..=6).map(|i| format!("app{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        node.platform.inject(Fault::at(
+            "pull",
+            name,
+            Effect::Slow(Duration::from_secs(4)),
+        ));
+        node.apply(&app(name, "img:1", 8100 + i as u16));
+    }
+    agent.exec.wake.notify_one();
+    agent.settle(&node, 5 * MINUTE).await;
+    let w = node.platform.world();
+    assert_eq!(w.most_building, 2, "at most two provisions at once");
+    let pulls: Vec<&String> = w.calls.iter().filter(|c| c.starts_with("pull ")).collect();
+    let expected: Vec<String> = names.iter().map(|n| format!("pull {n}")).collect();
+    assert_eq!(
+        pulls,
+        expected.iter().collect::<Vec<_>>(),
+        "first come, first served"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn tc_u14_a_stalled_step_fails_at_its_deadline_and_is_retried() {
+    let node = Node::new();
+    let agent = node.start().await;
+    node.platform
+        .inject(Fault::at("network", "web", Effect::Stall).once());
+    node.apply(&app("web", "img:1", 8001));
+    agent.exec.wake.notify_one();
+    agent.settle(&node, 10 * MINUTE).await;
+    let failures = node.store.failures().expect("failures");
+    assert!(failures.is_empty(), "cleared once healthy: {failures:?}");
+    let events = node.store.events(0, Some("web")).expect("events");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains("network: no result within its deadline")),
+        "{events:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn tc_u14_a_vm_that_turns_unhealthy_or_dies_is_replaced() {
+    let node = Node::new();
+    let agent = node.start().await;
+    node.apply(&app("web", "img:1", 8001));
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    let first = serving(&node, "web")[0];
+    node.platform
+        .inject(Fault::at("probe", "web", Effect::Fail).once());
+    node.platform.inject(Fault {
+        times: 2,
+        ..Fault::at("probe", "web", Effect::Fail)
+    });
+    agent
+        .until("unhealthy VM replaced", 2 * MINUTE, || {
+            serving(&node, "web").first().is_some_and(|v| *v != first)
+        })
+        .await;
+    agent.settle(&node, MINUTE).await;
+    let second = serving(&node, "web")[0];
+    // Its process dies.
+    if let Some(vm) = node.platform.world().vms.get_mut(&second) {
+        vm.alive = false;
+    }
+    agent
+        .until("dead VM replaced", MINUTE, || {
+            serving(&node, "web").first().is_some_and(|v| *v != second)
+        })
+        .await;
+    agent.settle(&node, MINUTE).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn tc_u14_orphans_are_swept_at_start_and_while_running() {
+    let node = Node::new();
+    let orphan = Uuid::from_u128(7);
+    node.platform.world().disks.insert(orphan);
+    node.platform
+        .world()
+        .leases
+        .insert(orphan, "10.0.0.99".parse().expect("ip"));
+    let agent = node.start().await;
+    assert!(node.platform.world().owners().is_empty(), "swept at start");
+    node.apply(&app("web", "img:1", 8001));
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    let late = Uuid::from_u128(8);
+    node.platform.world().disks.insert(late);
+    agent
+        .until("swept while running", 5 * MINUTE, || {
+            !node.platform.world().disks.contains(&late)
+        })
+        .await;
+    agent.settle(&node, MINUTE).await;
+}
+
+/// What a random run does to the node.
+#[derive(Debug, Clone)]
+enum Op {
+    Apply { app: usize, image: usize },
+    Remove { app: usize },
+    Crash { step: usize, app: usize },
+    Fail { step: usize, app: usize },
+    Wait { secs: u64 },
+}
+
+const APPS: [&str; 3] = ["a", "b", "c"];
+const STEPS: [&str; 7] = [
+    "pull",
+    "rootfs",
+    "network",
+    "vm",
+    "guest",
+    "probe",
+    "deprovision",
+];
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0..APPS.len(), 0..3usize).prop_map(|(app, image)| Op::Apply { app, image }),
+        1 => (0..APPS.len()).prop_map(|app| Op::Remove { app }),
+        1 => (0..STEPS.len(), 0..APPS.len()).prop_map(|(step, app)| Op::Crash { step, app }),
+        1 => (0..STEPS.len(), 0..APPS.len()).prop_map(|(step, app)| Op::Fail { step, app }),
+        2 => (0..30u64).prop_map(|secs| Op::Wait { secs }),
+    ]
+}
+
+async fn random_run(ops: Vec<Op>) {
+    let node = Node::new();
+    let mut agent = node.start().await;
+    for op in ops {
+        match op {
+            Op::Apply { app: a, image } => {
+                node.apply(&app(APPS[a], &format!("img:{image}"), 8200 + a as u16))
+            }
+            Op::Remove { app } => node.remove(APPS[app]),
+            Op::Fail { step, app } => node
+                .platform
+                .inject(Fault::at(STEPS[step], APPS[app], Effect::Fail).once()),
+            Op::Crash { step, app } => {
+                node.platform
+                    .inject(Fault::at(STEPS[step], APPS[app], Effect::Crash).once());
+            }
+            Op::Wait { secs } => tokio::time::sleep(Duration::from_secs(secs)).await,
+        }
+        agent.exec.wake.notify_one();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A crash fault that fired took the agent down: a new one starts.
+        if tokio::time::timeout(Duration::ZERO, node.platform.crashed.notified())
+            .await
+            .is_ok()
+        {
+            agent.crash();
+            agent = node.start().await;
+        }
+    }
+    // Faults that never fired are withdrawn; then the node must converge.
+    node.platform.clear_faults();
+    agent.exec.wake.notify_one();
+    agent.settle(&node, 30 * MINUTE).await;
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn tc_u14_random_apply_remove_crash_fault_sequences_converge(
+        ops in proptest::collection::vec(op(), 1..14)
+    ) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        rt.block_on(random_run(ops));
+    }
+}

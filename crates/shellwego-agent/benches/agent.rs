@@ -5,10 +5,14 @@
 //!   cold boot), with the median of each phase;
 //! - blue-green swaps behind the app's endpoint under a request loop: apply -> new VM
 //!   healthy, new healthy -> old removed, failed requests (target 0), slowest answer;
-//! - the agent's resident memory idle and with 10 VMs, and the time to bring 10 up.
+//! - the agent's resident memory idle and with 10 VMs, and the time to bring 10 up;
+//! - 1, 3 and 5 apps applied together, each until healthy: one VM built at a time
+//!   (`max_provisions = 1`; health waits still overlap, so the old executor, which
+//!   also waited for each health check in turn, was slower still) against the default,
+//!   and the ratio.
 //!
 //! `cargo bench -p shellwego-agent --bench agent`; `SWG_BENCH_RUNS` (default 3) sets N,
-//! `SWG_BENCH_ONLY=gauntlet|swap|ten` runs one part.
+//! `SWG_BENCH_ONLY=gauntlet|swap|ten|together` runs one part.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -213,8 +217,67 @@ fn ten_bench() {
     stack.kill_agent();
 }
 
+/// Seconds from applying `n` apps together to all of them healthy, with the agent's
+/// `SHELLWEGO_MAX_PROVISIONS` set to `max` (None: the default).
+fn bring_up(stack: &mut Stack, image: &str, n: usize, max: Option<usize>) -> f64 {
+    let max = max.map(|m| m.to_string());
+    let extra: Vec<(&str, &str)> = max
+        .iter()
+        .map(|m| ("SHELLWEGO_MAX_PROVISIONS", m.as_str()))
+        .collect();
+    stack.start_agent(&extra);
+    let specs: Vec<_> = (0..n)
+        .map(|i| {
+            stack.spec(
+                &format!("t{i}.toml"),
+                &format!(
+                    "name = \"t{i}\"\nimage = \"{image}\"\n[resources]\nmemory = \"128Mi\"\n\
+                     [health]\nhttp = \"/\"\nport = 8080\ninterval = \"1s\"\ntimeout = \"1s\"\n"
+                ),
+            )
+        })
+        .collect();
+    let t = Instant::now();
+    for f in &specs {
+        stack.run(&["apply", "-f", f.to_str().expect("path"), "--detach"]);
+    }
+    stack.wait_ps("all healthy", Duration::from_secs(1200), |ps| {
+        ps.as_array()
+            .is_some_and(|apps| apps.len() == n && apps.iter().all(|a| a["healthy"] == true))
+    });
+    let took = t.elapsed().as_secs_f64();
+    for i in 0..n {
+        stack.run(&["rm", &format!("t{i}")]);
+    }
+    stack.wait_ps("removed", Duration::from_secs(300), |ps| {
+        ps.as_array().is_some_and(Vec::is_empty)
+    });
+    stack.kill_agent();
+    took
+}
+
+fn together_bench() {
+    let mut stack = Stack::new();
+    let image = stack.push_web("1", b"together\n");
+    // The image and the template are made once, outside the figures.
+    bring_up(&mut stack, &image, 1, None);
+    let default = shellwego_agent::reconciler::executor::default_max_provisions();
+    println!("apps applied together until all are healthy (default max_provisions = {default}):");
+    for n in [1, 3, 5] {
+        let serial = bring_up(&mut stack, &image, n, Some(1));
+        let concurrent = bring_up(&mut stack, &image, n, None);
+        println!(
+            "  {n} apps: one at a time {serial:.1}s, concurrent {concurrent:.1}s, ratio {:.2}",
+            serial / concurrent
+        );
+    }
+}
+
 fn main() {
     let only = std::env::var("SWG_BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "together" {
+        together_bench();
+    }
     if only.is_empty() || only == "gauntlet" {
         gauntlet_bench();
     }

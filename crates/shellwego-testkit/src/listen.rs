@@ -48,6 +48,36 @@ impl Listener {
         })
     }
 
+    /// A TCP server on `addr` in `ns` that accepts every connection and never answers
+    /// (a stalled registry or backend); connections stay open until it is dropped.
+    pub fn silent(ns: &NetNs, addr: &str) -> Listener {
+        let addr: SocketAddr = addr.parse().expect("listener address");
+        Listener::start(ns, move |stop, seen, ready| {
+            let listener = match TcpListener::bind(addr).and_then(|l| {
+                l.set_nonblocking(true)?;
+                Ok(l)
+            }) {
+                Ok(l) => l,
+                Err(e) => {
+                    return ready
+                        .send(Err(format!("bind TCP {addr}: {e}")))
+                        .unwrap_or(())
+                }
+            };
+            let _ = ready.send(Ok(()));
+            let mut open = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, peer)) => {
+                        lock(&seen).push(peer.to_string());
+                        open.push(conn);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        })
+    }
+
     /// A UDP socket on `addr` in `ns`; `seen` lists the payloads that arrived (as text).
     pub fn udp(ns: &NetNs, addr: &str) -> Listener {
         let addr: SocketAddr = addr.parse().expect("listener address");

@@ -362,3 +362,176 @@ mod tests {
         assert!(s.desired().unwrap().apps.is_empty());
     }
 }
+
+/// Writes `tests/fixtures/agent-db-v1.{redb,json}`: a database as the release before
+/// schema versioning wrote it, for the migration test. It was run once, with that
+/// release's code (`SHELLWEGO_WRITE_FIXTURE=crates/shellwego-agent/tests/fixtures cargo
+/// test -p shellwego-agent --lib state::fixture -- --ignored`); the committed files are
+/// what it wrote then. Running it with today's code writes today's layout, which is not
+/// what the migration test is meant to read, so it is kept only as a record of how the
+/// fixture was made.
+#[cfg(test)]
+mod fixture {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::reconciler::FailureRecord;
+    use crate::vault::Vault;
+
+    /// The fixture's secrets key (test only): recorded in the JSON so a test can open the
+    /// sealed secrets.
+    pub const VAULT_KEY: [u8; 32] = *b"shellwego-fixture-key-v1-0123456";
+
+    const WEB: &str = r#"
+name = "web"
+image = "registry.example:5000/web@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+
+[run]
+cmd = ["httpd", "-f", "-p", "8080"]
+
+[resources]
+cpu = "500m"
+memory = "256Mi"
+disk = "2Gi"
+
+[env]
+GREETING = "hi"
+MODE = "production"
+
+[secrets]
+API_KEY = { env = "API_KEY" }
+TOKEN = { value = "inline-token" }
+
+[[ports]]
+guest = 8080
+host = 18080
+protocol = "http"
+
+[[ports]]
+guest = 9090
+
+[health]
+http = "/healthz"
+port = 8080
+interval = "3s"
+timeout = "1s"
+retries = 4
+grace = "60s"
+
+[bandwidth]
+download = "50Mbit"
+
+[network]
+egress = "none"
+allow = ["10.1.2.0/24:5432", "192.168.1.10"]
+"#;
+
+    const MINIMAL: &str = "name = \"minimal\"\nimage = \"alpine:3.23\"\n";
+
+    #[test]
+    #[ignore = "writes the release fixture; run by hand only (see the module doc)"]
+    fn write_release_fixture() {
+        let Some(dir) = std::env::var_os("SHELLWEGO_WRITE_FIXTURE") else {
+            panic!("set SHELLWEGO_WRITE_FIXTURE to the fixture directory");
+        };
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join("agent-db-v1.redb");
+        let _ = std::fs::remove_file(&db);
+        let keydir = tempfile::tempdir().unwrap();
+        let key = keydir.path().join("secrets.key");
+        std::fs::write(&key, VAULT_KEY).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let vault = Vault::open_or_create(&key).unwrap();
+
+        let web = DesiredApp::from_toml(WEB).unwrap().without_secret_values();
+        let minimal = DesiredApp::from_toml(MINIMAL).unwrap();
+        let web_secrets = BTreeMap::from([
+            ("API_KEY".to_string(), "key-from-env".to_string()),
+            ("TOKEN".to_string(), "inline-token".to_string()),
+        ]);
+        let running = VmRow {
+            vm_id: Uuid::from_u128(0x0001),
+            app: "web".into(),
+            version: web.spec_hash(),
+            state: VmState::Running,
+            health: Health::Healthy,
+            step: "running".into(),
+            ip: Some("10.0.4.2".into()),
+            image_digest: Some(
+                "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into(),
+            ),
+            created_at: 1_760_000_000,
+            last_error: None,
+        };
+        let exited = VmRow {
+            vm_id: Uuid::from_u128(0x0002),
+            app: "minimal".into(),
+            version: minimal.spec_hash(),
+            state: VmState::Exited,
+            health: Health::Unknown,
+            step: "running".into(),
+            ip: Some("10.0.4.3".into()),
+            image_digest: None,
+            created_at: 1_760_000_100,
+            last_error: Some("firecracker exited with status 1".into()),
+        };
+        let failure = FailureRecord {
+            version: minimal.spec_hash(),
+            attempts: 2,
+            last_failed_at: 1_760_000_200,
+            reason: "firecracker exited with status 1".into(),
+            interrupted: 0,
+        };
+        {
+            let s = Store::open(&db).unwrap();
+            s.put_app(&web).unwrap();
+            s.put_app(&minimal).unwrap();
+            s.put_sealed_secrets("web", &vault.seal("web", &web_secrets).unwrap())
+                .unwrap();
+            s.put_vm(&running).unwrap();
+            s.put_vm(&exited).unwrap();
+            s.put_failure("minimal", &failure).unwrap();
+            s.event(
+                "web",
+                None,
+                format!("desired: {} (version {})", web.image, web.spec_hash()),
+            )
+            .unwrap();
+            s.event("web", Some(running.vm_id), "provisioned").unwrap();
+            s.event("minimal", None, "desired: alpine:3.23").unwrap();
+            s.event(
+                "minimal",
+                Some(exited.vm_id),
+                "exited: firecracker exited with status 1",
+            )
+            .unwrap();
+        }
+        let s = Store::open(&db).unwrap();
+        let desired = s.desired().unwrap();
+        let apps: serde_json::Map<String, serde_json::Value> = desired
+            .apps
+            .iter()
+            .map(|(name, app)| {
+                (
+                    name.clone(),
+                    serde_json::json!({ "spec_hash": app.spec_hash(), "stored": app }),
+                )
+            })
+            .collect();
+        let record = serde_json::json!({
+            "about": "Written by the agent release before schema versioning (schema 1: no meta table) with state::fixture::write_release_fixture.",
+            "vault_key_hex": hex::encode(VAULT_KEY),
+            "apps": apps,
+            "secrets": { "web": web_secrets },
+            "vms": s.vms().unwrap(),
+            "failures": s.failures().unwrap(),
+            "events": s.events(0, None).unwrap(),
+        });
+        std::fs::write(
+            dir.join("agent-db-v1.json"),
+            serde_json::to_string_pretty(&record).unwrap() + "\n",
+        )
+        .unwrap();
+    }
+}

@@ -532,6 +532,42 @@ mod tests {
         assert_eq!(s.events(seq2, None).unwrap()[0].message, "removed");
     }
 
+    /// Records written by a later agent (with a field this one does not know) and by an
+    /// earlier one (without the fields added since, which default) decode.
+    #[test]
+    fn tc_u14_state_records_decode_with_unknown_and_missing_fields() {
+        let app = DesiredApp::from_toml("name = \"web\"\nimage = \"alpine:3.23\"").unwrap();
+        let row = VmRow {
+            ip: None,
+            ..vm_row(&app)
+        };
+        let mut v = serde_json::to_value(&row).unwrap();
+        v["added_later"] = serde_json::json!({ "x": 1 });
+        let obj = v.as_object_mut().unwrap();
+        for optional in ["ip", "image_digest", "last_error"] {
+            obj.remove(optional);
+        }
+        assert_eq!(serde_json::from_value::<VmRow>(v).unwrap(), row);
+
+        let ev = Event {
+            seq: 3,
+            at: 4,
+            app: "web".into(),
+            vm_id: None,
+            message: "m".into(),
+        };
+        let mut v = serde_json::to_value(&ev).unwrap();
+        v["added_later"] = serde_json::json!(true);
+        v.as_object_mut().unwrap().remove("vm_id");
+        assert_eq!(serde_json::from_value::<Event>(v).unwrap(), ev);
+
+        let f = FailureRecord::next(None, "v1", 9);
+        let old = serde_json::json!({
+            "version": "v1", "attempts": 1, "last_failed_at": 9, "added_later": [1]
+        });
+        assert_eq!(serde_json::from_value::<FailureRecord>(old).unwrap(), f);
+    }
+
     #[test]
     fn tc_u14_state_decode_errors_name_the_record() {
         let dir = tempfile::tempdir().unwrap();

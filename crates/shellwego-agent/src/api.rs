@@ -6,9 +6,13 @@
 //! GET    /v1/apps                      apps with their VMs (ps)
 //! PUT    /v1/apps/{name}               {"spec": "<TOML>", "secrets": {...}}: desired state
 //! DELETE /v1/apps/{name}               stop wanting the app (rm)
-//! GET    /v1/apps/{name}/logs?lines=N  the guest console of the app's newest VM
+//! GET    /v1/apps/{name}/logs?lines=N  the guest console of the app's newest VM: its
+//!                                      last N lines, {"vm_id", "log", "next"}
+//! GET    /v1/apps/{name}/logs?since=B  its output after byte B ("next" of the answer
+//!                                      before), {"vm_id", "log", "next", "gap"}
 //! POST   /v1/apps/{name}/exec          {"argv": [...], "timeout_ms": N}
-//! GET    /v1/events?since=N&app=A      the event log
+//! GET    /v1/events?since=N&app=A&limit=L  the event log: at most L (default and most
+//!                                      1000) events after number N, oldest first
 //! GET    /v1/images                    pulled images
 //! DELETE /v1/images/{digest}           forget an image and its unused layers
 //! ```
@@ -98,6 +102,7 @@ async fn decode(req: Request<Incoming>) -> Result<AgentCommand, Resp> {
             lines: query(&req, "lines")
                 .and_then(|l| l.parse().ok())
                 .unwrap_or(200),
+            since: query(&req, "since").and_then(|s| s.parse().ok()),
         },
         (Method::POST, ["v1", "apps", name, "exec"]) => AgentCommand::Exec {
             name: name.to_string(),

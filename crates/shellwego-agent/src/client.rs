@@ -7,7 +7,7 @@ use hyper::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::wire::{AppStatus, ApplyRequest, ApplyResponse, Event, ExecRequest, ExecResponse};
+use crate::wire::{AppStatus, ApplyRequest, ApplyResponse, Event, ExecRequest, ExecResponse, Logs};
 
 /// Where the agent's API is.
 #[derive(Debug, Clone)]
@@ -101,15 +101,25 @@ impl AgentClient {
             .await
     }
 
-    pub async fn logs(&self, app: &str, lines: usize) -> Result<String> {
-        let v: serde_json::Value = self
-            .call(
-                Method::GET,
-                &format!("/v1/apps/{app}/logs?lines={lines}"),
-                None::<&()>,
-            )
-            .await?;
-        Ok(v["log"].as_str().unwrap_or_default().to_string())
+    /// The last `lines` lines of the app's newest VM's console, and where to follow on.
+    pub async fn logs(&self, app: &str, lines: usize) -> Result<Logs> {
+        self.call(
+            Method::GET,
+            &format!("/v1/apps/{app}/logs?lines={lines}"),
+            None::<&()>,
+        )
+        .await
+    }
+
+    /// The app's newest VM's console output after byte `since` (`next` of the answer
+    /// before, which applies to that answer's VM only).
+    pub async fn logs_since(&self, app: &str, since: u64) -> Result<Logs> {
+        self.call(
+            Method::GET,
+            &format!("/v1/apps/{app}/logs?since={since}"),
+            None::<&()>,
+        )
+        .await
     }
 
     pub async fn exec(&self, app: &str, argv: Vec<String>) -> Result<ExecResponse> {
@@ -121,11 +131,12 @@ impl AgentClient {
             .await
     }
 
-    pub async fn events(&self, since: u64, app: Option<&str>) -> Result<Vec<Event>> {
+    /// At most `limit` events after `since`, oldest first (the agent caps `limit`).
+    pub async fn events(&self, since: u64, app: Option<&str>, limit: usize) -> Result<Vec<Event>> {
         let q = app.map(|a| format!("&app={a}")).unwrap_or_default();
         self.call(
             Method::GET,
-            &format!("/v1/events?since={since}{q}"),
+            &format!("/v1/events?since={since}&limit={limit}{q}"),
             None::<&()>,
         )
         .await

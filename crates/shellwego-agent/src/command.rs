@@ -26,6 +26,10 @@ pub type AgentExecutor = Executor<Platform, Endpoints>;
 /// Most events one `events` answer carries; a client pages on with `since`.
 pub const MAX_EVENTS_PER_PAGE: usize = 1000;
 
+/// Most console output one `logs` answer with `since` carries; a client reads on from
+/// its `next`.
+const MAX_LOG_CHUNK: usize = 1 << 20;
+
 /// Everything a client can ask of the agent.
 #[derive(Debug, Clone)]
 pub enum AgentCommand {
@@ -35,8 +39,13 @@ pub enum AgentCommand {
     Apply { name: String, request: ApplyRequest },
     /// Stop wanting the app.
     Remove { name: String },
-    /// The last `lines` of the console of the app's newest VM.
-    Logs { name: String, lines: usize },
+    /// The last `lines` of the console of the app's newest VM; with `since`, only its
+    /// output after that byte offset (`next` of the answer before).
+    Logs {
+        name: String,
+        lines: usize,
+        since: Option<u64>,
+    },
     /// Run a command in the app's VM.
     Exec { name: String, request: ExecRequest },
     /// Events after `since`, oldest first, at most `limit`.
@@ -104,7 +113,9 @@ impl AgentService {
             AgentCommand::Remove { name } => {
                 self.remove(&name).map(|()| Reply::Removed { app: name })
             }
-            AgentCommand::Logs { name, lines } => self.logs(&name, lines).map(Reply::Logs),
+            AgentCommand::Logs { name, lines, since } => {
+                self.logs(&name, lines, since).map(Reply::Logs)
+            }
             AgentCommand::Exec { name, request } => {
                 self.exec_in(&name, request).await.map(Reply::Exec)
             }
@@ -113,11 +124,9 @@ impl AgentService {
                 let events = self
                     .exec
                     .store
-                    .events(since, app.as_deref())
+                    .events_page(since, app.as_deref(), limit)
                     .map_err(internal)?;
-                Ok(Reply::Events(
-                    events.into_iter().take(limit).map(Event::from).collect(),
-                ))
+                Ok(Reply::Events(events.into_iter().map(Event::from).collect()))
             }
             AgentCommand::Images => self
                 .exec
@@ -208,7 +217,8 @@ impl AgentService {
         let version = app.spec_hash();
         // One transaction: spec, sealed secrets, the failure record reset (applying again
         // is an explicit retry) and the event.
-        self.exec
+        let event = self
+            .exec
             .store
             .apply(
                 &app,
@@ -220,6 +230,7 @@ impl AgentService {
         Ok(ApplyResponse {
             app: name.to_string(),
             version,
+            event,
         })
     }
 
@@ -270,19 +281,36 @@ impl AgentService {
             .collect()
     }
 
-    fn logs(&self, name: &str, lines: usize) -> Result<Logs, CommandError> {
+    /// The console of the app's newest VM: its last `lines` lines, or with `since` only
+    /// what followed that offset, so `logs --follow` is sent each byte once.
+    fn logs(&self, name: &str, lines: usize, since: Option<u64>) -> Result<Logs, CommandError> {
         let vms = self.app_vms(name);
         let vm = vms
             .iter()
             .max_by_key(|v| v.created_at)
             .ok_or_else(|| CommandError::NotFound(format!("app {name} has no VM")))?;
-        Ok(Logs {
-            vm_id: vm.vm_id,
-            log: self
-                .exec
-                .platform
-                .vmm
-                .console_tail(&vm.vm_id.to_string(), lines),
+        let (vmm, id) = (&self.exec.platform.vmm, vm.vm_id.to_string());
+        Ok(match since {
+            None => {
+                let (log, next) = vmm.console_tail_and_end(&id, lines);
+                Logs {
+                    vm_id: vm.vm_id,
+                    log,
+                    next,
+                    gap: false,
+                }
+            }
+            Some(offset) => {
+                let chunk = vmm
+                    .console_from(&id, offset, MAX_LOG_CHUNK)
+                    .map_err(|e| internal(format!("console of VM {id}: {e}")))?;
+                Logs {
+                    vm_id: vm.vm_id,
+                    log: chunk.text,
+                    next: chunk.next,
+                    gap: chunk.gap,
+                }
+            }
         })
     }
 

@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use shellwego_agent::client::AgentClient;
+use shellwego_agent::command::MAX_EVENTS_PER_PAGE;
 use shellwego_agent::config::Config;
 use shellwego_agent::reconciler::{Health, VmState};
 use shellwego_agent::spec::{DesiredApp, SecretSource};
@@ -79,6 +80,9 @@ enum Commands {
         /// Only events after this sequence number.
         #[arg(long, default_value_t = 0)]
         since: u64,
+        /// At most this many events (the agent gives at most 1000); page on with --since.
+        #[arg(long, default_value_t = MAX_EVENTS_PER_PAGE)]
+        limit: usize,
         #[arg(long)]
         json: bool,
     },
@@ -206,12 +210,6 @@ async fn apply(
     let app = DesiredApp::from_toml(&text)
         .with_context(|| format!("{} is not a valid app spec", file.display()))?;
     let secrets = resolve_secrets(&app)?;
-    let since = client
-        .events(0, None)
-        .await?
-        .last()
-        .map(|e| e.seq)
-        .unwrap_or(0);
     let accepted = client
         .apply(
             &app.name,
@@ -230,9 +228,13 @@ async fn apply(
     }
     let start = Instant::now();
     let started_at = shellwego_agent::state::now_secs();
-    let mut seen = since;
+    // From the apply's own event on: nothing before it is read.
+    let mut seen = accepted.event.saturating_sub(1);
     loop {
-        for ev in client.events(seen, Some(&app.name)).await? {
+        for ev in client
+            .events(seen, Some(&app.name), MAX_EVENTS_PER_PAGE)
+            .await?
+        {
             seen = ev.seq;
             println!("  {}", ev.message);
         }
@@ -277,6 +279,38 @@ async fn apply(
             );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `logs --follow`: prints the console output of the app's newest VM as it comes, each
+/// byte once (the agent sends only what followed `next`). When another VM becomes the
+/// newest (a new version, a replacement), says so and prints that one from its start.
+async fn follow_logs(
+    client: &AgentClient,
+    app: &str,
+    mut vm: uuid::Uuid,
+    mut next: u64,
+) -> Result<()> {
+    use std::io::Write;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let chunk = client.logs_since(app, next).await?;
+        if chunk.vm_id != vm {
+            // `next` was an offset in the other VM's console: start this one's over.
+            println!(
+                "--- {app}: now VM {} (its console from the start) ---",
+                chunk.vm_id
+            );
+            vm = chunk.vm_id;
+            next = 0;
+            continue;
+        }
+        if chunk.gap {
+            println!("--- {app}: some console output was rotated away before it was shown ---");
+        }
+        print!("{}", chunk.log);
+        std::io::stdout().flush()?;
+        next = chunk.next;
     }
 }
 
@@ -366,23 +400,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => apply(&client, &file, detach, Duration::from_secs(timeout)).await,
         Commands::Ps { json } => ps(&client, json).await.map(|()| ExitCode::SUCCESS),
         Commands::Logs { app, lines, follow } => {
-            let mut last = client.logs(&app, lines).await?;
-            print!("{last}");
-            println!();
-            if !follow {
-                return Ok(ExitCode::SUCCESS);
+            let tail = client.logs(&app, lines).await?;
+            println!("{}", tail.log);
+            if follow {
+                follow_logs(&client, &app, tail.vm_id, tail.next).await?;
             }
-            loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                let now = client.logs(&app, lines).await?;
-                if now != last {
-                    // Print what was appended since the last look.
-                    let new = now.strip_prefix(last.as_str()).unwrap_or(&now);
-                    print!("{}", new.trim_start_matches('\n'));
-                    println!();
-                    last = now;
-                }
-            }
+            Ok(ExitCode::SUCCESS)
         }
         Commands::Exec { app, cmd } => {
             let out = client.exec(&app, cmd).await?;
@@ -398,8 +421,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!("{app}: removal requested; `shellwego ps` shows when its VMs are gone");
             Ok(ExitCode::SUCCESS)
         }
-        Commands::Events { app, since, json } => {
-            let events = client.events(since, app.as_deref()).await?;
+        Commands::Events {
+            app,
+            since,
+            limit,
+            json,
+        } => {
+            let events = client.events(since, app.as_deref(), limit).await?;
+            if events.len() >= limit.min(MAX_EVENTS_PER_PAGE) {
+                if let Some(last) = events.last() {
+                    eprintln!("(more events may follow: --since {})", last.seq);
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&events)?);
             } else {

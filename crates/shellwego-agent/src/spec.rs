@@ -66,7 +66,11 @@ use shellwego_network::fence::{AllowListError, EgressPolicy};
 use crate::resources::{FieldError, ResourceSpec};
 use crate::units;
 
-/// An app as the user wants it to run.
+/// An app as the user wants it to run. It is also the stored form of the spec (JSON in
+/// the agent's database): that form decodes leniently, unknown fields ignored and missing
+/// ones defaulted where marked, so an agent reads specs stored by an older or a newer
+/// one. The user's TOML is parsed strictly through the `Raw*` structs instead. See
+/// [`DesiredApp::spec_hash`] for how to add a field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DesiredApp {
     pub name: String,
@@ -87,9 +91,9 @@ pub struct DesiredApp {
     pub network: EgressPolicy,
 }
 
-/// Overrides of the image's config; `None` keeps the image's value.
+/// Overrides of the image's config; `None` keeps the image's value. Lenient when decoded
+/// (it is stored); the spec's `[run]` is parsed strictly as `RawRun`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct RunOverride {
     pub entrypoint: Option<Vec<String>>,
     pub cmd: Option<Vec<String>>,
@@ -222,7 +226,7 @@ struct RawSpec {
     name: String,
     image: String,
     #[serde(default)]
-    run: RunOverride,
+    run: RawRun,
     #[serde(default)]
     resources: RawResources,
     #[serde(default)]
@@ -236,6 +240,26 @@ struct RawSpec {
     bandwidth: RawBandwidth,
     #[serde(default)]
     network: RawNetwork,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRun {
+    entrypoint: Option<Vec<String>>,
+    cmd: Option<Vec<String>>,
+    workdir: Option<String>,
+    user: Option<String>,
+}
+
+impl From<RawRun> for RunOverride {
+    fn from(raw: RawRun) -> RunOverride {
+        RunOverride {
+            entrypoint: raw.entrypoint,
+            cmd: raw.cmd,
+            workdir: raw.workdir,
+            user: raw.user,
+        }
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -562,7 +586,7 @@ impl DesiredApp {
         let app = DesiredApp {
             name: raw.name,
             image: raw.image,
-            run: raw.run,
+            run: raw.run.into(),
             resources,
             env: raw.env,
             secrets,
@@ -592,17 +616,46 @@ impl DesiredApp {
     /// sources, ...) have different versions. A port's protocol only changes how the
     /// host's endpoint connects to the VM, so changing it re-publishes the port in place
     /// rather than replacing the VM.
+    ///
+    /// It hashes the stored form's JSON, so it is the app's version everywhere: a change
+    /// of that form redeploys every app. Hence the rule for a field added to `DesiredApp`
+    /// or to any struct in it (`network` and `PortSpec::protocol` follow it):
+    ///
+    /// - mark it `#[serde(default, skip_serializing_if = "...")]`, the predicate being
+    ///   exactly "is the default": a spec stored before the field existed decodes with
+    ///   the default, and an app that leaves it at its default serializes, and hashes,
+    ///   byte for byte as before, so it keeps its version;
+    /// - never add `skip_serializing_if` to, rename, reorder or retype an existing field,
+    ///   and never give a struct in it `deny_unknown_fields` (that is for the `Raw*`
+    ///   structs the user's TOML is parsed with);
+    /// - a field whose change should not replace VMs (like a port's protocol) is reset to
+    ///   its default in `hashed_form`.
+    ///
+    /// `tc_u14_spec_hash_keeps_versions_when_a_defaulted_field_is_added` and the release
+    /// fixture (`tests/fixtures/agent-db-v1.json`) check this.
     pub fn spec_hash(&self) -> String {
+        hash_of(&self.hashed_form())
+    }
+
+    /// The spec as `spec_hash` sees it: secret values removed, ports' protocols reset.
+    fn hashed_form(&self) -> DesiredApp {
         let mut app = self.without_secret_values();
         for port in &mut app.ports {
             port.protocol = Protocol::Tcp;
         }
-        // serde_json of BTreeMaps and plain structs is deterministic.
-        let json = serde_json::to_vec(&app).unwrap_or_default();
-        let digest = Sha256::digest(&json);
-        hex::encode(&digest[..6])
+        app
     }
 }
+
+/// The first 6 bytes (hex) of the SHA-256 of `value`'s JSON. serde_json of BTreeMaps and
+/// plain structs is deterministic: fields in declaration order, map keys sorted.
+fn hash_of(value: &impl Serialize) -> String {
+    let json = serde_json::to_vec(value).unwrap_or_default();
+    let digest = Sha256::digest(&json);
+    hex::encode(&digest[..6])
+}
+
+impl DesiredApp {}
 
 #[cfg(test)]
 mod tests {
@@ -839,6 +892,86 @@ download = "50Mbit"
             old.network.is_default(),
             "a stored spec from before [network] reads back"
         );
+    }
+
+    /// What the release before schema versioning stored for a minimal app, and its
+    /// version (as in `tests/fixtures/agent-db-v1.json`).
+    const V1_MINIMAL: &str = r#"{"name":"minimal","image":"alpine:3.23","run":{"entrypoint":null,"cmd":null,"workdir":null,"user":null},"resources":{"cpu_milli":1000,"memory_bytes":134217728,"disk_bytes":1073741824},"env":{},"secrets":{},"ports":[],"health":null,"bandwidth":{"download_bps":null,"upload_bps":null}}"#;
+    const V1_MINIMAL_HASH: &str = "ba12b00d87e3";
+
+    /// `DesiredApp` as it would be with one more field, added by the rule of `spec_hash`.
+    #[derive(Debug, Serialize, Deserialize)]
+    struct WithNewField {
+        #[serde(flatten)]
+        app: DesiredApp,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        future: Option<String>,
+    }
+
+    #[test]
+    fn tc_u14_spec_hash_keeps_versions_when_a_defaulted_field_is_added() {
+        let minimal = DesiredApp::from_toml("name = \"minimal\"\nimage = \"alpine:3.23\"").unwrap();
+        // The stored form of an app that uses no later field is byte for byte the old one.
+        assert_eq!(serde_json::to_string(&minimal).unwrap(), V1_MINIMAL);
+        assert_eq!(minimal.spec_hash(), V1_MINIMAL_HASH);
+
+        for app in [minimal, DesiredApp::from_toml(FULL).unwrap()] {
+            // A field added by the rule, at its default: the same bytes, the same version.
+            let next = WithNewField {
+                app: app.hashed_form(),
+                future: None,
+            };
+            assert_eq!(
+                serde_json::to_vec(&next).unwrap(),
+                serde_json::to_vec(&app.hashed_form()).unwrap()
+            );
+            assert_eq!(hash_of(&next), app.spec_hash());
+            // A spec stored before the field decodes with the default...
+            let stored = serde_json::to_string(&app).unwrap();
+            let read: WithNewField = serde_json::from_str(&stored).unwrap();
+            assert_eq!((read.app, read.future), (app.clone(), None));
+            // ...and one stored with the field set decodes in today's agent.
+            let set = WithNewField {
+                app: app.clone(),
+                future: Some("x".into()),
+            };
+            let newer: DesiredApp =
+                serde_json::from_str(&serde_json::to_string(&set).unwrap()).unwrap();
+            assert_eq!(newer, app);
+            assert_ne!(
+                hash_of(&set),
+                app.spec_hash(),
+                "a set field is a new version"
+            );
+        }
+    }
+
+    #[test]
+    fn tc_u14_stored_spec_ignores_unknown_fields_at_every_level() {
+        let app = DesiredApp::from_toml(&format!(
+            "{FULL}\n[network]\negress = \"none\"\nallow = [\"10.0.0.1\"]\n"
+        ))
+        .unwrap()
+        .without_secret_values();
+        let mut v = serde_json::to_value(&app).unwrap();
+        let extra = || serde_json::json!({ "added": [1, 2] });
+        v["added_later"] = extra();
+        for section in ["run", "resources", "health", "bandwidth", "network"] {
+            v[section]["added_later"] = extra();
+        }
+        v["ports"][0]["added_later"] = extra();
+        v["health"]["probe"]["Http"]["added_later"] = extra();
+        let back: DesiredApp = serde_json::from_value(v).unwrap();
+        assert_eq!(back, app);
+        assert_eq!(back.spec_hash(), app.spec_hash());
+    }
+
+    #[test]
+    fn tc_u14_toml_stays_strict_where_the_stored_form_is_lenient() {
+        let e = err_of("name = \"a\"\nimage = \"a\"\n[run]\ncmdd = [\"x\"]");
+        assert!(e.contains("cmdd"), "{e}");
+        let e = err_of("name = \"a\"\nimage = \"a\"\n[network]\negres = \"none\"");
+        assert!(e.contains("egres"), "{e}");
     }
 
     proptest! {

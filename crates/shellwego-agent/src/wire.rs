@@ -24,6 +24,10 @@ pub struct ApplyRequest {
 pub struct ApplyResponse {
     pub app: String,
     pub version: String,
+    /// The sequence number of the apply's own event: `apply` follows the events from it
+    /// without reading the log before it (0 from agents before it was sent).
+    #[serde(default)]
+    pub event: u64,
 }
 
 /// One VM of an app, as `ps` shows it.
@@ -129,11 +133,17 @@ impl From<EventRow> for Event {
     }
 }
 
-/// `GET /v1/apps/{name}/logs`.
+/// `GET /v1/apps/{name}/logs`: console output of the app's newest VM.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Logs {
     pub vm_id: Uuid,
     pub log: String,
+    /// Where a `?since=` read continues: a byte offset in this VM's console.
+    #[serde(default)]
+    pub next: u64,
+    /// Some output before `log` was rotated away before it was read.
+    #[serde(default)]
+    pub gap: bool,
 }
 
 /// Seconds a VM has existed, for `ps`.

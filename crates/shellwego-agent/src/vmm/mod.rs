@@ -512,6 +512,22 @@ impl VmmManager {
         console::tail(&self.runtime_dir(vm_id).console_log(), lines)
     }
 
+    /// The guest console's last lines and the offset `console_from` continues at.
+    pub fn console_tail_and_end(&self, vm_id: &str, lines: usize) -> (String, u64) {
+        console::tail_and_end(&self.runtime_dir(vm_id).console_log(), lines)
+    }
+
+    /// The guest console's output since byte `offset` (at most `max_bytes`), for
+    /// following it without re-reading what was sent (see `console::read_from`).
+    pub fn console_from(
+        &self,
+        vm_id: &str,
+        offset: u64,
+        max_bytes: usize,
+    ) -> std::io::Result<console::ConsoleChunk> {
+        console::read_from(&self.runtime_dir(vm_id).console_log(), offset, max_bytes)
+    }
+
     /// Keeps every VM's console under `cap` bytes (call periodically).
     pub async fn enforce_console_caps(&self, cap: u64) {
         let vms = self.vms.lock().await;

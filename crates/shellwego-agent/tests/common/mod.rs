@@ -254,9 +254,27 @@ impl Stack {
         serde_json::from_slice(&self.run(&["ps", "--json"]).stdout).expect("ps --json")
     }
 
+    /// The whole event log, a page at a time (`events` gives a page).
     pub fn events(&self) -> Vec<Value> {
-        let out = self.run(&["events", "--json"]);
-        serde_json::from_slice(&out.stdout).expect("events --json")
+        const PAGE: usize = 1000;
+        let mut all: Vec<Value> = Vec::new();
+        loop {
+            let since = all.last().and_then(|e| e["seq"].as_u64()).unwrap_or(0);
+            let out = self.run(&[
+                "events",
+                "--json",
+                "--since",
+                &since.to_string(),
+                "--limit",
+                &PAGE.to_string(),
+            ]);
+            let page: Vec<Value> = serde_json::from_slice(&out.stdout).expect("events --json");
+            let full = page.len() >= PAGE;
+            all.extend(page);
+            if !full {
+                return all;
+            }
+        }
     }
 
     /// The newest event's sequence number (0 when there is none).

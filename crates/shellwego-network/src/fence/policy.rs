@@ -224,9 +224,10 @@ pub enum AllowListError {
     },
 }
 
-/// What a VM may reach beyond the host: the spec's `[network]` section.
+/// What a VM may reach beyond the host: the spec's `[network]` section. Its serde form is
+/// the one the agent stores with an app's spec, so it decodes leniently (an unknown field
+/// is ignored); the user's `[network]` is parsed strictly by the agent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct EgressPolicy {
     #[serde(default)]
     pub egress: Egress,
@@ -358,6 +359,9 @@ mod tests {
         assert_eq!(json, r#"{"egress":"none","allow":["10.1.2.0/24:5432"]}"#);
         assert_eq!(serde_json::from_str::<EgressPolicy>(&json).unwrap(), p);
         assert!(serde_json::from_str::<EgressPolicy>(r#"{"allow":["1.2.3.4/8"]}"#).is_err());
+        // Stored with a spec: a field added by a later agent is ignored.
+        let later = r#"{"egress":"none","allow":["10.1.2.0/24:5432"],"later":1}"#;
+        assert_eq!(serde_json::from_str::<EgressPolicy>(later).unwrap(), p);
         assert!(EgressPolicy::default().is_default());
         assert_eq!("none".parse::<Egress>(), Ok(Egress::None));
         assert!("None".parse::<Egress>().is_err());

@@ -375,10 +375,11 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         if row.state != VmState::Running {
             return 0;
         }
-        let check = apps
-            .get(&row.app)
-            .and_then(|a| a.health.as_ref())
-            .map(|c| self.platform.health_check(c));
+        // A VM of an app nobody wants is the plan's to remove, not to judge.
+        let Some(spec) = apps.get(&row.app) else {
+            return 0;
+        };
+        let check = spec.health.as_ref().map(|c| self.platform.health_check(c));
         let ip = row.ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok());
         match (row.health, check, ip) {
             // Decided when the app has no check.
@@ -614,6 +615,7 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
             .map_err(|e| e.to_string()),
         };
         drop(slot);
+        release_freed_heap();
         let built = match result {
             Err(e) if cancel.is_cancelled() => {
                 self.forget(&app.name, vm, &e).await;
@@ -922,10 +924,8 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
     pub async fn run(self: Arc<Self>, period: Duration) {
         let mut passes: u64 = 0;
         loop {
-            match self.reconcile_once().await {
-                Ok(n) if n > 0 => release_freed_heap(),
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "reconcile pass failed"),
+            if let Err(e) = self.reconcile_once().await {
+                warn!(error = %e, "reconcile pass failed");
             }
             passes += 1;
             if passes % 12 == 0 && !crate::fault::stalled() {
@@ -963,8 +963,8 @@ enum Scope {
     These,
 }
 
-/// Hands memory freed by a pass that did something (layer unpacking, image and HTTP
-/// buffers) back to the OS: glibc keeps freed heap in its per-thread arenas, which showed
+/// Hands memory freed by a provision (layer unpacking, image and HTTP buffers) back to
+/// the OS: glibc keeps freed heap in its per-thread arenas, which showed
 /// as tens of MiB of resident memory in a long-running agent.
 fn release_freed_heap() {
     #[cfg(target_env = "gnu")]

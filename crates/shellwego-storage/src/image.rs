@@ -294,11 +294,6 @@ pub struct RegistryConfig {
 
 /// Removes downloads that a process which is gone left in `tmp/` (their names end in
 /// `.PID.N`); those of live processes (another store on this root) are kept.
-/// True when no process `pid` exists (a temp file it named is a leftover).
-pub(crate) fn process_gone(pid: u32) -> bool {
-    !Path::new(&format!("/proc/{pid}")).exists()
-}
-
 fn sweep_stale_downloads(tmp: &Path) {
     let Ok(entries) = fs::read_dir(tmp) else {
         return;
@@ -306,7 +301,7 @@ fn sweep_stale_downloads(tmp: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let pid = name.rsplit('.').nth(1).and_then(|p| p.parse::<u32>().ok());
-        if pid.is_none_or(process_gone) {
+        if pid.is_none_or(|pid| !shellwego_sys::process::exists(pid)) {
             let _ = fs::remove_file(entry.path());
         }
     }
@@ -651,7 +646,7 @@ impl ImageStore {
         }
         let json =
             serde_json::to_vec_pretty(&image).map_err(|e| io_at(&path)(io::Error::other(e)))?;
-        crate::atomic::write_file(&path, &json).map_err(io_at(&path))?;
+        shellwego_sys::atomic::write_file(&path, &json).map_err(io_at(&path))?;
         Ok(image)
     }
 

@@ -1,8 +1,8 @@
 //! Storage for ShellWeGo: ZFS datasets (`zfs`), OCI images and their layer cache
 //! (`image`), layers fetched and checked in one pass (`fetch`, `spool`, `layer`), layer
-//! unpacking (`unpack`), and the copy-on-write root disks of VMs (`rootfs`).
+//! unpacking (`unpack`), and the copy-on-write root disks of VMs (`rootfs`). Atomic
+//! writes, the file lock and `/proc` facts come from `shellwego-sys`.
 
-pub mod atomic;
 pub mod ext4;
 pub mod fetch;
 pub mod image;

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -144,31 +143,6 @@ fn run(cmd: &mut Command) -> Result<(), RootfsError> {
             cmd: shown,
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
-    }
-}
-
-/// Holds an exclusive `flock` on a file while alive (cross-process build lock).
-struct FileLock(fs::File);
-
-impl FileLock {
-    fn acquire(path: &Path) -> io::Result<FileLock> {
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)?;
-        // SAFETY: flock on a valid open descriptor.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(FileLock(f))
-    }
-}
-
-impl Drop for FileLock {
-    fn drop(&mut self) {
-        // SAFETY: unlocking our own descriptor.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
     }
 }
 
@@ -325,8 +299,8 @@ impl RootfsBuilder {
         let locks = self.data_dir.join("locks");
         fs::create_dir_all(&locks).map_err(io_err("creating lock dir", &locks))?;
         let lock_path = locks.join(format!("base-{}.lock", image.digest_hex()));
-        let _cross_process =
-            FileLock::acquire(&lock_path).map_err(io_err("locking", &lock_path))?;
+        let _cross_process = shellwego_sys::lock::FileLock::exclusive(&lock_path)
+            .map_err(io_err("locking", &lock_path))?;
 
         if let Some(base) = self.existing_base(image)? {
             return Ok(base);
@@ -586,7 +560,7 @@ fn sweep_dead_builds(tmp: &Path) {
             .rsplit('-')
             .next()
             .and_then(|p| p.parse::<u32>().ok());
-        if pid.is_some_and(crate::image::process_gone) {
+        if pid.is_some_and(|pid| !shellwego_sys::process::exists(pid)) {
             let path = entry.path();
             let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
         }

@@ -9,6 +9,8 @@ pub mod image;
 pub mod layer;
 pub mod rootfs;
 pub mod spool;
+#[cfg(test)]
+mod testserver;
 pub mod unpack;
 pub mod zfs;
 

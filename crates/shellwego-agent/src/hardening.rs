@@ -5,9 +5,9 @@
 //! are root-only.
 
 use std::io;
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::Duration;
 
 use tracing::{info, warn};
 
@@ -65,41 +65,11 @@ pub fn private_file(path: &Path) -> io::Result<()> {
 /// to another VM's socket or the agent's own, which a plain `connect` would follow as
 /// root. The socket is opened with `O_PATH | O_NOFOLLOW`, checked to be a socket, and
 /// connected to through that descriptor (`/proc/self/fd/N`), so nothing can swap it in
-/// between.
-pub fn connect_unix(path: &Path) -> io::Result<std::os::unix::net::UnixStream> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: open(2) with a valid C string; the descriptor is closed below.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is ours and open; from here it is closed when `owned` drops.
-    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    // A symlink opened with O_NOFOLLOW | O_PATH is the link itself: not a socket.
-    // SAFETY: all-zero is a valid stat buffer.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat on an open descriptor into a valid buffer.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "{} is not a socket (a symlink or other file)",
-                path.display()
-            ),
-        ));
-    }
-    let stream = std::os::unix::net::UnixStream::connect(format!("/proc/self/fd/{fd}"));
-    drop(owned);
-    stream
+/// between. A VMM that stops accepting lets its listen queue fill, and a plain `connect`
+/// then waits forever: this one waits at most `limit` (see
+/// [`shellwego_sys::socket::connect_unix`]).
+pub fn connect_unix(path: &Path, limit: Duration) -> io::Result<std::os::unix::net::UnixStream> {
+    shellwego_sys::socket::connect_unix(path, limit)
 }
 
 #[cfg(test)]
@@ -138,14 +108,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("s.sock");
         let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-        assert!(connect_unix(&sock).is_ok());
+        let limit = Duration::from_secs(5);
+        assert!(connect_unix(&sock, limit).is_ok());
         let link = dir.path().join("link.sock");
         std::os::unix::fs::symlink(&sock, &link).unwrap();
-        let e = connect_unix(&link).unwrap_err();
+        let e = connect_unix(&link, limit).unwrap_err();
         assert!(e.to_string().contains("not a socket"), "{e}");
         let file = dir.path().join("file");
         std::fs::write(&file, b"x").unwrap();
-        assert!(connect_unix(&file).is_err());
-        assert!(connect_unix(&dir.path().join("missing")).is_err());
+        assert!(connect_unix(&file, limit).is_err());
+        assert!(connect_unix(&dir.path().join("missing"), limit).is_err());
     }
 }

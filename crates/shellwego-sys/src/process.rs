@@ -28,6 +28,21 @@ pub fn exists(pid: u32) -> bool {
     i32::try_from(pid).is_ok_and(|pid| procfs::process::Process::new(pid).is_ok())
 }
 
+/// The process's arguments, `argv[0]` first; `None` when they cannot be read (no such
+/// process, a zombie, or not UTF-8).
+pub fn cmdline(pid: i32) -> Option<Vec<String>> {
+    procfs::process::Process::new(pid)
+        .and_then(|p| p.cmdline())
+        .ok()
+}
+
+/// The pids of every process there is now.
+pub fn all_pids() -> Vec<i32> {
+    procfs::process::all_processes()
+        .map(|it| it.flatten().map(|p| p.pid()).collect())
+        .unwrap_or_default()
+}
+
 fn pid_of(pid: i32) -> io::Result<Pid> {
     // Pid refuses 0 and negative numbers: kill(2) would read those as a process group
     // or every process the caller may signal.
@@ -71,12 +86,17 @@ mod tests {
         assert!(alive(me as i32));
         assert!(exists(me));
         assert!(start_time(me as i32).is_some_and(|t| t > 0));
+        assert!(all_pids().contains(&(me as i32)));
         let child = std::process::Command::new("sleep")
             .arg("30")
             .spawn()
             .unwrap();
         let pid = child.id() as i32;
         assert!(alive(pid));
+        assert_eq!(
+            cmdline(pid),
+            Some(vec!["sleep".to_string(), "30".to_string()])
+        );
         let started = start_time(pid);
         assert!(started.is_some());
         signal(pid, Signal::KILL).unwrap();

@@ -13,11 +13,11 @@ use tracing::{info, warn};
 
 /// Umask, non-dumpable, and the open-file limit raised to the hard limit.
 pub fn harden_process() {
-    // SAFETY: umask only sets this process's file-creation mask; it cannot fail.
-    unsafe { libc::umask(0o077) };
-    // SAFETY: prctl with PR_SET_DUMPABLE and a plain integer argument.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        warn!(error = %io::Error::last_os_error(), "cannot make the agent non-dumpable");
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    if let Err(e) =
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+    {
+        warn!(error = %io::Error::from(e), "cannot make the agent non-dumpable");
     }
     match raise_nofile() {
         Ok(n) => info!(open_files = n, "open-file limit"),
@@ -25,24 +25,26 @@ pub fn harden_process() {
     }
 }
 
-/// Raises the soft open-file limit to the hard one; returns the new soft limit.
+/// Raises the soft open-file limit to the hard one; returns the new soft limit
+/// (`u64::MAX` for no limit).
 pub fn raise_nofile() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    // `None` is no limit: above every number.
+    let (soft, hard) = (
+        lim.current.unwrap_or(u64::MAX),
+        lim.maximum.unwrap_or(u64::MAX),
+    );
+    if soft < hard {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        )?;
     }
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: setrlimit reads the struct we pass.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(lim.rlim_cur)
+    Ok(hard.max(soft))
 }
 
 /// Creates `dir` (and its parents) and makes it root-only (0700), also when it existed.
@@ -94,13 +96,9 @@ mod tests {
     #[test]
     fn nofile_is_raised_to_the_hard_limit() {
         let n = raise_nofile().unwrap();
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
-        assert_eq!(n, lim.rlim_max);
+        let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        assert_eq!(Some(n), lim.maximum);
+        assert_eq!(lim.current, lim.maximum);
     }
 
     #[test]

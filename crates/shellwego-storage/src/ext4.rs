@@ -9,10 +9,10 @@
 //! copy skips holes (`SEEK_DATA`/`SEEK_HOLE`), so the dataset file stays as sparse as mkfs
 //! made it.
 
+use rustix::fs::SeekFrom;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 
@@ -81,20 +81,14 @@ pub fn make_ext4(tree: &Path, image: &Path, size: u64, inodes: u64) -> Result<()
     }
 }
 
-/// Where the data of `file` starts at or after `offset` (`None`: only a hole is left).
-fn next_data(file: &fs::File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
-    // SAFETY: lseek on a descriptor we own; it only moves the file offset.
-    let at = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
-    if at < 0 {
-        let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
-        };
+/// Where `file`'s data (`SeekFrom::Data`) or hole (`SeekFrom::Hole`) starts at or after
+/// an offset (`None`: nothing of that kind is left).
+fn next_data(file: &fs::File, whence: SeekFrom) -> io::Result<Option<u64>> {
+    match rustix::fs::seek(file, whence) {
+        Ok(at) => Ok(Some(at)),
+        Err(rustix::io::Errno::NXIO) => Ok(None),
+        Err(e) => Err(e.into()),
     }
-    Ok(Some(at as u64))
 }
 
 /// Copies `src` into a new file `dst`, writing only its data extents (holes stay holes),
@@ -112,10 +106,10 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<u64> {
     let mut written = 0;
     let mut pos = 0;
     while pos < len {
-        let Some(start) = next_data(&from, pos, libc::SEEK_DATA)? else {
+        let Some(start) = next_data(&from, SeekFrom::Data(pos))? else {
             break;
         };
-        let end = next_data(&from, start, libc::SEEK_HOLE)?
+        let end = next_data(&from, SeekFrom::Hole(start))?
             .filter(|&e| e > start)
             .unwrap_or(len)
             .min(len);

@@ -187,34 +187,12 @@ impl RootfsBuilder {
         if staging_is_protected(&mounts, &dir) {
             return Ok(());
         }
-        let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-            .map_err(std::io::Error::other)?;
-        let flags = libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-        // SAFETY: mount(2) with valid C strings; a bind of the directory onto itself, then
-        // a remount of that bind with the restricting flags.
-        unsafe {
-            if libc::mount(
-                path.as_ptr(),
-                path.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::mount(
-                std::ptr::null(),
-                path.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REMOUNT | flags,
-                std::ptr::null(),
-            ) != 0
-            {
-                let e = std::io::Error::last_os_error();
-                libc::umount2(path.as_ptr(), libc::MNT_DETACH);
-                return Err(e);
-            }
+        // A bind of the directory onto itself, then a remount of that bind with the
+        // restricting flags.
+        shellwego_sys::mount::bind(&dir, &dir)?;
+        if let Err(e) = shellwego_sys::mount::restrict_bind(&dir) {
+            let _ = shellwego_sys::mount::detach(&dir);
+            return Err(e);
         }
         Ok(())
     }

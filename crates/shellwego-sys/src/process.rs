@@ -68,6 +68,13 @@ pub fn signal_group(pgid: i32, signal: Signal) -> io::Result<()> {
     rustix::process::kill_process_group(pid_of(pgid)?, signal).map_err(io::Error::from)
 }
 
+/// Makes the calling process the leader of a new session (and process group), detached
+/// from the caller's terminal and group: what a child that is to outlive its parent does
+/// between fork and exec (one system call, safe there).
+pub fn new_session() -> io::Result<()> {
+    rustix::process::setsid().map(drop).map_err(io::Error::from)
+}
+
 /// Collects `pid`'s exit status if it is our child and has exited, so it does not stay a
 /// zombie; returns at once otherwise, and is harmless for a pid that is not our child.
 pub fn reap(pid: i32) {

@@ -421,17 +421,14 @@ pub async fn spawn_with(
         }
         _ => None,
     };
-    // SAFETY: only async-signal-safe calls (setsid, setns) between fork and exec.
+    // SAFETY: only async-signal-safe calls (setsid, setns: one system call each, no
+    // allocation) between fork and exec.
     unsafe {
-        let fd = netns_file
-            .as_ref()
-            .map(std::os::unix::io::AsRawFd::as_raw_fd);
         cmd.pre_exec(move || {
-            libc::setsid();
-            if let Some(fd) = fd {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            // Already a group leader (cannot happen in a fresh child) is no reason to fail.
+            let _ = shellwego_sys::process::new_session();
+            if let Some(ns) = &netns_file {
+                shellwego_sys::netns::enter(ns)?;
             }
             Ok(())
         });

@@ -650,10 +650,8 @@ fn clean_dir(rt: &RuntimeDir, jailed: bool) {
             let prefix = format!("{}/", rt.dir.display());
             for mp in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
                 if mp.starts_with(&prefix) {
-                    if let Ok(c) = std::ffi::CString::new(mp) {
-                        // SAFETY: unmounting a bind mount this manager made.
-                        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-                    }
+                    // A bind mount this manager made.
+                    let _ = shellwego_sys::mount::detach(Path::new(mp));
                 }
             }
         }

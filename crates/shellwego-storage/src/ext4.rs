@@ -55,6 +55,11 @@ pub fn base_inodes(entries: u64, size: u64) -> u64 {
     (entries + entries / 4 + 4096).max(size / (16 << 10))
 }
 
+/// How long `mkfs.ext4 -d` may take to write a base: the 200,000-file benchmark image takes
+/// seconds (docs/BENCHMARKS.md); half an hour leaves room for images at the byte budget on
+/// slow disks and still ends a build on a stalled file system.
+const MKFS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
 /// Makes an ext4 image of `tree` at `image` (a new file): `size` bytes, `inodes` inodes,
 /// labelled `rootfs`. The file is new and sparse, so its holes already read as zeros and
 /// neither the inode tables nor the journal need writing out (`lazy_*_init`).
@@ -70,7 +75,8 @@ pub fn make_ext4(tree: &Path, image: &Path, size: u64, inodes: u64) -> Result<()
         .arg(tree)
         .arg(image)
         .arg(format!("{}k", size / 1024));
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    let out = shellwego_sys::command::output_within(&mut cmd, None, MKFS_TIMEOUT)
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {

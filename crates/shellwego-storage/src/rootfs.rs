@@ -130,11 +130,18 @@ pub struct RootfsBuilder {
     building: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
+/// How long growing a VM's file system (`resize2fs`) may take: seconds for the disks of
+/// this platform (at most a few TiB, mostly unused); a stalled ZFS mount under it would
+/// otherwise hold the provision forever.
+const RESIZE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
 fn run(cmd: &mut Command) -> Result<(), RootfsError> {
     let shown = format!("{cmd:?}");
-    let out = cmd.output().map_err(|e| RootfsError::Command {
-        cmd: shown.clone(),
-        stderr: e.to_string(),
+    let out = shellwego_sys::command::output_within(cmd, None, RESIZE_TIMEOUT).map_err(|e| {
+        RootfsError::Command {
+            cmd: shown.clone(),
+            stderr: e.to_string(),
+        }
     })?;
     if out.status.success() {
         Ok(())

@@ -104,10 +104,13 @@ mod tests {
             .unwrap();
         let pid = child.id() as i32;
         assert!(alive(pid));
-        assert_eq!(
-            cmdline(pid),
-            Some(vec!["sleep".to_string(), "30".to_string()])
-        );
+        // Until the child has exec'd, its command line is not yet `sleep`'s.
+        let want = Some(vec!["sleep".to_string(), "30".to_string()]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while cmdline(pid) != want && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(cmdline(pid), want);
         let started = start_time(pid);
         assert!(started.is_some());
         signal(pid, Signal::KILL).unwrap();

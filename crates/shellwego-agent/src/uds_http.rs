@@ -145,14 +145,19 @@ mod tests {
 
     #[tokio::test]
     async fn tc_u14_deadline_a_socket_that_accepts_and_never_answers_times_out() {
+        use tokio::io::AsyncReadExt;
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("api.sock");
         let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((s, _)) = listener.accept().await {
-                held.push(s);
-            }
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            // Read the request and never answer; the read ends when the client lets go.
+            let mut buf = [0u8; 1024];
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            let _ = closed_tx.send(());
         });
         let limit = Duration::from_millis(300);
         let start = std::time::Instant::now();
@@ -166,5 +171,11 @@ mod tests {
             text.contains("GET /version") && text.contains("300ms"),
             "{text}"
         );
+        // Dropping the request at its deadline closes the connection (hyper's connection
+        // task ends with it): a peer that never answers keeps no task and no socket.
+        tokio::time::timeout(Duration::from_secs(2), closed_rx)
+            .await
+            .expect("the client closed the connection")
+            .unwrap();
     }
 }

@@ -22,8 +22,20 @@ pub const MAX_TOTAL: usize = 256 << 10;
 pub const MAX_SECRETS: usize = 128;
 pub const MAX_ARGS: usize = 1024;
 pub const MAX_PORTS: usize = 64;
+/// Probes at least every 5 minutes: an app checked less often could be dead that long
+/// unnoticed. At most 10 a second: more only loads the guest.
+pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);
 pub const MAX_HEALTH_INTERVAL: Duration = Duration::from_secs(300);
-pub const MAX_HEALTH_GRACE: Duration = Duration::from_secs(3600);
+/// A probe waits at most a minute for its answer (and never longer than the interval,
+/// see `spec`): an app that needs longer to answer a health check is not healthy, and the
+/// probe holds a task meanwhile. A zero timeout could never pass.
+pub const MIN_HEALTH_TIMEOUT: Duration = Duration::from_millis(10);
+pub const MAX_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
+/// A new version has at most 30 minutes to become healthy: meanwhile the old version
+/// keeps running beside it and the rollout waits; on emulated hosts the grace is stretched
+/// further (see `health::for_host`). Under a second no app starts.
+pub const MIN_HEALTH_GRACE: Duration = Duration::from_secs(1);
+pub const MAX_HEALTH_GRACE: Duration = Duration::from_secs(30 * 60);
 pub const MAX_HEALTH_RETRIES: u32 = 100;
 pub const MAX_BITRATE: u64 = 100_000_000_000;
 
@@ -41,6 +53,29 @@ fn range(field: &str, value: u64, min: u64, max: u64, shown: &str) -> Result<(),
             field,
             shown,
             &format!("must be between {min} and {max} ({})", unit_of(field)),
+        ));
+    }
+    Ok(())
+}
+
+fn duration_range(
+    field: &str,
+    value: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<(), SpecError> {
+    if value > max {
+        return Err(invalid(
+            field,
+            format!("{value:?}"),
+            &format!("must be at most {max:?}"),
+        ));
+    }
+    if value < min {
+        return Err(invalid(
+            field,
+            format!("{value:?}"),
+            &format!("must be at least {min:?}"),
         ));
     }
     Ok(())
@@ -137,19 +172,22 @@ pub fn check(app: &DesiredApp) -> Result<(), SpecError> {
         ));
     }
     if let Some(h) = &app.health {
-        if h.interval > MAX_HEALTH_INTERVAL {
-            return Err(invalid(
+        for (field, value, min, max) in [
+            (
                 "health.interval",
-                format!("{:?}", h.interval),
-                &format!("must be at most {:?}", MAX_HEALTH_INTERVAL),
-            ));
-        }
-        if h.grace > MAX_HEALTH_GRACE {
-            return Err(invalid(
-                "health.grace",
-                format!("{:?}", h.grace),
-                &format!("must be at most {:?}", MAX_HEALTH_GRACE),
-            ));
+                h.interval,
+                MIN_HEALTH_INTERVAL,
+                MAX_HEALTH_INTERVAL,
+            ),
+            (
+                "health.timeout",
+                h.timeout,
+                MIN_HEALTH_TIMEOUT,
+                MAX_HEALTH_TIMEOUT,
+            ),
+            ("health.grace", h.grace, MIN_HEALTH_GRACE, MAX_HEALTH_GRACE),
+        ] {
+            duration_range(field, value, min, max)?;
         }
         if h.retries > MAX_HEALTH_RETRIES {
             return Err(invalid(
@@ -249,6 +287,51 @@ mod tests {
         ))
         .unwrap_err();
         assert!(err.to_string().contains("health.grace"), "{err}");
+    }
+
+    #[test]
+    fn tc_u14_deadline_health_durations_have_maxima_and_minima_named_in_the_error() {
+        let health = |extra: &str| {
+            DesiredApp::from_toml(&spec_with(&format!(
+                "[health]\ntcp = true\nport = 80\n{extra}\n"
+            )))
+            .map(drop)
+            .map_err(|e| e.to_string())
+        };
+        for (extra, want) in [
+            (
+                "grace = \"31m\"",
+                "health.grace: \"1860s\" must be at most 1800s",
+            ),
+            (
+                "grace = \"500ms\"",
+                "health.grace: \"500ms\" must be at least 1s",
+            ),
+            (
+                "interval = \"11m\"",
+                "health.interval: \"660s\" must be at most 300s",
+            ),
+            (
+                "interval = \"50ms\"\ntimeout = \"10ms\"",
+                "health.interval: \"50ms\" must be at least 100ms",
+            ),
+            (
+                "interval = \"5m\"\ntimeout = \"2m\"",
+                "health.timeout: \"120s\" must be at most 60s",
+            ),
+            (
+                "timeout = \"5ms\"",
+                "health.timeout: \"5ms\" must be at least 10ms",
+            ),
+        ] {
+            assert_eq!(health(extra), Err(want.to_string()), "{extra}");
+        }
+        for ok in [
+            "grace = \"30m\"\ninterval = \"5m\"\ntimeout = \"1m\"",
+            "grace = \"1s\"\ninterval = \"100ms\"\ntimeout = \"10ms\"",
+        ] {
+            assert_eq!(health(ok), Ok(()), "{ok}");
+        }
     }
 
     #[test]

@@ -265,21 +265,10 @@ fn parse_env<T: std::str::FromStr>(
         .transpose()
 }
 
-/// Finds an executable: a path with a '/' is taken as is, a bare name is searched on PATH.
+/// Finds an executable (`which`): a path with a '/' is taken as is, a bare name is
+/// searched on PATH.
 pub fn find_executable(name: &Path) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    let is_exec = |p: &Path| {
-        p.metadata()
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
-    if name.components().count() > 1 || name.is_absolute() {
-        return is_exec(name).then(|| name.to_path_buf());
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| is_exec(p))
+    which::which(name).ok()
 }
 
 #[cfg(test)]
@@ -301,5 +290,20 @@ mod tests {
         assert!(bad.contains("SHELLWEGO_API_TCP"), "{bad}");
         let err = Config::from_toml(Path::new("x"), "pol = 1").unwrap_err();
         assert!(err.to_string().contains("pol"), "{err}");
+    }
+
+    #[test]
+    fn executables_by_name_or_path() {
+        use std::os::unix::fs::PermissionsExt;
+        let sh = find_executable(Path::new("sh")).expect("sh on PATH");
+        assert!(sh.is_absolute(), "{}", sh.display());
+        assert_eq!(find_executable(&sh), Some(sh.clone()));
+        assert_eq!(find_executable(Path::new("no-such-program-swg")), None);
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain");
+        std::fs::write(&plain, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(find_executable(&plain), None, "not executable");
+        assert_eq!(find_executable(dir.path()), None, "a directory");
     }
 }

@@ -3,6 +3,7 @@
 use std::fs::OpenOptions;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -58,12 +59,21 @@ impl Check {
 
 const SETUP_HINT: &str = "run `make setup` (scripts/setup.sh) as root";
 
-/// Runs a command and returns its first line of output, or why it could not run.
+/// How long a command `doctor` runs to ask a tool's version or state may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs a command (for at most [`PROBE_TIMEOUT`]) and returns its first line of output,
+/// or why it could not run.
 fn first_line(program: &Path, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+    use shellwego_sys::command::{output_within, CommandError};
+    let out = output_within(Command::new(program).args(args), None, PROBE_TIMEOUT).map_err(
+        |e| match e {
+            CommandError::Spawn { source, .. } => {
+                format!("cannot run {}: {source}", program.display())
+            }
+            other => other.to_string(),
+        },
+    )?;
     let text = if out.stdout.is_empty() {
         &out.stderr
     } else {

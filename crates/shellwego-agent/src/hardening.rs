@@ -5,19 +5,19 @@
 //! are root-only.
 
 use std::io;
-use std::os::fd::FromRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::time::Duration;
 
 use tracing::{info, warn};
 
 /// Umask, non-dumpable, and the open-file limit raised to the hard limit.
 pub fn harden_process() {
-    // SAFETY: umask only sets this process's file-creation mask; it cannot fail.
-    unsafe { libc::umask(0o077) };
-    // SAFETY: prctl with PR_SET_DUMPABLE and a plain integer argument.
-    if unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) } != 0 {
-        warn!(error = %io::Error::last_os_error(), "cannot make the agent non-dumpable");
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
+    if let Err(e) =
+        rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
+    {
+        warn!(error = %io::Error::from(e), "cannot make the agent non-dumpable");
     }
     match raise_nofile() {
         Ok(n) => info!(open_files = n, "open-file limit"),
@@ -25,24 +25,26 @@ pub fn harden_process() {
     }
 }
 
-/// Raises the soft open-file limit to the hard one; returns the new soft limit.
+/// Raises the soft open-file limit to the hard one; returns the new soft limit
+/// (`u64::MAX` for no limit).
 pub fn raise_nofile() -> io::Result<u64> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let lim = getrlimit(Resource::Nofile);
+    // `None` is no limit: above every number.
+    let (soft, hard) = (
+        lim.current.unwrap_or(u64::MAX),
+        lim.maximum.unwrap_or(u64::MAX),
+    );
+    if soft < hard {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        )?;
     }
-    if lim.rlim_cur < lim.rlim_max {
-        lim.rlim_cur = lim.rlim_max;
-        // SAFETY: setrlimit reads the struct we pass.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(lim.rlim_cur)
+    Ok(hard.max(soft))
 }
 
 /// Creates `dir` (and its parents) and makes it root-only (0700), also when it existed.
@@ -65,41 +67,11 @@ pub fn private_file(path: &Path) -> io::Result<()> {
 /// to another VM's socket or the agent's own, which a plain `connect` would follow as
 /// root. The socket is opened with `O_PATH | O_NOFOLLOW`, checked to be a socket, and
 /// connected to through that descriptor (`/proc/self/fd/N`), so nothing can swap it in
-/// between.
-pub fn connect_unix(path: &Path) -> io::Result<std::os::unix::net::UnixStream> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-    // SAFETY: open(2) with a valid C string; the descriptor is closed below.
-    let fd = unsafe {
-        libc::open(
-            c.as_ptr(),
-            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is ours and open; from here it is closed when `owned` drops.
-    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
-    // A symlink opened with O_NOFOLLOW | O_PATH is the link itself: not a socket.
-    // SAFETY: all-zero is a valid stat buffer.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat on an open descriptor into a valid buffer.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "{} is not a socket (a symlink or other file)",
-                path.display()
-            ),
-        ));
-    }
-    let stream = std::os::unix::net::UnixStream::connect(format!("/proc/self/fd/{fd}"));
-    drop(owned);
-    stream
+/// between. A VMM that stops accepting lets its listen queue fill, and a plain `connect`
+/// then waits forever: this one waits at most `limit` (see
+/// [`shellwego_sys::socket::connect_unix`]).
+pub fn connect_unix(path: &Path, limit: Duration) -> io::Result<std::os::unix::net::UnixStream> {
+    shellwego_sys::socket::connect_unix(path, limit)
 }
 
 #[cfg(test)]
@@ -124,13 +96,9 @@ mod tests {
     #[test]
     fn nofile_is_raised_to_the_hard_limit() {
         let n = raise_nofile().unwrap();
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: as above.
-        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) }, 0);
-        assert_eq!(n, lim.rlim_max);
+        let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+        assert_eq!(Some(n), lim.maximum);
+        assert_eq!(lim.current, lim.maximum);
     }
 
     #[test]
@@ -138,14 +106,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("s.sock");
         let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-        assert!(connect_unix(&sock).is_ok());
+        let limit = Duration::from_secs(5);
+        assert!(connect_unix(&sock, limit).is_ok());
         let link = dir.path().join("link.sock");
         std::os::unix::fs::symlink(&sock, &link).unwrap();
-        let e = connect_unix(&link).unwrap_err();
+        let e = connect_unix(&link, limit).unwrap_err();
         assert!(e.to_string().contains("not a socket"), "{e}");
         let file = dir.path().join("file");
         std::fs::write(&file, b"x").unwrap();
-        assert!(connect_unix(&file).is_err());
-        assert!(connect_unix(&dir.path().join("missing")).is_err());
+        assert!(connect_unix(&file, limit).is_err());
+        assert!(connect_unix(&dir.path().join("missing"), limit).is_err());
     }
 }

@@ -53,7 +53,9 @@ pub fn is_local_exhaustion(e: &std::io::Error) -> bool {
     )
 }
 
-/// One probe; `Err` says why it failed.
+/// One probe; `Err` says why it failed. All of it (connect, request, the answer's first
+/// bytes) within `check.timeout`: a guest that accepts and never answers, or answers a
+/// byte at a time, fails the probe when the timeout is over.
 pub async fn probe(ip: Ipv4Addr, check: &HealthCheck) -> Result<(), ProbeFailure> {
     let addr = SocketAddr::from((ip, check.port));
     let attempt = async {
@@ -142,6 +144,29 @@ mod tests {
             retries: 3,
             grace: Duration::from_secs(2),
         }
+    }
+
+    #[tokio::test]
+    async fn tc_u14_deadline_a_probe_of_a_silent_app_fails_at_its_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let mut c = check(Probe::Http { path: "/".into() }, port);
+        c.timeout = Duration::from_millis(300);
+        let start = Instant::now();
+        let err = probe(Ipv4Addr::LOCALHOST, &c).await.unwrap_err();
+        let took = start.elapsed();
+        assert!(
+            took >= c.timeout && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert_eq!(err.message, "no answer within 300ms");
+        assert!(!err.inconclusive);
     }
 
     #[tokio::test]

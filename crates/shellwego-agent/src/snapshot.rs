@@ -308,12 +308,10 @@ impl SnapshotManager {
         };
         let json = serde_json::to_vec_pretty(&meta)
             .map_err(|e| io(id, "encoding metadata")(std::io::Error::other(e)))?;
-        shellwego_storage::atomic::write_file(&tmp_dir.join(META_FILE), &json)
+        shellwego_sys::atomic::write_file(&tmp_dir.join(META_FILE), &json)
             .map_err(io(id, "writing metadata"))?;
         std::fs::rename(&tmp_dir, &final_dir).map_err(io(id, "publishing snapshot"))?;
-        std::fs::File::open(&self.root)
-            .and_then(|d| d.sync_all())
-            .map_err(io(id, "syncing snapshot dir"))?;
+        shellwego_sys::atomic::sync_dir(&self.root).map_err(io(id, "syncing snapshot dir"))?;
         self.index.insert(id.to_string(), meta.clone());
         Ok(meta)
     }

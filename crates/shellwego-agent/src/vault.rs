@@ -124,6 +124,11 @@ pub fn api_token(path: &Path) -> Result<String, VaultError> {
 /// 32 random bytes: written to a private temp file, synced, then linked into place
 /// (`link` never replaces an existing file, so two agents starting at once agree on one
 /// key), and the directory synced. A crash leaves either no key or a whole one.
+///
+/// Deliberately not `shellwego_sys::atomic::write_file`: that one replaces whatever is
+/// there (a rename), which for a key would let a second agent overwrite the key the first
+/// one already sealed secrets with. Creation here must be no-clobber, and its temp file
+/// is born 0600 rather than with the umask's mode.
 fn private_file(
     path: &Path,
     rng: &SystemRandom,
@@ -171,9 +176,7 @@ fn private_file(
             match written {
                 Ok(()) => {
                     if let Some(dir) = path.parent() {
-                        std::fs::File::open(dir)
-                            .and_then(|d| d.sync_all())
-                            .map_err(io)?;
+                        shellwego_sys::atomic::sync_dir(dir).map_err(io)?;
                     }
                     Ok(bytes)
                 }
@@ -188,9 +191,11 @@ fn private_file(
     }
 }
 
-/// Compares two byte strings in time that depends only on their lengths.
+/// Compares two byte strings in time that depends only on their lengths (`subtle`, whose
+/// comparison the optimiser is kept from turning into an early exit).
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 #[cfg(test)]

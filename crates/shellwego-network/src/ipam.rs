@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -127,30 +126,6 @@ pub struct Ipam {
     in_process: Mutex<()>,
 }
 
-struct FileLock(fs::File);
-
-impl FileLock {
-    fn acquire(path: &Path) -> io::Result<FileLock> {
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)?;
-        // SAFETY: flock on an open descriptor.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(FileLock(f))
-    }
-}
-
-impl Drop for FileLock {
-    fn drop(&mut self) {
-        // SAFETY: unlocking our own descriptor.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
-    }
-}
-
 impl Ipam {
     /// Opens (creating) the pool whose leases live in `dir/leases.json`.
     pub fn open(dir: &Path, subnet: Subnet) -> Result<Ipam, IpamError> {
@@ -190,7 +165,8 @@ impl Ipam {
         f: impl FnOnce(&mut BTreeMap<String, Ipv4Addr>) -> Result<T, IpamError>,
     ) -> Result<T, IpamError> {
         let _guard = self.in_process.lock().unwrap_or_else(|e| e.into_inner());
-        let _lock = FileLock::acquire(&self.lock_path).map_err(|e| self.io(e))?;
+        let _lock =
+            shellwego_sys::lock::FileLock::exclusive(&self.lock_path).map_err(|e| self.io(e))?;
         let mut file = match fs::read(&self.path) {
             Ok(bytes) => {
                 serde_json::from_slice::<LeaseFile>(&bytes).map_err(|e| IpamError::Corrupt {
@@ -216,19 +192,7 @@ impl Ipam {
         if file.leases != before || !self.path.exists() {
             let json =
                 serde_json::to_vec_pretty(&file).map_err(|e| self.io(io::Error::other(e)))?;
-            let tmp = self.path.with_extension("json.tmp");
-            let write = || -> io::Result<()> {
-                use std::io::Write;
-                let mut f = fs::File::create(&tmp)?;
-                f.write_all(&json)?;
-                f.sync_all()?;
-                fs::rename(&tmp, &self.path)?;
-                if let Some(dir) = self.path.parent() {
-                    fs::File::open(dir)?.sync_all()?;
-                }
-                Ok(())
-            };
-            write().map_err(|e| self.io(e))?;
+            shellwego_sys::atomic::write_file(&self.path, &json).map_err(|e| self.io(e))?;
         }
         Ok(result)
     }
@@ -269,6 +233,26 @@ mod tests {
         let s = Subnet::default_pool();
         assert_eq!(next_free(&s, []), Some(Ipv4Addr::new(10, 0, 4, 2)));
         assert_eq!(s.broadcast(), Ipv4Addr::new(10, 0, 4, 255));
+    }
+
+    #[test]
+    fn leases_persist_across_opens_under_the_shared_lock_and_atomic_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Ipam::open(dir.path(), Subnet::default_pool()).unwrap();
+        let ip = a.allocate("vm-a").unwrap();
+        assert_eq!(a.allocate("vm-a").unwrap(), ip);
+        let b = Ipam::open(dir.path(), Subnet::default_pool()).unwrap();
+        assert_ne!(b.allocate("vm-b").unwrap(), ip);
+        assert_eq!(a.leases().unwrap().len(), 2);
+        assert_eq!(b.release("vm-a").unwrap(), Some(ip));
+        assert_eq!(a.release("vm-a").unwrap(), None);
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["leases.json", "leases.lock"], "no temp file left");
     }
 
     #[test]

@@ -1,9 +1,13 @@
 //! Links over netlink (rtnetlink): bridges, IFBs, addresses, up/down, enslaving, lookup.
 //! TAPs are made with the tun ioctls (`tap`), since this kernel refuses them over netlink.
 //!
-//! Everything acts in the network namespace of the calling thread.
+//! Everything acts in the network namespace of the calling thread. Every request waits
+//! at most [`NETLINK_TIMEOUT`] for the kernel's answer: an answer that is lost must cost
+//! a failed step, not a task that waits forever.
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
@@ -18,6 +22,8 @@ pub enum LinkError {
         #[source]
         source: rtnetlink::Error,
     },
+    #[error("netlink: {op}: no answer within {limit:?}")]
+    TimedOut { op: String, limit: Duration },
     #[error("cannot open a netlink socket: {0}")]
     Socket(#[source] std::io::Error),
     #[error("no interface named {0}")]
@@ -51,9 +57,25 @@ pub fn check_name(name: &str) -> Result<(), LinkError> {
     }
 }
 
+/// How long one netlink request may wait for the kernel's answer. The kernel answers
+/// link and address requests at once; ten seconds covers a host under heavy load.
+pub const NETLINK_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A netlink connection in the calling thread's network namespace.
 pub struct Netlink {
     handle: Handle,
+    limit: Duration,
+}
+
+/// Awaits `answer` for at most `limit`; the error names the request (`op`) and the limit.
+pub async fn within<T>(
+    limit: Duration,
+    op: impl FnOnce() -> String,
+    answer: impl Future<Output = T>,
+) -> Result<T, LinkError> {
+    tokio::time::timeout(limit, answer)
+        .await
+        .map_err(|_| LinkError::TimedOut { op: op(), limit })
 }
 
 fn nl(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> LinkError {
@@ -91,7 +113,15 @@ impl Netlink {
     pub fn connect() -> Result<Netlink, LinkError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(LinkError::Socket)?;
         tokio::spawn(conn);
-        Ok(Netlink { handle })
+        Ok(Netlink {
+            handle,
+            limit: NETLINK_TIMEOUT,
+        })
+    }
+
+    /// The same connection with `limit` for each request instead of [`NETLINK_TIMEOUT`].
+    pub fn with_limit(self, limit: Duration) -> Netlink {
+        Netlink { limit, ..self }
     }
 
     /// The interface called `name`, if it exists.
@@ -103,7 +133,7 @@ impl Netlink {
             .get()
             .match_name(name.to_string())
             .execute();
-        match stream.try_next().await {
+        match within(self.limit, || format!("get {name}"), stream.try_next()).await? {
             Ok(Some(msg)) => Ok(Some(info_of(&msg))),
             Ok(None) => Ok(None),
             Err(e) if is_not_found(&e) => Ok(None),
@@ -122,7 +152,10 @@ impl Netlink {
     pub async fn list(&self) -> Result<Vec<LinkInfo>, LinkError> {
         let mut out = Vec::new();
         let mut stream = self.handle.link().get().execute();
-        while let Some(msg) = stream.try_next().await.map_err(nl("list links"))? {
+        while let Some(msg) = within(self.limit, || "list links".into(), stream.try_next())
+            .await?
+            .map_err(nl("list links"))?
+        {
             out.push(info_of(&msg));
         }
         Ok(out)
@@ -139,7 +172,8 @@ impl Netlink {
         if let Some(l) = self.get(name).await? {
             return Ok(l);
         }
-        match self.handle.link().add(msg).execute().await {
+        let add = self.handle.link().add(msg).execute();
+        match within(self.limit, || format!("create {kind} {name}"), add).await? {
             Ok(()) => {}
             Err(e) if is_exists(&e) => {}
             Err(e) => return Err(nl(format!("create {kind} {name}"))(e)),
@@ -168,7 +202,10 @@ impl Netlink {
             .get()
             .set_link_index_filter(index)
             .execute();
-        while let Some(msg) = stream.try_next().await.map_err(nl("list addresses"))? {
+        while let Some(msg) = within(self.limit, || "list addresses".into(), stream.try_next())
+            .await?
+            .map_err(nl("list addresses"))?
+        {
             for attr in &msg.attributes {
                 if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
                     out.push((*ip, msg.header.prefix_len));
@@ -188,13 +225,12 @@ impl Netlink {
         if self.addresses(index).await?.contains(&(ip, prefix_len)) {
             return Ok(());
         }
-        match self
+        let add = self
             .handle
             .address()
             .add(index, IpAddr::V4(ip), prefix_len)
-            .execute()
-            .await
-        {
+            .execute();
+        match within(self.limit, || format!("add {ip}/{prefix_len}"), add).await? {
             Ok(()) => Ok(()),
             Err(e) if is_exists(&e) => Ok(()),
             Err(e) => Err(nl(format!("add {ip}/{prefix_len}"))(e)),
@@ -202,26 +238,32 @@ impl Netlink {
     }
 
     pub async fn set_up(&self, index: u32) -> Result<(), LinkError> {
-        self.handle
+        let op = format!("set link {index} up");
+        let set = self
+            .handle
             .link()
             .set(LinkUnspec::new_with_index(index).up().build())
-            .execute()
-            .await
-            .map_err(nl(format!("set link {index} up")))
+            .execute();
+        within(self.limit, || op.clone(), set)
+            .await?
+            .map_err(nl(op))
     }
 
     /// Attaches `index` to the bridge `bridge_index`.
     pub async fn enslave(&self, index: u32, bridge_index: u32) -> Result<(), LinkError> {
-        self.handle
+        let op = format!("attach link {index} to bridge {bridge_index}");
+        let set = self
+            .handle
             .link()
             .set(
                 LinkUnspec::new_with_index(index)
                     .controller(bridge_index)
                     .build(),
             )
-            .execute()
-            .await
-            .map_err(nl(format!("attach link {index} to bridge {bridge_index}")))
+            .execute();
+        within(self.limit, || op.clone(), set)
+            .await?
+            .map_err(nl(op))
     }
 
     /// Deletes the interface; a missing one is not an error.
@@ -229,10 +271,31 @@ impl Netlink {
         let Some(link) = self.get(name).await? else {
             return Ok(());
         };
-        match self.handle.link().del(link.index).execute().await {
+        let del = self.handle.link().del(link.index).execute();
+        match within(self.limit, || format!("delete {name}"), del).await? {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => Err(nl(format!("delete {name}"))(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn tc_u14_deadline_a_netlink_answer_that_never_comes_fails_naming_the_request() {
+        let limit = Duration::from_millis(100);
+        let start = std::time::Instant::now();
+        let e = within(limit, || "get swg-x".into(), std::future::pending::<()>())
+            .await
+            .unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(2));
+        assert_eq!(e.to_string(), "netlink: get swg-x: no answer within 100ms");
+        assert_eq!(
+            within(limit, || unreachable!(), async { 7 }).await.unwrap(),
+            7
+        );
     }
 }

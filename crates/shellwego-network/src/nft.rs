@@ -1,8 +1,14 @@
 //! Driving the `nft` command: one script applied as one atomic transaction (`nft -f -`),
 //! and a table listed as JSON. Everything the project owns in nftables goes through here.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
+use std::time::Duration;
+
+use shellwego_sys::command::{output_within, CommandError};
+
+/// How long one `nft` run may take. A transaction of every VM's fence applies in well
+/// under a second; a kernel that does not answer within this is not going to.
+pub const NFT_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
@@ -12,24 +18,22 @@ pub enum NftError {
     Spawn(#[source] std::io::Error),
     #[error("nft printed JSON this code does not understand: {0}")]
     Json(String),
+    #[error("`{cmd}` did not finish within {limit:?} and was killed")]
+    TimedOut { cmd: String, limit: Duration },
 }
 
 fn run(args: &[&str], stdin: Option<&str>) -> Result<std::process::Output, NftError> {
-    let mut child = Command::new("nft")
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(NftError::Spawn)?;
-    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(text.as_bytes()).map_err(NftError::Spawn)?;
-    }
-    child.wait_with_output().map_err(NftError::Spawn)
+    output_within(
+        Command::new("nft").args(args),
+        stdin.map(str::as_bytes),
+        NFT_TIMEOUT,
+    )
+    .map_err(|e| match e {
+        CommandError::TimedOut { cmd, limit } => NftError::TimedOut { cmd, limit },
+        CommandError::Spawn { source, .. } | CommandError::Io { source, .. } => {
+            NftError::Spawn(source)
+        }
+    })
 }
 
 /// Applies `script` in one transaction: all of it, or (on any error) none of it.
@@ -61,10 +65,5 @@ pub fn list_table(family: &str, name: &str) -> Result<Option<serde_json::Value>,
 
 /// True if the table exists.
 pub fn has_table(family: &str, name: &str) -> bool {
-    Command::new("nft")
-        .args(["list", "table", family, name])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+    run(&["list", "table", family, name], None).is_ok_and(|out| out.status.success())
 }

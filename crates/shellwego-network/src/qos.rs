@@ -60,6 +60,11 @@ pub enum QosError {
     Tc { args: String, stderr: String },
     #[error("cannot run tc (apt-get install iproute2): {0}")]
     Spawn(#[source] std::io::Error),
+    #[error("`{cmd}` did not finish within {limit:?} and was killed")]
+    TimedOut {
+        cmd: String,
+        limit: std::time::Duration,
+    },
     #[error(transparent)]
     Name(#[from] crate::link::LinkError),
     #[error("rate must be at least 8 kbit/s, got {0} bit/s")]
@@ -80,11 +85,22 @@ pub struct Counters {
     pub packets: u64,
 }
 
+/// How long one `tc` run may take: it changes one qdisc or class, which the kernel does at
+/// once; a `tc` still running after this is stuck.
+pub const TC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn run_tc(args: &[&str]) -> Result<std::process::Output, QosError> {
+    use shellwego_sys::command::{output_within, CommandError};
+    output_within(Command::new("tc").args(args), None, TC_TIMEOUT).map_err(|e| match e {
+        CommandError::TimedOut { cmd, limit } => QosError::TimedOut { cmd, limit },
+        CommandError::Spawn { source, .. } | CommandError::Io { source, .. } => {
+            QosError::Spawn(source)
+        }
+    })
+}
+
 fn tc(args: &[&str]) -> Result<(), QosError> {
-    let out = Command::new("tc")
-        .args(args)
-        .output()
-        .map_err(QosError::Spawn)?;
+    let out = run_tc(args)?;
     if out.status.success() {
         Ok(())
     } else {
@@ -97,7 +113,7 @@ fn tc(args: &[&str]) -> Result<(), QosError> {
 
 /// `tc` ignoring "nothing to delete" failures (teardown of a half-built setup).
 fn tc_quiet(args: &[&str]) {
-    let _ = Command::new("tc").args(args).output();
+    let _ = run_tc(args);
 }
 
 /// HTB burst for a rate: at least one 100 ms worth of bytes, and 32 KiB.

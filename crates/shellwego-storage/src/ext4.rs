@@ -9,10 +9,10 @@
 //! copy skips holes (`SEEK_DATA`/`SEEK_HOLE`), so the dataset file stays as sparse as mkfs
 //! made it.
 
+use rustix::fs::SeekFrom;
 use std::fs;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::process::Command;
 
@@ -55,6 +55,11 @@ pub fn base_inodes(entries: u64, size: u64) -> u64 {
     (entries + entries / 4 + 4096).max(size / (16 << 10))
 }
 
+/// How long `mkfs.ext4 -d` may take to write a base: the 200,000-file benchmark image takes
+/// seconds (docs/BENCHMARKS.md); half an hour leaves room for images at the byte budget on
+/// slow disks and still ends a build on a stalled file system.
+const MKFS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
 /// Makes an ext4 image of `tree` at `image` (a new file): `size` bytes, `inodes` inodes,
 /// labelled `rootfs`. The file is new and sparse, so its holes already read as zeros and
 /// neither the inode tables nor the journal need writing out (`lazy_*_init`).
@@ -70,7 +75,8 @@ pub fn make_ext4(tree: &Path, image: &Path, size: u64, inodes: u64) -> Result<()
         .arg(tree)
         .arg(image)
         .arg(format!("{}k", size / 1024));
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    let out = shellwego_sys::command::output_within(&mut cmd, None, MKFS_TIMEOUT)
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
@@ -81,20 +87,14 @@ pub fn make_ext4(tree: &Path, image: &Path, size: u64, inodes: u64) -> Result<()
     }
 }
 
-/// Where the data of `file` starts at or after `offset` (`None`: only a hole is left).
-fn next_data(file: &fs::File, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-    let off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
-    // SAFETY: lseek on a descriptor we own; it only moves the file offset.
-    let at = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
-    if at < 0 {
-        let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ENXIO) {
-            Ok(None)
-        } else {
-            Err(e)
-        };
+/// Where `file`'s data (`SeekFrom::Data`) or hole (`SeekFrom::Hole`) starts at or after
+/// an offset (`None`: nothing of that kind is left).
+fn next_data(file: &fs::File, whence: SeekFrom) -> io::Result<Option<u64>> {
+    match rustix::fs::seek(file, whence) {
+        Ok(at) => Ok(Some(at)),
+        Err(rustix::io::Errno::NXIO) => Ok(None),
+        Err(e) => Err(e.into()),
     }
-    Ok(Some(at as u64))
 }
 
 /// Copies `src` into a new file `dst`, writing only its data extents (holes stay holes),
@@ -112,10 +112,10 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<u64> {
     let mut written = 0;
     let mut pos = 0;
     while pos < len {
-        let Some(start) = next_data(&from, pos, libc::SEEK_DATA)? else {
+        let Some(start) = next_data(&from, SeekFrom::Data(pos))? else {
             break;
         };
-        let end = next_data(&from, start, libc::SEEK_HOLE)?
+        let end = next_data(&from, SeekFrom::Hole(start))?
             .filter(|&e| e > start)
             .unwrap_or(len)
             .min(len);

@@ -30,10 +30,6 @@ use crate::image::{
 use crate::layer::{LayerStreamError, LayerTar};
 use crate::spool::{Spool, SpoolError, SpoolWriter};
 
-/// Bytes per second a download must keep up on average before it is given up (on top
-/// of a fixed minute), so that a registry trickling bytes cannot hold a pull forever.
-const MIN_RATE: u64 = 256 << 10;
-
 /// Chunks in flight between the network and the writer thread (each up to a few KiB to
 /// a few hundred KiB).
 const CHANNEL_CHUNKS: usize = 64;
@@ -138,6 +134,7 @@ impl ImageStore {
             blob: blob.to_path_buf(),
             writer,
             slots: self.download_slots.clone(),
+            deadline: self.budget.blob_deadline(layer.size),
         }));
         Ok((spool, false))
     }
@@ -150,6 +147,10 @@ struct Download {
     blob: PathBuf,
     writer: SpoolWriter,
     slots: Arc<Semaphore>,
+    /// The whole download, from the request to the last byte (see
+    /// [`ImageBudget::blob_deadline`]): a registry trickling bytes cannot hold a pull
+    /// forever.
+    deadline: Duration,
 }
 
 enum Chunk {
@@ -168,6 +169,7 @@ async fn download(d: Download) {
         blob,
         mut writer,
         slots,
+        deadline,
     } = d;
     let _slot = slots.acquire_owned().await;
     let (tx, mut rx) = mpsc::channel::<Chunk>(CHANNEL_CHUNKS);
@@ -191,7 +193,6 @@ async fn download(d: Download) {
         result.and_then(|()| writer.finish(&blob))
     });
     let size = u64::try_from(desc.size).unwrap_or(0);
-    let deadline = Duration::from_secs(60) + Duration::from_secs(size / MIN_RATE);
     let network = async {
         // A range from 0 asks for the raw bytes; the writer checks size and digest itself
         // (off the runtime's threads), so oci-client need not hash them a second time.
@@ -214,8 +215,8 @@ async fn download(d: Download) {
     let outcome = match tokio::time::timeout(deadline, network).await {
         Ok(r) => r,
         Err(_) => Err(SpoolError::Registry(format!(
-            "no complete blob within {} s",
-            deadline.as_secs()
+            "{} sent no complete blob within {deadline:?}",
+            reference.resolve_registry()
         ))),
     };
     if let Err(why) = outcome {
@@ -394,6 +395,69 @@ pub async fn drive<T>(
                     progress(p);
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::{Compression, ImageConfig, PulledImage, RegistryConfig};
+
+    #[tokio::test]
+    async fn tc_u14_deadline_a_trickled_layer_fails_at_its_deadline_naming_the_registry() {
+        let head = "HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n";
+        let registry = crate::testserver::trickling(head, Duration::from_millis(5));
+        let dir = tempfile::tempdir().unwrap();
+        let budget = ImageBudget {
+            read_timeout: Duration::from_secs(30),
+            blob_timeout: Duration::from_millis(500),
+            blob_min_rate: u64::MAX,
+            ..ImageBudget::default()
+        };
+        let registries = RegistryConfig {
+            insecure: vec![registry.clone()],
+            ..Default::default()
+        };
+        let store = ImageStore::open_with(dir.path(), registries, budget).unwrap();
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let layer = Layer {
+            digest: digest.clone(),
+            diff_id: digest.clone(),
+            compression: Compression::Gzip,
+            size: 1_000_000,
+        };
+        let resolved = Resolved {
+            image: PulledImage {
+                references: vec![],
+                digest: digest.clone(),
+                config: ImageConfig::default(),
+                layers: vec![layer],
+            },
+            reference: crate::image::parse_reference(&format!("{registry}/test/app:1")).unwrap(),
+            descriptors: vec![OciDescriptor {
+                media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                digest,
+                size: 1_000_000,
+                ..OciDescriptor::default()
+            }],
+        };
+        let start = Instant::now();
+        let fetch = store.fetch(&resolved).unwrap();
+        let spool = fetch.layers[0].spool.clone();
+        let outcome = tokio::task::spawn_blocking(move || spool.wait_for(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(500) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        match outcome {
+            Some(Err(SpoolError::Registry(why))) => {
+                assert!(why.contains(&registry) && why.contains("500ms"), "{why}")
+            }
+            other => panic!("{other:?}"),
         }
     }
 }

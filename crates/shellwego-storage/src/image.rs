@@ -57,6 +57,13 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
+    #[error("registry {registry}: the {what} of {reference} did not arrive within {limit:?}")]
+    Deadline {
+        registry: String,
+        what: &'static str,
+        reference: String,
+        limit: Duration,
+    },
     #[error("image {0} is not in the store")]
     NotFound(String),
     #[error("layer {digest} of {reference}: {source}")]
@@ -94,6 +101,21 @@ pub struct ImageBudget {
     pub connect_timeout: Duration,
     /// Waiting for the next bytes from a registry.
     pub read_timeout: Duration,
+    /// The whole of one manifest or config request (token exchange included): the read
+    /// timeout alone lets a registry that trickles a byte now and then hold a pull forever.
+    pub request_timeout: Duration,
+    /// What a layer download may take at least; it gets [`Self::blob_min_rate`] on top.
+    pub blob_timeout: Duration,
+    /// Bytes per second a layer download must average (beyond [`Self::blob_timeout`]).
+    pub blob_min_rate: u64,
+}
+
+impl ImageBudget {
+    /// How long the download of a blob of `size` bytes may take in all.
+    pub fn blob_deadline(&self, size: u64) -> Duration {
+        self.blob_timeout
+            .saturating_add(Duration::from_secs(size / self.blob_min_rate.max(1)))
+    }
 }
 
 impl Default for ImageBudget {
@@ -105,6 +127,12 @@ impl Default for ImageBudget {
             parallel_downloads: 3,
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
+            // A manifest or config is a few KiB: a minute is slow even for a distant
+            // registry behind a token service.
+            request_timeout: Duration::from_secs(60),
+            // A layer gets a minute plus a second per 256 KiB: a 100 MiB layer 7 minutes.
+            blob_timeout: Duration::from_secs(60),
+            blob_min_rate: 256 << 10,
         }
     }
 }
@@ -294,11 +322,6 @@ pub struct RegistryConfig {
 
 /// Removes downloads that a process which is gone left in `tmp/` (their names end in
 /// `.PID.N`); those of live processes (another store on this root) are kept.
-/// True when no process `pid` exists (a temp file it named is a leftover).
-pub(crate) fn process_gone(pid: u32) -> bool {
-    !Path::new(&format!("/proc/{pid}")).exists()
-}
-
 fn sweep_stale_downloads(tmp: &Path) {
     let Ok(entries) = fs::read_dir(tmp) else {
         return;
@@ -306,7 +329,7 @@ fn sweep_stale_downloads(tmp: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let pid = name.rsplit('.').nth(1).and_then(|p| p.parse::<u32>().ok());
-        if pid.is_none_or(process_gone) {
+        if pid.is_none_or(|pid| !shellwego_sys::process::exists(pid)) {
             let _ = fs::remove_file(entry.path());
         }
     }
@@ -511,9 +534,31 @@ impl ImageStore {
         String::from_utf8(bytes).map_err(|_| invalid("its config is not UTF-8".into()))
     }
 
+    /// Awaits one request to the registry of `reference` for at most the budget's
+    /// `request_timeout`; the error names the registry, what was asked and the limit.
+    async fn within<T>(
+        &self,
+        reference: &Reference,
+        what: &'static str,
+        request: impl std::future::Future<Output = Result<T, ImageError>>,
+    ) -> Result<T, ImageError> {
+        let limit = self.budget.request_timeout;
+        tokio::time::timeout(limit, request)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ImageError::Deadline {
+                    registry: reference.resolve_registry().to_string(),
+                    what,
+                    reference: reference.whole(),
+                    limit,
+                })
+            })
+    }
+
     /// Resolves an image: an index to its linux/amd64 manifest; checks the manifest
     /// (by oci-client, against the registry's digest and the reference's) and the config
-    /// (against the manifest). Fetches no layer.
+    /// (against the manifest). Fetches no layer. The manifest and the config each have
+    /// the budget's `request_timeout`.
     pub async fn resolve(&self, reference: &str) -> Result<Resolved, ImageError> {
         let parsed = parse_reference(reference)?;
         let whole = parsed.whole();
@@ -522,12 +567,15 @@ impl ImageStore {
             source,
         };
         let auth = self.auth_for(&parsed);
-        let (manifest, digest) = self
-            .client
-            .pull_image_manifest(&parsed, &auth)
-            .await
-            .map_err(registry_err)?;
-        let config_json = self.pull_config(&parsed, &manifest.config, &whole).await?;
+        let manifest = async {
+            self.client
+                .pull_image_manifest(&parsed, &auth)
+                .await
+                .map_err(registry_err)
+        };
+        let (manifest, digest) = self.within(&parsed, "manifest", manifest).await?;
+        let config = self.pull_config(&parsed, &manifest.config, &whole);
+        let config_json = self.within(&parsed, "config", config).await?;
         // oci-client checks the manifest's bytes against the registry's digest header and
         // against the digest in the reference, if it has one.
         let config_digest = sha256_hex(config_json.as_bytes());
@@ -651,7 +699,7 @@ impl ImageStore {
         }
         let json =
             serde_json::to_vec_pretty(&image).map_err(|e| io_at(&path)(io::Error::other(e)))?;
-        crate::atomic::write_file(&path, &json).map_err(io_at(&path))?;
+        shellwego_sys::atomic::write_file(&path, &json).map_err(io_at(&path))?;
         Ok(image)
     }
 
@@ -743,6 +791,80 @@ mod tests {
             Compression::Zstd
         );
         assert!(Compression::from_media_type("application/wasm", "d").is_err());
+    }
+
+    fn store_for(registry: &str, budget: ImageBudget) -> (tempfile::TempDir, ImageStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let registries = RegistryConfig {
+            insecure: vec![registry.to_string()],
+            ..Default::default()
+        };
+        let store = ImageStore::open_with(dir.path(), registries, budget).unwrap();
+        (dir, store)
+    }
+
+    /// A read timeout far beyond the test's request deadline: only the deadline can end
+    /// these requests in time.
+    fn patient(request_timeout: Duration) -> ImageBudget {
+        ImageBudget {
+            read_timeout: Duration::from_secs(30),
+            request_timeout,
+            ..ImageBudget::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn tc_u14_deadline_a_registry_that_never_answers_fails_the_manifest_naming_it() {
+        let registry = crate::testserver::silent();
+        let (_dir, store) = store_for(&registry, patient(Duration::from_millis(300)));
+        let start = std::time::Instant::now();
+        let e = store
+            .resolve(&format!("{registry}/test/app:1"))
+            .await
+            .unwrap_err();
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(matches!(e, ImageError::Deadline { .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains(&registry) && text.contains("manifest") && text.contains("300ms"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn tc_u14_deadline_a_registry_that_trickles_fails_within_the_request_deadline() {
+        let head =
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n";
+        let registry = crate::testserver::trickling(head, Duration::from_millis(20));
+        let (_dir, store) = store_for(&registry, patient(Duration::from_millis(400)));
+        let start = std::time::Instant::now();
+        let e = store
+            .resolve(&format!("{registry}/test/app:1"))
+            .await
+            .unwrap_err();
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+        let text = e.to_string();
+        assert!(text.contains(&registry) && text.contains("400ms"), "{text}");
+    }
+
+    #[test]
+    fn blob_deadlines_grow_with_size() {
+        let b = ImageBudget::default();
+        assert_eq!(b.blob_deadline(0), Duration::from_secs(60));
+        assert_eq!(b.blob_deadline(100 << 20), Duration::from_secs(60 + 400));
+        let no_rate = ImageBudget {
+            blob_min_rate: 0,
+            ..b
+        };
+        assert_eq!(no_rate.blob_deadline(u64::MAX), Duration::MAX);
     }
 
     #[test]

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -131,11 +130,18 @@ pub struct RootfsBuilder {
     building: Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
+/// How long growing a VM's file system (`resize2fs`) may take: seconds for the disks of
+/// this platform (at most a few TiB, mostly unused); a stalled ZFS mount under it would
+/// otherwise hold the provision forever.
+const RESIZE_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
 fn run(cmd: &mut Command) -> Result<(), RootfsError> {
     let shown = format!("{cmd:?}");
-    let out = cmd.output().map_err(|e| RootfsError::Command {
-        cmd: shown.clone(),
-        stderr: e.to_string(),
+    let out = shellwego_sys::command::output_within(cmd, None, RESIZE_TIMEOUT).map_err(|e| {
+        RootfsError::Command {
+            cmd: shown.clone(),
+            stderr: e.to_string(),
+        }
     })?;
     if out.status.success() {
         Ok(())
@@ -144,31 +150,6 @@ fn run(cmd: &mut Command) -> Result<(), RootfsError> {
             cmd: shown,
             stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
-    }
-}
-
-/// Holds an exclusive `flock` on a file while alive (cross-process build lock).
-struct FileLock(fs::File);
-
-impl FileLock {
-    fn acquire(path: &Path) -> io::Result<FileLock> {
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)?;
-        // SAFETY: flock on a valid open descriptor.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(FileLock(f))
-    }
-}
-
-impl Drop for FileLock {
-    fn drop(&mut self) {
-        // SAFETY: unlocking our own descriptor.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
     }
 }
 
@@ -213,34 +194,12 @@ impl RootfsBuilder {
         if staging_is_protected(&mounts, &dir) {
             return Ok(());
         }
-        let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-            .map_err(std::io::Error::other)?;
-        let flags = libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-        // SAFETY: mount(2) with valid C strings; a bind of the directory onto itself, then
-        // a remount of that bind with the restricting flags.
-        unsafe {
-            if libc::mount(
-                path.as_ptr(),
-                path.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::mount(
-                std::ptr::null(),
-                path.as_ptr(),
-                std::ptr::null(),
-                libc::MS_REMOUNT | flags,
-                std::ptr::null(),
-            ) != 0
-            {
-                let e = std::io::Error::last_os_error();
-                libc::umount2(path.as_ptr(), libc::MNT_DETACH);
-                return Err(e);
-            }
+        // A bind of the directory onto itself, then a remount of that bind with the
+        // restricting flags.
+        shellwego_sys::mount::bind(&dir, &dir)?;
+        if let Err(e) = shellwego_sys::mount::restrict_bind(&dir) {
+            let _ = shellwego_sys::mount::detach(&dir);
+            return Err(e);
         }
         Ok(())
     }
@@ -325,8 +284,8 @@ impl RootfsBuilder {
         let locks = self.data_dir.join("locks");
         fs::create_dir_all(&locks).map_err(io_err("creating lock dir", &locks))?;
         let lock_path = locks.join(format!("base-{}.lock", image.digest_hex()));
-        let _cross_process =
-            FileLock::acquire(&lock_path).map_err(io_err("locking", &lock_path))?;
+        let _cross_process = shellwego_sys::lock::FileLock::exclusive(&lock_path)
+            .map_err(io_err("locking", &lock_path))?;
 
         if let Some(base) = self.existing_base(image)? {
             return Ok(base);
@@ -586,7 +545,7 @@ fn sweep_dead_builds(tmp: &Path) {
             .rsplit('-')
             .next()
             .and_then(|p| p.parse::<u32>().ok());
-        if pid.is_some_and(crate::image::process_gone) {
+        if pid.is_some_and(|pid| !shellwego_sys::process::exists(pid)) {
             let path = entry.path();
             let _ = fs::remove_dir_all(&path).or_else(|_| fs::remove_file(&path));
         }

@@ -12,12 +12,14 @@
 
 use std::cell::Cell;
 use std::collections::HashSet;
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Gid, Mode, Timespec, Timestamps, Uid, XattrFlags, CWD};
 
 use tar::EntryType;
 use tracing::warn;
@@ -103,19 +105,10 @@ fn io_err(entry: &str) -> impl Fn(io::Error) -> UnpackError + '_ {
     }
 }
 
-fn cstring(path: &Path, entry: &str) -> Result<CString, UnpackError> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| UnpackError::Io {
-        entry: entry.to_string(),
-        source: io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"),
-    })
-}
-
-fn check(ret: libc::c_int) -> io::Result<()> {
-    if ret == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+/// A uid or gid of a tar header as the system call takes it: the low 32 bits, as a C
+/// cast would give them; all ones means "leave it" to `lchown`, so it is `None`.
+fn owner_id(id: u64) -> Option<u32> {
+    Some(id as u32).filter(|id| *id != u32::MAX)
 }
 
 /// Copies all of `from` into `to` through `buffer`: one write per buffer-full.
@@ -322,17 +315,19 @@ impl LayerApplier {
                     let major = header.device_major().ok().flatten().unwrap_or(0);
                     let minor = header.device_minor().ok().flatten().unwrap_or(0);
                     let file_type = match kind {
-                        EntryType::Char => libc::S_IFCHR,
-                        EntryType::Block => libc::S_IFBLK,
-                        _ => libc::S_IFIFO,
+                        EntryType::Char => FileType::CharacterDevice,
+                        EntryType::Block => FileType::BlockDevice,
+                        _ => FileType::Fifo,
                     };
-                    let c = cstring(&path, &name)?;
-                    // SAFETY: c is a valid NUL-terminated path. mknod applies the umask, so
-                    // the mode is set again below with chmod.
-                    let ret = unsafe {
-                        libc::mknod(c.as_ptr(), file_type | mode, libc::makedev(major, minor))
-                    };
-                    check(ret).map_err(io_err(&name))?;
+                    // mknod applies the umask, so the mode is set again below with chmod.
+                    rustix::fs::mknodat(
+                        CWD,
+                        &path,
+                        file_type,
+                        Mode::from_raw_mode(mode),
+                        rustix::fs::makedev(major, minor),
+                    )
+                    .map_err(|e| io_err(&name)(e.into()))?;
                 }
                 other => {
                     return Err(UnpackError::Unsupported {
@@ -341,36 +336,32 @@ impl LayerApplier {
                     })
                 }
             }
-            let c = cstring(&path, &name)?;
-            // SAFETY: c is a valid path; lchown never follows a symlink.
-            check(unsafe { libc::lchown(c.as_ptr(), uid as libc::uid_t, gid as libc::gid_t) })
-                .map_err(io_err(&name))?;
+            // Never through a symlink (lchown).
+            rustix::fs::chownat(
+                CWD,
+                &path,
+                owner_id(uid).map(Uid::from_raw),
+                owner_id(gid).map(Gid::from_raw),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| io_err(&name)(e.into()))?;
             if kind != EntryType::Symlink {
                 fs::set_permissions(&path, fs::Permissions::from_mode(mode))
                     .map_err(io_err(&name))?;
             }
-            self.apply_xattrs(&mut e, &c, &name)?;
+            self.apply_xattrs(&mut e, &path, &name)?;
             if let Ok(mtime) = header.mtime() {
-                let times = [
-                    libc::timespec {
-                        tv_sec: mtime as libc::time_t,
-                        tv_nsec: 0,
-                    },
-                    libc::timespec {
-                        tv_sec: mtime as libc::time_t,
-                        tv_nsec: 0,
-                    },
-                ];
-                // SAFETY: valid path and a two-element timespec array; never follows symlinks.
-                let ret = unsafe {
-                    libc::utimensat(
-                        libc::AT_FDCWD,
-                        c.as_ptr(),
-                        times.as_ptr(),
-                        libc::AT_SYMLINK_NOFOLLOW,
-                    )
+                let at = Timespec {
+                    tv_sec: mtime as i64,
+                    tv_nsec: 0,
                 };
-                check(ret).map_err(io_err(&name))?;
+                let times = Timestamps {
+                    last_access: at,
+                    last_modification: at,
+                };
+                // Never through a symlink.
+                rustix::fs::utimensat(CWD, &path, &times, AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| io_err(&name)(e.into()))?;
             }
             created.insert(rel);
         }
@@ -380,7 +371,7 @@ impl LayerApplier {
     fn apply_xattrs<R: Read>(
         &self,
         e: &mut tar::Entry<'_, R>,
-        path: &CString,
+        path: &Path,
         name: &str,
     ) -> Result<(), UnpackError> {
         let Ok(Some(exts)) = e.pax_extensions() else {
@@ -392,22 +383,13 @@ impl LayerApplier {
             let Some(attr) = key.strip_prefix("SCHILY.xattr.") else {
                 continue;
             };
-            let Ok(attr_c) = CString::new(attr) else {
+            if attr.contains('\0') {
                 continue;
-            };
+            }
             let value = ext.value_bytes();
-            // SAFETY: valid C strings and a byte slice with its length; lsetxattr does not
-            // follow symlinks.
-            let ret = unsafe {
-                libc::lsetxattr(
-                    path.as_ptr(),
-                    attr_c.as_ptr(),
-                    value.as_ptr().cast(),
-                    value.len(),
-                    0,
-                )
-            };
-            if let Err(err) = check(ret) {
+            // lsetxattr does not follow symlinks.
+            if let Err(err) = rustix::fs::lsetxattr(path, attr, value, XattrFlags::empty()) {
+                let err = io::Error::from(err);
                 if err.raw_os_error() == Some(libc::ENOTSUP) {
                     warn!(
                         entry = name,
@@ -428,6 +410,14 @@ impl LayerApplier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owner_ids_as_the_system_call_takes_them() {
+        assert_eq!(owner_id(0), Some(0));
+        assert_eq!(owner_id(1000), Some(1000));
+        assert_eq!(owner_id(u64::from(u32::MAX)), None);
+        assert_eq!(owner_id((1 << 32) + 5), Some(5));
+    }
 
     #[test]
     fn clean_paths() {

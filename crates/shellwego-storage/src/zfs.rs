@@ -4,12 +4,18 @@
 //! differences are detected once, in [`ZfsManager::new`], and kept in [`ZfsFlavor`]:
 //! zfs-fuse has no zvols, no `zfs version`, no `-p` on `list`, and no lz4/zstd. Exact
 //! numbers therefore always come from `zfs get -H -p`, which both accept.
+//!
+//! Every command runs with a deadline ([`ZFS_TIMEOUT`] unless configured): a ZFS daemon or
+//! kernel module that hangs costs a step that long, then the command is killed and the
+//! error names it.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::thread::sleep;
 use std::time::Duration;
+
+use shellwego_sys::command::{output_within, CommandError};
 
 use tracing::{debug, warn};
 
@@ -64,6 +70,8 @@ pub enum ZfsError {
         code: Option<i32>,
         stderr: String,
     },
+    #[error("`{cmd}` did not finish within {limit:?} and was killed")]
+    TimedOut { cmd: String, limit: Duration },
     #[error("unexpected output from `{cmd}`: {line:?}")]
     Parse { cmd: String, line: String },
     #[error("invalid ZFS name {0:?}: use letters, digits and _ - . : separated by '/' (and one '@' for a snapshot)")]
@@ -142,6 +150,12 @@ pub fn validate_name(name: &str) -> Result<(), ZfsError> {
 const BUSY_RETRIES: u32 = 20;
 const BUSY_PAUSE: Duration = Duration::from_millis(100);
 
+/// How long one `zfs`/`zpool` command may take by default. Every command the agent runs
+/// (create, snapshot, clone, list, get, set, unmount, destroy of one dataset) takes well
+/// under a few seconds on a healthy pool, also on zfs-fuse; two minutes leaves room for
+/// a pool under heavy I/O and still ends a hung one.
+pub const ZFS_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Drives `zfs`/`zpool` for one pool.
 #[derive(Debug, Clone)]
 pub struct ZfsManager {
@@ -149,17 +163,25 @@ pub struct ZfsManager {
     flavor: ZfsFlavor,
     zfs: PathBuf,
     zpool: PathBuf,
+    /// How long one command may take.
+    limit: Duration,
 }
 
-fn run(program: &Path, args: &[&str]) -> Result<String, ZfsError> {
+fn run(program: &Path, args: &[&str], limit: Duration) -> Result<String, ZfsError> {
     let cmd = format!("{} {}", program.display(), args.join(" "));
     debug!(%cmd, "zfs command");
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|source| ZfsError::Spawn {
-            cmd: cmd.clone(),
-            source,
+    let out =
+        output_within(Command::new(program).args(args), None, limit).map_err(|e| match e {
+            CommandError::TimedOut { limit, .. } => ZfsError::TimedOut {
+                cmd: cmd.clone(),
+                limit,
+            },
+            CommandError::Spawn { source, .. } | CommandError::Io { source, .. } => {
+                ZfsError::Spawn {
+                    cmd: cmd.clone(),
+                    source,
+                }
+            }
         })?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -179,9 +201,20 @@ impl ZfsManager {
     }
 
     pub fn with_commands(pool: &str, zfs: &Path, zpool: &Path) -> Result<ZfsManager, ZfsError> {
+        ZfsManager::with_commands_within(pool, zfs, zpool, ZFS_TIMEOUT)
+    }
+
+    /// Like [`with_commands`](Self::with_commands), with `limit` for every command
+    /// (the detection included) instead of [`ZFS_TIMEOUT`].
+    pub fn with_commands_within(
+        pool: &str,
+        zfs: &Path,
+        zpool: &Path,
+        limit: Duration,
+    ) -> Result<ZfsManager, ZfsError> {
         validate_name(pool)?;
         // OpenZFS answers `zfs version`; zfs-fuse does not know the command.
-        let flavor = match run(zfs, &["version"]) {
+        let flavor = match run(zfs, &["version"], limit) {
             Ok(_) => ZfsFlavor::OpenZfs,
             Err(ZfsError::Failed { .. }) => ZfsFlavor::ZfsFuse,
             Err(e) => return Err(e),
@@ -191,6 +224,7 @@ impl ZfsManager {
             flavor,
             zfs: zfs.to_path_buf(),
             zpool: zpool.to_path_buf(),
+            limit,
         })
     }
 
@@ -203,13 +237,13 @@ impl ZfsManager {
     }
 
     fn zfs(&self, args: &[&str]) -> Result<String, ZfsError> {
-        run(&self.zfs, args)
+        run(&self.zfs, args, self.limit)
     }
 
     /// The pool's health; an error if the pool is not reachable.
     pub fn pool_health(&self) -> Result<PoolHealth, ZfsError> {
         let args = ["list", "-H", "-o", "name,health", self.pool.as_str()];
-        let out = run(&self.zpool, &args)?;
+        let out = run(&self.zpool, &args, self.limit)?;
         let line = out.lines().next().unwrap_or_default();
         let mut cols = line.split('\t');
         match (cols.next(), cols.next()) {
@@ -441,6 +475,43 @@ mod tests {
         ] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A `zfs` that answers `version` (so it passes for OpenZFS) and hangs on anything else.
+    fn hanging_zfs(dir: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("zfs");
+        std::fs::write(
+            &path,
+            "#!/bin/sh\n[ \"$1\" = version ] && exit 0\nexec sleep 30\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn tc_u14_deadline_a_hanging_zfs_command_is_killed_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let zfs = hanging_zfs(dir.path());
+        let limit = Duration::from_millis(300);
+        let m = ZfsManager::with_commands_within("tank", &zfs, &zfs, limit).unwrap();
+        assert_eq!(m.flavor(), ZfsFlavor::OpenZfs);
+        let start = std::time::Instant::now();
+        let e = m.exists("tank/a").unwrap_err();
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(matches!(e, ZfsError::TimedOut { .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("list -H -t all -o name tank/a") && text.contains("300ms"),
+            "{text}"
+        );
+        // A hanging `zpool` too.
+        assert!(matches!(m.pool_health(), Err(ZfsError::TimedOut { .. })));
     }
 
     #[test]

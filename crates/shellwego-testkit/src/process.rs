@@ -3,34 +3,21 @@
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-/// True while a process with this PID exists (and is not a zombie we could reap).
-pub fn alive(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 only checks for existence.
-    let exists = unsafe { libc::kill(pid, 0) } == 0;
-    if !exists {
-        return false;
-    }
-    // A zombie still "exists": read its state.
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z"),
-        Err(_) => false,
-    }
-}
+use shellwego_sys::process::{cmdline, signal, Signal};
+
+/// True while a process with this PID exists and is not a zombie.
+pub use shellwego_sys::process::alive;
 
 /// Sends SIGTERM, waits up to `grace` for the process to go, then SIGKILLs it.
 pub fn terminate(pid: i32, grace: Duration) {
-    // SAFETY: plain signal delivery to a PID this fixture started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    // A PID this fixture started.
+    let _ = signal(pid, Signal::TERM);
     let start = Instant::now();
     while alive(pid) && start.elapsed() < grace {
         std::thread::sleep(Duration::from_millis(50));
     }
     if alive(pid) {
-        // SAFETY: as above.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = signal(pid, Signal::KILL);
         let start = Instant::now();
         while alive(pid) && start.elapsed() < Duration::from_secs(5) {
             std::thread::sleep(Duration::from_millis(20));
@@ -81,9 +68,8 @@ impl Drop for KillVmsOnDrop {
         let jailed: Vec<(i32, String)> = jailed_vms(&self.0);
         for pid in vm_pids(&self.0) {
             terminate(pid, Duration::from_millis(100));
-            let mut status = 0;
-            // SAFETY: reaping a child of this test process if it is one.
-            unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            // Reaping a child of this test process if it is one.
+            shellwego_sys::process::reap(pid);
         }
         for (_, id) in jailed {
             remove_vm_cgroups(&id);
@@ -116,21 +102,11 @@ fn remove_vm_cgroups(id: &str) {
 /// that run dir.
 pub fn vm_pids(dir: &std::path::Path) -> Vec<i32> {
     let needle = dir.display().to_string();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
     let mut pids = Vec::new();
-    for e in entries.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+    for pid in shellwego_sys::process::all_pids() {
+        let Some(args) = cmdline(pid) else {
             continue;
         };
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
         let is_firecracker = args
             .first()
             .is_some_and(|a| a.ends_with("firecracker") || a.ends_with("jailer"));
@@ -173,11 +149,10 @@ fn jailed_vms(dir: &std::path::Path) -> Vec<(i32, String)> {
             else {
                 continue;
             };
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let args = cmdline(pid).unwrap_or_default();
             let is_that_vm = args
                 .windows(2)
-                .any(|w| w[0] == b"--id" && w[1] == id.as_encoded_bytes());
+                .any(|w| w[0] == "--id" && std::ffi::OsStr::new(&w[1]) == id);
             if is_that_vm {
                 found.push((pid, id.to_string_lossy().into_owned()));
             }

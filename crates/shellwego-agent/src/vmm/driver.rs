@@ -8,7 +8,9 @@
 //!                   vsock.sock     host side of the VM's vsock
 //! ```
 //! [`FirecrackerApi`] speaks HTTP/1.1 (hyper) to that socket, one connection per request,
-//! with typed bodies; a failed request carries Firecracker's own `fault_message`.
+//! with typed bodies; a failed request carries Firecracker's own `fault_message`. Every
+//! request, its connect included, ends within the client's limit ([`API_TIMEOUT`] unless
+//! set with [`FirecrackerApi::with_timeout`]).
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
@@ -63,7 +65,16 @@ pub enum DriverError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Command(shellwego_sys::command::CommandError),
 }
+
+/// How long one API request may take by default. Firecracker answers configuration calls
+/// at once; loading or writing a snapshot of a few GiB takes seconds.
+pub const API_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long `firecracker --version` may take.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A client for one firecracker's API socket.
 #[derive(Debug, Clone)]
@@ -76,7 +87,15 @@ impl FirecrackerApi {
     pub fn new(socket: &Path) -> FirecrackerApi {
         FirecrackerApi {
             socket: socket.to_path_buf(),
-            timeout: Duration::from_secs(30),
+            timeout: API_TIMEOUT,
+        }
+    }
+
+    /// The same client with `timeout` for each request.
+    pub fn with_timeout(&self, timeout: Duration) -> FirecrackerApi {
+        FirecrackerApi {
+            socket: self.socket.clone(),
+            timeout,
         }
     }
 
@@ -90,32 +109,25 @@ impl FirecrackerApi {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<Bytes, DriverError> {
-        let work = self.call_inner(method.clone(), path, body);
-        match tokio::time::timeout(self.timeout, work).await {
-            Ok(result) => result,
-            Err(_) => Err(DriverError::Http {
-                socket: self.socket.clone(),
-                message: format!("{method} {path} timed out after {:?}", self.timeout),
-            }),
-        }
-    }
-
-    async fn call_inner(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<Bytes, DriverError> {
-        let (status, bytes) = crate::uds_http::request(&self.socket, method.clone(), path, body)
-            .await
-            .map_err(|e| match e {
-                crate::uds_http::UdsHttpError::Connect { socket, source } => {
-                    DriverError::Connect { socket, source }
-                }
-                crate::uds_http::UdsHttpError::Http { socket, message } => {
-                    DriverError::Http { socket, message }
-                }
-            })?;
+        use crate::uds_http::{request_within, UdsHttpError};
+        let (status, bytes) =
+            request_within(&self.socket, method.clone(), path, body, self.timeout)
+                .await
+                .map_err(|e| match e {
+                    UdsHttpError::Connect { socket, source } => {
+                        DriverError::Connect { socket, source }
+                    }
+                    UdsHttpError::Http { socket, message } => DriverError::Http { socket, message },
+                    UdsHttpError::TimedOut {
+                        socket,
+                        method,
+                        path,
+                        limit,
+                    } => DriverError::Http {
+                        socket,
+                        message: format!("{method} {path} timed out after {limit:?}"),
+                    },
+                })?;
         if status.is_success() {
             return Ok(bytes);
         }
@@ -409,17 +421,14 @@ pub async fn spawn_with(
         }
         _ => None,
     };
-    // SAFETY: only async-signal-safe calls (setsid, setns) between fork and exec.
+    // SAFETY: only async-signal-safe calls (setsid, setns: one system call each, no
+    // allocation) between fork and exec.
     unsafe {
-        let fd = netns_file
-            .as_ref()
-            .map(std::os::unix::io::AsRawFd::as_raw_fd);
         cmd.pre_exec(move || {
-            libc::setsid();
-            if let Some(fd) = fd {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            // Already a group leader (cannot happen in a fresh child) is no reason to fail.
+            let _ = shellwego_sys::process::new_session();
+            if let Some(ns) = &netns_file {
+                shellwego_sys::netns::enter(ns)?;
             }
             Ok(())
         });
@@ -454,7 +463,17 @@ pub async fn spawn_with(
                 .and_then(|t| t.trim().parse().ok());
         }
         if let Some(pid) = pid {
-            if socket.exists() && api.version().await.is_ok() {
+            // Asking may not outlast the time the start has left.
+            let left = ready_timeout
+                .saturating_sub(start.elapsed())
+                .max(Duration::from_millis(10));
+            if socket.exists()
+                && api
+                    .with_timeout(left.min(API_TIMEOUT))
+                    .version()
+                    .await
+                    .is_ok()
+            {
                 if jail.is_some() {
                     let _ = child.try_wait();
                 }
@@ -484,8 +503,8 @@ pub async fn spawn_with(
         if start.elapsed() > ready_timeout {
             match (jail, pid) {
                 (Some(_), Some(p)) => {
-                    // SAFETY: the firecracker this call just started (its pid file).
-                    unsafe { libc::kill(p, libc::SIGKILL) };
+                    // The firecracker this call just started (its pid file).
+                    let _ = shellwego_sys::process::signal(p, shellwego_sys::process::Signal::KILL);
                 }
                 _ => {
                     let _ = child.kill();
@@ -502,15 +521,22 @@ pub async fn spawn_with(
     }
 }
 
-/// Runs `firecracker --version` and returns the version number (e.g. "1.12.1").
+/// Runs `firecracker --version` (for at most 10 s) and returns the version number (e.g.
+/// "1.12.1").
 pub fn binary_version(binary: &Path) -> Result<String, DriverError> {
-    let out = std::process::Command::new(binary)
-        .arg("--version")
-        .output()
-        .map_err(|source| DriverError::Spawn {
+    use shellwego_sys::command::{output_within, CommandError};
+    let out = output_within(
+        std::process::Command::new(binary).arg("--version"),
+        None,
+        VERSION_TIMEOUT,
+    )
+    .map_err(|e| match e {
+        CommandError::Spawn { source, .. } => DriverError::Spawn {
             binary: binary.to_path_buf(),
             source,
-        })?;
+        },
+        other => DriverError::Command(other),
+    })?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .next()

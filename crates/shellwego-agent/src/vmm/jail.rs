@@ -356,26 +356,7 @@ pub fn place(root: &Path, name: &str, target: &Path, access: Access) -> std::io:
         return Ok(());
     }
     std::fs::File::create(&dest)?;
-    let (src, dst) = (
-        std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
-            .map_err(std::io::Error::other)?,
-        std::ffi::CString::new(dest.as_os_str().as_encoded_bytes())
-            .map_err(std::io::Error::other)?,
-    );
-    // SAFETY: bind-mounting one file onto another with valid C strings.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            dst.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    shellwego_sys::mount::bind(&target, &dest)
 }
 
 /// Makes the persistent TAP `tap` owned by `uid`, so the jailed firecracker may open it.
@@ -389,11 +370,8 @@ pub fn own_tap(netns: Option<&Path>, tap: &str, uid: u32) -> std::io::Result<()>
             let file = std::fs::File::open(ns)?;
             std::thread::scope(|s| {
                 s.spawn(move || {
-                    use std::os::unix::io::AsRawFd;
-                    // SAFETY: setns on this short-lived thread only, with an open netns fd.
-                    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                    // This short-lived thread only.
+                    shellwego_sys::netns::enter(&file)?;
                     set()
                 })
                 .join()

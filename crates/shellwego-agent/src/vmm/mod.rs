@@ -120,31 +120,20 @@ pub enum VmmError {
     },
 }
 
-/// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat).
-pub fn process_start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = stat.rsplit_once(')')?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // rest starts at field 3 (state); field 22 is index 19.
-    fields.get(19)?.parse().ok()
-}
+/// Start time of a process in clock ticks since boot (field 22 of /proc/PID/stat), and
+/// whether it runs (not a zombie): the process facts of `shellwego-sys`, under the names
+/// the VM code has always used.
+pub use shellwego_sys::process::{alive as process_alive, start_time as process_start_time};
 
-/// True while `pid` runs and is not a zombie.
-pub fn process_alive(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    stat.rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .is_some_and(|state| state != "Z" && state != "X")
-}
+use shellwego_sys::process::reap;
 
-/// Reaps `pid` if it is our child and has exited; harmless otherwise.
-fn reap(pid: i32) {
-    let mut status = 0;
-    // SAFETY: non-blocking waitpid on a pid we spawned.
-    unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-}
+/// How long a restarted agent waits for a recorded VM's API to answer before it counts the
+/// VM as dead: a firecracker that does not answer its version in this long cannot be run.
+const REATTACH_PROBE: Duration = Duration::from_secs(5);
+
+/// The longest grace [`VmmManager::stop`] gives a VM before it kills it (the spec's own
+/// maximum grace is shorter).
+const MAX_STOP_GRACE: Duration = Duration::from_secs(3600);
 
 struct VmHandle {
     record: ProcessRecord,
@@ -553,9 +542,13 @@ impl VmmManager {
             return Ok(StopOutcome::AlreadyExited);
         }
         // Guests without a keyboard controller ignore this; the agent's guest protocol has
-        // its own shutdown, tried before stop() by the caller.
-        let _ = api.action(ActionType::SendCtrlAltDel).await;
-        let deadline = Instant::now() + grace;
+        // its own shutdown, tried before stop() by the caller. The request counts against
+        // the grace period: a VMM that does not answer is killed when the grace is over.
+        let deadline = Instant::now() + grace.min(MAX_STOP_GRACE);
+        let _ = api
+            .with_timeout(grace.clamp(Duration::from_millis(100), driver::API_TIMEOUT))
+            .action(ActionType::SendCtrlAltDel)
+            .await;
         while Instant::now() < deadline {
             reap(pid);
             if !process_alive(pid) {
@@ -602,7 +595,7 @@ impl VmmManager {
             let same_process = process_alive(record.pid)
                 && process_start_time(record.pid) == Some(record.start_time);
             let api = FirecrackerApi::new(&record.api_socket);
-            if same_process && api.version().await.is_ok() {
+            if same_process && api.with_timeout(REATTACH_PROBE).version().await.is_ok() {
                 info!(vm_id = %record.vm_id, pid = record.pid, "re-attached");
                 attached.push(record.vm_id.clone());
                 if let Some(uid) = record.uid {
@@ -650,11 +643,11 @@ pub fn collect_output(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o600))
 }
 
+/// Writes the VM's record atomically (with fsync): after a crash it is whole or absent, and
+/// a restarted agent re-attaches by it.
 fn write_record(rt: &RuntimeDir, record: &ProcessRecord) -> std::io::Result<()> {
     let json = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
-    let tmp = rt.home.join(".vm.json.tmp");
-    std::fs::write(&tmp, json)?;
-    std::fs::rename(&tmp, rt.record())
+    shellwego_sys::atomic::write_file(&rt.record(), &json)
 }
 
 /// Makes the symlinks a VM's relative paths go through.
@@ -694,9 +687,9 @@ async fn configure(h: &VmHandle, cfg: &MicrovmConfig) -> Result<(), VmmError> {
 }
 
 async fn kill_pid(pid: i32) {
-    // SAFETY: signalling a firecracker this manager started (identity checked by the
-    // caller through the record's start time or by being our child).
-    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // A firecracker this manager started (identity checked by the caller through the
+    // record's start time or by being our child).
+    let _ = shellwego_sys::process::signal(pid, shellwego_sys::process::Signal::KILL);
     let deadline = Instant::now() + Duration::from_secs(5);
     while process_alive(pid) && Instant::now() < deadline {
         reap(pid);
@@ -713,10 +706,8 @@ fn clean_dir(rt: &RuntimeDir, jailed: bool) {
             let prefix = format!("{}/", rt.dir.display());
             for mp in mounts.lines().filter_map(|l| l.split_whitespace().nth(1)) {
                 if mp.starts_with(&prefix) {
-                    if let Ok(c) = std::ffi::CString::new(mp) {
-                        // SAFETY: unmounting a bind mount this manager made.
-                        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-                    }
+                    // A bind mount this manager made.
+                    let _ = shellwego_sys::mount::detach(Path::new(mp));
                 }
             }
         }

@@ -328,6 +328,13 @@ impl AgentService {
         } else {
             body.timeout_ms
         });
+        if timeout > crate::guest::MAX_EXEC_TIMEOUT {
+            return Err(CommandError::BadRequest(format!(
+                "timeout_ms {}: at most {} ms",
+                body.timeout_ms,
+                crate::guest::MAX_EXEC_TIMEOUT.as_millis()
+            )));
+        }
         let out = tokio::task::spawn_blocking(move || {
             let mut c = platform.guest(vm_id)?;
             let argv: Vec<&str> = body.argv.iter().map(String::as_str).collect();

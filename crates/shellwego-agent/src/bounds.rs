@@ -22,6 +22,8 @@ pub const MAX_TOTAL: usize = 256 << 10;
 pub const MAX_SECRETS: usize = 128;
 pub const MAX_ARGS: usize = 1024;
 pub const MAX_PORTS: usize = 64;
+/// Replicas of one app on one host.
+pub const MAX_COUNT: u32 = 32;
 /// Probes at least every 5 minutes: an app checked less often could be dead that long
 /// unnoticed. At most 10 a second: more only loads the guest.
 pub const MIN_HEALTH_INTERVAL: Duration = Duration::from_millis(100);

@@ -236,15 +236,17 @@ impl AgentService {
 
     /// Whether the host can take `app` next to the other apps.
     async fn admit(&self, app: &DesiredApp) -> Result<(), CommandError> {
-        let others: Vec<_> = self
-            .exec
-            .store
-            .desired()
-            .map_err(internal)?
+        // Every replica counts: the other apps' and all but one of this app's.
+        let desired = self.exec.store.desired().map_err(internal)?;
+        let others: Vec<_> = desired
             .apps
             .values()
             .filter(|a| a.name != app.name)
-            .map(|a| a.resources)
+            .flat_map(|a| std::iter::repeat_n(a.resources, a.count.max(1) as usize))
+            .chain(std::iter::repeat_n(
+                app.resources,
+                app.count.max(1) as usize - 1,
+            ))
             .collect();
         let zfs = self.exec.platform.rootfs.zfs().clone();
         let pool = zfs.pool().to_string();

@@ -76,7 +76,12 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
-type Target = Arc<RwLock<Option<Backend>>>;
+/// The VMs an app's connections go to (its replicas); empty: nowhere.
+type Target = Arc<RwLock<Vec<Backend>>>;
+
+fn backends_of(target: &Target) -> Vec<Backend> {
+    target.read().unwrap_or_else(|p| p.into_inner()).clone()
+}
 
 /// One listening port: its accept loop and the protocol that loop reads at each accept.
 struct Listener {
@@ -146,21 +151,35 @@ struct Route {
     guest_port: u16,
     target: Target,
     counts: Arc<Counts>,
+    /// Where the search for the least busy replica starts; it moves on at every claim,
+    /// so replicas with equally many connections take turns.
+    next: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A connection given a VM: the address to connect to, counted against the VM while it
 /// lives.
 struct Claim {
+    vm: Uuid,
     addr: SocketAddr,
     _guard: ConnGuard,
 }
 
 impl Route {
-    /// Gives a connection the VM the endpoint points at now; None when it points nowhere.
-    fn claim(&self) -> Option<Claim> {
-        let backend = read(&self.target)?;
+    /// Gives a connection the VM of the endpoint's set with the fewest open connections
+    /// now (least connections; ties take turns); None when the set is empty.
+    fn claim(&self, skip: &[Uuid]) -> Option<Claim> {
+        let backends: Vec<Backend> = backends_of(&self.target)
+            .into_iter()
+            .filter(|b| !skip.contains(&b.vm_id))
+            .collect();
+        let n = backends.len();
+        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let backend = (0..n)
+            .map(|i| backends[(start + i) % n])
+            .min_by_key(|b| self.counts.get(b.vm_id))?;
         self.counts.add(backend.vm_id, 1);
         Some(Claim {
+            vm: backend.vm_id,
             addr: SocketAddr::new(IpAddr::V4(backend.ip), self.guest_port),
             _guard: ConnGuard {
                 counts: self.counts.clone(),
@@ -201,15 +220,15 @@ impl Endpoints {
         self.apps.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Points the app's endpoint at `backend` (listening first if its ports are new or
+    /// Points the app's endpoint at `backends` (listening first if its ports are new or
     /// changed; a changed protocol alone is taken in place, by connections accepted from
-    /// now on). Returns the backend it replaced.
+    /// now on). Returns the backends it replaced.
     pub fn publish(
         &self,
         app: &str,
         ports: &[Published],
-        backend: Backend,
-    ) -> Result<Option<Backend>, EndpointError> {
+        backends: &[Backend],
+    ) -> Result<Vec<Backend>, EndpointError> {
         let mut apps = self.apps();
         if apps
             .get(app)
@@ -219,9 +238,11 @@ impl Endpoints {
         }
         if let Some(e) = apps.get_mut(app) {
             e.set_protocols(ports);
-            return Ok(write(&e.target).replace(backend));
+            let mut target = e.target.write().unwrap_or_else(|p| p.into_inner());
+            return Ok(std::mem::replace(&mut *target, backends.to_vec()));
         }
-        let target: Target = Arc::new(RwLock::new(Some(backend)));
+        let target: Target = Arc::new(RwLock::new(backends.to_vec()));
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut listeners = Vec::new();
         for p in ports {
             let addr = SocketAddr::new(self.bind, p.host);
@@ -234,6 +255,7 @@ impl Endpoints {
                 guest_port: p.guest,
                 target: target.clone(),
                 counts: self.counts.clone(),
+                next: next.clone(),
             };
             let protocol = Arc::new(RwLock::new(p.protocol));
             let task = tokio::spawn(accept_loop(
@@ -252,7 +274,7 @@ impl Endpoints {
                 listeners,
             },
         );
-        Ok(None)
+        Ok(Vec::new())
     }
 
     /// Closes the app's listeners (open connections live on until their VM goes).
@@ -260,18 +282,20 @@ impl Endpoints {
         self.apps().remove(app);
     }
 
-    /// The VM the app's endpoint points at.
-    pub fn backend(&self, app: &str) -> Option<Backend> {
+    /// The VMs the app's endpoint leads to.
+    pub fn backends(&self, app: &str) -> Vec<Backend> {
         let apps = self.apps();
-        read(&apps.get(app)?.target)
+        apps.get(app)
+            .map(|e| backends_of(&e.target))
+            .unwrap_or_default()
     }
 
     /// True when the app's endpoint listens on exactly `ports` (protocols included) and
-    /// points at `backend`.
-    pub fn is_current(&self, app: &str, ports: &[Published], backend: Backend) -> bool {
+    /// leads to exactly `backends`.
+    pub fn is_current(&self, app: &str, ports: &[Published], backends: &[Backend]) -> bool {
         let apps = self.apps();
         apps.get(app)
-            .is_some_and(|e| e.ports == ports && read(&e.target) == Some(backend))
+            .is_some_and(|e| e.ports == ports && backends_of(&e.target) == backends)
     }
 
     /// Apps with an endpoint.
@@ -323,12 +347,13 @@ async fn accept_loop(
             conn::accept_bounded(&slots, "endpoint", || listener.accept()).await;
         match read(&protocol) {
             Protocol::Tcp => {
-                let Some(claim) = route.claim() else {
+                if backends_of(&route.target).is_empty() {
                     continue;
-                };
+                }
+                let route = route.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
-                    serve(client, peer, claim).await;
+                    serve(client, peer, &route).await;
                 });
             }
             Protocol::Http => {
@@ -338,9 +363,7 @@ async fn accept_loop(
                     if !client_spoke(&client, peer, first_bytes).await {
                         return;
                     }
-                    if let Some(claim) = route.claim() {
-                        serve(client, peer, claim).await;
-                    }
+                    serve(client, peer, &route).await;
                 });
             }
         }
@@ -368,20 +391,26 @@ async fn client_spoke(client: &TcpStream, peer: SocketAddr, limit: Duration) -> 
     }
 }
 
-/// Connects to the claimed VM and copies both ways until the connection ends or idles.
-async fn serve(client: TcpStream, peer: SocketAddr, claim: Claim) {
-    let addr = claim.addr;
-    let upstream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await;
-    let upstream = match upstream {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            warn!(%peer, %addr, error = %e, "endpoint: the VM refused the connection");
+/// Connects to the least busy VM of the route and copies both ways until the connection
+/// ends or idles. A VM that does not accept (it died, and the agent has not yet taken it
+/// out of the set) costs the client a retry on the next replica, not a failed request:
+/// nothing reached the VM yet, so trying another is safe.
+async fn serve(client: TcpStream, peer: SocketAddr, route: &Route) {
+    let mut tried = Vec::new();
+    let (upstream, _claim) = loop {
+        let Some(claim) = route.claim(&tried) else {
+            warn!(%peer, tried = tried.len(), "endpoint: no VM accepted the connection");
             return;
+        };
+        let addr = claim.addr;
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => break (s, claim),
+            Ok(Err(e)) => {
+                warn!(%peer, %addr, error = %e, "endpoint: the VM refused the connection")
+            }
+            Err(_) => warn!(%peer, %addr, "endpoint: the VM did not accept within 5 s"),
         }
-        Err(_) => {
-            warn!(%peer, %addr, "endpoint: the VM did not accept within 5 s");
-            return;
-        }
+        tried.push(claim.vm);
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
@@ -490,7 +519,7 @@ mod tests {
             guest: blue_server.port,
             protocol: Protocol::Tcp,
         }];
-        assert_eq!(eps.publish("web", &ports, blue).unwrap(), None);
+        assert_eq!(eps.publish("web", &ports, &[blue]).unwrap(), vec![]);
         assert_eq!(ask(host).await, b"blue");
 
         // A held-open connection counts until it closes; drain waits for it.
@@ -510,8 +539,8 @@ mod tests {
 
         // Switching the backend: the same ports, a new VM id.
         let green = loopback(2);
-        assert_eq!(eps.publish("web", &ports, green).unwrap(), Some(blue));
-        assert_eq!(eps.backend("web"), Some(green));
+        assert_eq!(eps.publish("web", &ports, &[green]).unwrap(), vec![blue]);
+        assert_eq!(eps.backends("web"), vec![green]);
         assert_eq!(
             ask(host).await,
             b"blue",
@@ -529,7 +558,7 @@ mod tests {
                     guest: 80,
                     protocol: Protocol::Tcp,
                 }],
-                green,
+                &[green],
             )
             .unwrap_err()
             .to_string();
@@ -568,7 +597,7 @@ mod tests {
             guest: vm.port,
             protocol: Protocol::Http,
         }];
-        eps.publish("web", &ports, loopback(1)).unwrap();
+        eps.publish("web", &ports, &[loopback(1)]).unwrap();
 
         let idle = idle_clients(host, IDLE).await;
         // Accepted in order: this one comes after every idle client was accepted.
@@ -598,7 +627,7 @@ mod tests {
             guest: vm.port,
             protocol: Protocol::Tcp,
         }];
-        eps.publish("db", &ports, loopback(1)).unwrap();
+        eps.publish("db", &ports, &[loopback(1)]).unwrap();
         let idle = idle_clients(host, 50).await;
         wait_until("50 connections to the VM", Duration::from_secs(5), || {
             vm.accepted() == 50
@@ -621,7 +650,7 @@ mod tests {
             guest: vm.port,
             protocol: Protocol::Http,
         }];
-        eps.publish("web", &ports, loopback(1)).unwrap();
+        eps.publish("web", &ports, &[loopback(1)]).unwrap();
 
         drop(TcpStream::connect(("127.0.0.1", host)).await.unwrap());
         let mut silent = TcpStream::connect(("127.0.0.1", host)).await.unwrap();
@@ -646,6 +675,74 @@ mod tests {
         assert_eq!(out, b"answer");
     }
 
+    /// Replicas: each new connection goes to the backend with the fewest open ones, and
+    /// a backend taken out of the set gets no new connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_get_connections_by_least_connections() {
+        let vm = server(b"answer").await;
+        let eps = Endpoints::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let host = free_port();
+        let ports = [Published {
+            host,
+            guest: vm.port,
+            protocol: Protocol::Tcp,
+        }];
+        let (a, b) = (loopback(1), loopback(2));
+        eps.publish("web", &ports, &[a, b]).unwrap();
+        assert_eq!(eps.backends("web"), vec![a, b]);
+        let mut held = Vec::new();
+        for want in 1..=4usize {
+            held.push(TcpStream::connect(("127.0.0.1", host)).await.unwrap());
+            let start = Instant::now();
+            while eps.connections(a.vm_id) + eps.connections(b.vm_id) < want {
+                assert!(start.elapsed() < Duration::from_secs(5));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let (na, nb) = (eps.connections(a.vm_id), eps.connections(b.vm_id));
+            assert!(na.abs_diff(nb) <= 1, "{want} connections split {na}/{nb}");
+        }
+        // `a` leaves the set: new connections all go to `b`.
+        eps.publish("web", &ports, &[b]).unwrap();
+        let before = eps.connections(b.vm_id);
+        held.push(TcpStream::connect(("127.0.0.1", host)).await.unwrap());
+        held.push(TcpStream::connect(("127.0.0.1", host)).await.unwrap());
+        let start = Instant::now();
+        while eps.connections(b.vm_id) < before + 2 {
+            assert!(start.elapsed() < Duration::from_secs(5), "not routed to b");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            eps.connections(a.vm_id),
+            2,
+            "a keeps only its old connections"
+        );
+        drop(held);
+    }
+
+    /// A replica that does not accept (dead, not yet out of the set) costs a retry on
+    /// another, never a failed connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_a_dead_replica_is_skipped_not_failed() {
+        let vm = server(b"alive").await;
+        let eps = Endpoints::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let host = free_port();
+        let ports = [Published {
+            host,
+            guest: vm.port,
+            protocol: Protocol::Tcp,
+        }];
+        // Nothing listens on 127.0.0.2 at that port: connections there are refused.
+        let dead = Backend {
+            vm_id: Uuid::from_u128(9),
+            ip: Ipv4Addr::new(127, 0, 0, 2),
+        };
+        eps.publish("web", &ports, &[dead, loopback(1)]).unwrap();
+        for _ in 0..6 {
+            assert_eq!(ask(host).await, b"alive");
+        }
+        assert_eq!(vm.accepted(), 6);
+    }
+
     /// A changed protocol is taken in place: no re-bind (no window in which the port is
     /// closed or taken), and new connections follow the new protocol.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -662,20 +759,20 @@ mod tests {
             protocol: Protocol::Http,
             ..tcp[0]
         }];
-        eps.publish("web", &tcp, loopback(1)).unwrap();
+        eps.publish("web", &tcp, &[loopback(1)]).unwrap();
         assert_eq!(ask(host).await, b"answer");
-        assert!(eps.is_current("web", &tcp, loopback(1)));
+        assert!(eps.is_current("web", &tcp, &[loopback(1)]));
         assert!(
-            !eps.is_current("web", &http, loopback(1)),
+            !eps.is_current("web", &http, &[loopback(1)]),
             "protocols count"
         );
 
         assert_eq!(
-            eps.publish("web", &http, loopback(1)).unwrap(),
-            Some(loopback(1)),
+            eps.publish("web", &http, &[loopback(1)]).unwrap(),
+            vec![loopback(1)],
             "the same endpoint, updated"
         );
-        assert!(eps.is_current("web", &http, loopback(1)));
+        assert!(eps.is_current("web", &http, &[loopback(1)]));
         let idle = idle_clients(host, 20).await;
         assert_eq!(ask(host).await, b"answer", "served without a pause");
         tokio::time::sleep(Duration::from_millis(200)).await;

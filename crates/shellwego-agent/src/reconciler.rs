@@ -10,13 +10,15 @@
 //! - a VM of an app nobody wants is removed;
 //! - a VM that exited, or whose health check gave up, is removed; if it ran the desired
 //!   version, that counts as a failed attempt of that version;
-//! - with no live VM of the desired version: `Create` (no other VM of the app runs) or
-//!   `Replace` (an older version runs: the new VM starts beside it) — unless the desired
-//!   version failed recently, in which case nothing is started until its backoff ends;
-//! - once the desired version's VM is running and healthy, each older VM is `Retire`d
-//!   (the endpoint moves to the new VM, then the old one drains and is removed). An old
-//!   VM is never touched before its successor is healthy.
-//! - more than one live VM of the desired version: the extras are removed.
+//! - with fewer live VMs of the desired version than the app's `count` (replicas): one
+//!   `Create` (no other VM of the app runs) or `Replace` (an older version runs: the new
+//!   VM starts beside it) per missing VM — unless the desired version failed recently,
+//!   in which case nothing is started until its backoff ends;
+//! - once all `count` VMs of the desired version run and are healthy, each older VM is
+//!   `Retire`d (the endpoint moves to the new VMs, then the old one drains and is
+//!   removed). An old VM is never touched before all its successors are healthy.
+//! - more live VMs of the desired version than `count`: the extras are retired (serving
+//!   ones drain) or removed.
 
 pub mod executor;
 #[cfg(test)]
@@ -240,7 +242,7 @@ pub fn plan(desired: &DesiredState, actual: &ActualState) -> Vec<Action> {
     }
     for (name, app) in &desired.apps {
         let vms = by_app.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
-        plan_app(name, &app.spec_hash(), vms, actual, &mut actions);
+        plan_app(name, &app.spec_hash(), app.count, vms, actual, &mut actions);
     }
     actions
 }
@@ -248,10 +250,12 @@ pub fn plan(desired: &DesiredState, actual: &ActualState) -> Vec<Action> {
 fn plan_app(
     app: &str,
     version: &str,
+    count: u32,
     vms: &[&VmRecord],
     actual: &ActualState,
     actions: &mut Vec<Action>,
 ) {
+    let count = count.max(1) as usize;
     let remove = |vm: &VmRecord, reason: RemoveReason| Action::Remove {
         app: app.to_string(),
         vm_id: vm.vm_id,
@@ -263,61 +267,95 @@ fn plan_app(
         actions.push(remove(vm, RemoveReason::Failed { counts_as_failure }));
     }
     let live: Vec<&VmRecord> = vms.iter().copied().filter(|v| !v.is_dead()).collect();
-    let (current, old): (Vec<&VmRecord>, Vec<&VmRecord>) =
+    let (mut current, old): (Vec<&VmRecord>, Vec<&VmRecord>) =
         live.into_iter().partition(|v| v.version == version);
 
-    // Keep one VM of the desired version: a serving one if there is one.
-    let keep = current
-        .iter()
-        .find(|v| v.is_serving())
-        .or_else(|| current.first())
-        .copied();
-    for vm in current
-        .iter()
-        .filter(|v| Some(v.vm_id) != keep.map(|k| k.vm_id))
-    {
-        actions.push(remove(vm, RemoveReason::Duplicate));
+    // Keep `count` VMs of the desired version, serving ones first (then by id, the order
+    // the endpoint uses too: see `serving_set`).
+    current.sort_by_key(|v| (!v.is_serving(), v.vm_id));
+    let (keep, extra) = current.split_at(current.len().min(count));
+    let successor = keep.iter().find(|v| v.is_serving());
+    for vm in extra {
+        // A serving extra (the app was scaled down) drains like a retired VM.
+        match successor {
+            Some(s) if vm.is_serving() => actions.push(Action::Retire {
+                app: app.to_string(),
+                vm_id: vm.vm_id,
+                successor: s.vm_id,
+            }),
+            _ => actions.push(remove(vm, RemoveReason::Duplicate)),
+        }
     }
 
-    match keep {
-        None => {
-            let failed_now = vms.iter().any(|v| v.is_dead() && v.version == version);
-            let backing_off = failed_now
-                || actual
-                    .failures
-                    .get(app)
-                    .is_some_and(|f| f.version == version && actual.now < f.retry_at());
-            if backing_off {
-                return;
-            }
-            match old.iter().find(|v| v.is_serving()).or_else(|| old.first()) {
-                Some(old_vm) => actions.push(Action::Replace {
-                    app: app.to_string(),
-                    version: version.to_string(),
-                    old_vm: old_vm.vm_id,
-                }),
-                None => actions.push(Action::Create {
-                    app: app.to_string(),
-                    version: version.to_string(),
-                }),
+    let missing = count - keep.len();
+    if missing > 0 {
+        let failed_now = vms.iter().any(|v| v.is_dead() && v.version == version);
+        let backing_off = failed_now
+            || actual
+                .failures
+                .get(app)
+                .is_some_and(|f| f.version == version && actual.now < f.retry_at());
+        if !backing_off {
+            let old_vm = old.iter().find(|v| v.is_serving()).or_else(|| old.first());
+            for _ in 0..missing {
+                actions.push(match old_vm {
+                    Some(old_vm) => Action::Replace {
+                        app: app.to_string(),
+                        version: version.to_string(),
+                        old_vm: old_vm.vm_id,
+                    },
+                    None => Action::Create {
+                        app: app.to_string(),
+                        version: version.to_string(),
+                    },
+                });
             }
         }
-        Some(new_vm) if new_vm.is_serving() => {
+    }
+    // Old versions go once all `count` VMs of the new one serve (health-gated swap);
+    // until then they keep serving.
+    let serving = keep.iter().filter(|v| v.is_serving()).count();
+    if serving == count {
+        if let Some(s) = successor {
             actions.extend(old.iter().map(|vm| Action::Retire {
                 app: app.to_string(),
                 vm_id: vm.vm_id,
-                successor: new_vm.vm_id,
+                successor: s.vm_id,
             }));
         }
-        // The new VM is still starting: the old ones keep serving.
-        Some(_) => {}
     }
 }
 
-/// True when every desired app has exactly one serving VM of its version and nothing
-/// else runs.
+/// The VMs an app's endpoint should lead to, from `(vm_id, version, serving)` of its VMs:
+/// the desired version's serving VMs (at most `count`, lowest ids first: those the plan
+/// keeps) once all `count` serve or no older version serves; otherwise the older
+/// version's serving VMs, which keep the endpoint until the swap is complete.
+pub fn serving_set(version: &str, count: u32, vms: &[(Uuid, &str, bool)]) -> Vec<Uuid> {
+    let count = count.max(1) as usize;
+    let mut current: Vec<Uuid> = vms
+        .iter()
+        .filter(|(_, v, serving)| *serving && *v == version)
+        .map(|(id, _, _)| *id)
+        .collect();
+    current.sort();
+    current.truncate(count);
+    let mut old: Vec<Uuid> = vms
+        .iter()
+        .filter(|(_, v, serving)| *serving && *v != version)
+        .map(|(id, _, _)| *id)
+        .collect();
+    old.sort();
+    if current.len() == count || old.is_empty() {
+        current
+    } else {
+        old
+    }
+}
+
+/// True when every desired app has exactly `count` serving VMs of its version and
+/// nothing else runs.
 pub fn is_converged(desired: &DesiredState, actual: &ActualState) -> bool {
-    let mut seen = BTreeMap::new();
+    let mut seen: BTreeMap<&str, u32> = BTreeMap::new();
     for vm in &actual.vms {
         let Some(version) = desired.version_of(&vm.app) else {
             return false;
@@ -329,8 +367,8 @@ pub fn is_converged(desired: &DesiredState, actual: &ActualState) -> bool {
     }
     desired
         .apps
-        .keys()
-        .all(|name| seen.get(name.as_str()) == Some(&1))
+        .iter()
+        .all(|(name, app)| seen.get(name.as_str()) == Some(&app.count.max(1)))
 }
 
 #[cfg(test)]
@@ -352,6 +390,7 @@ mod tests {
             health: None,
             bandwidth: Bandwidth::default(),
             network: Default::default(),
+            count: 1,
         }
     }
 
@@ -493,13 +532,16 @@ mod tests {
     const IMAGES: [&str; 3] = ["img:1", "img:2", "img:3"];
 
     fn arb_desired() -> impl Strategy<Value = DesiredState> {
-        proptest::collection::btree_map(0usize..4, 0usize..IMAGES.len(), 0..4).prop_map(|m| {
-            DesiredState {
-                apps: m
-                    .into_iter()
-                    .map(|(a, i)| (APPS[a].to_string(), app(APPS[a], IMAGES[i])))
-                    .collect(),
-            }
+        let spec = (0usize..IMAGES.len(), 1u32..4);
+        proptest::collection::btree_map(0usize..4, spec, 0..4).prop_map(|m| DesiredState {
+            apps: m
+                .into_iter()
+                .map(|(a, (i, count))| {
+                    let mut spec = app(APPS[a], IMAGES[i]);
+                    spec.count = count;
+                    (APPS[a].to_string(), spec)
+                })
+                .collect(),
         })
     }
 
@@ -596,14 +638,16 @@ mod tests {
                 .apps
                 .iter()
                 .enumerate()
-                .map(|(i, (n, a))| {
-                    vm(
-                        i as u128 + 1,
-                        n,
-                        &a.spec_hash(),
-                        VmState::Running,
-                        Health::Healthy,
-                    )
+                .flat_map(|(i, (n, a))| {
+                    (0..a.count).map(move |r| {
+                        vm(
+                            (i as u128 + 1) * 100 + u128::from(r),
+                            n,
+                            &a.spec_hash(),
+                            VmState::Running,
+                            Health::Healthy,
+                        )
+                    })
                 })
                 .collect(),
             failures: BTreeMap::new(),
@@ -640,6 +684,41 @@ mod tests {
         }
 
         #[test]
+        fn tc_u15_replicas_scale_to_count_and_swap_health_gated(
+            count in 1u32..5, running in 0u32..6, healthy_new in 0u32..5
+        ) {
+            let mut d = desired(&[("web", "img:2")]);
+            d.apps.get_mut("web").unwrap().count = count;
+            let v2 = d.version_of("web").unwrap();
+            // `running` old VMs serving, `healthy_new` of the new version serving.
+            let mut vms: Vec<VmRecord> = (0..running)
+                .map(|i| vm(u128::from(i) + 1, "web", "v1", VmState::Running, Health::Healthy))
+                .collect();
+            vms.extend((0..healthy_new).map(|i| {
+                vm(u128::from(i) + 100, "web", &v2, VmState::Running, Health::Healthy)
+            }));
+            let a = ActualState { vms, ..Default::default() };
+            let actions = plan(&d, &a);
+            let creates = actions.iter().filter(|x| matches!(x, Action::Create { .. } | Action::Replace { .. })).count();
+            prop_assert_eq!(creates as u32, count.saturating_sub(healthy_new));
+            let old_touched = actions.iter().any(|x| (1..=u128::from(running)).any(|i| touches(x, Uuid::from_u128(i))));
+            prop_assert_eq!(old_touched, running > 0 && healthy_new >= count, "{:?}", actions);
+            let extras = actions.iter().filter(|x| matches!(x, Action::Retire { vm_id, .. } if vm_id.as_u128() >= 100)).count();
+            prop_assert_eq!(extras as u32, healthy_new.saturating_sub(count));
+            let set = serving_set(
+                &v2,
+                count,
+                &a.vms.iter().map(|v| (v.vm_id, v.version.as_str(), v.is_serving())).collect::<Vec<_>>(),
+            );
+            if healthy_new >= count || running == 0 {
+                prop_assert_eq!(set.len() as u32, healthy_new.min(count));
+                prop_assert!(set.iter().all(|id| id.as_u128() >= 100));
+            } else {
+                prop_assert_eq!(set.len() as u32, running, "the old version keeps the endpoint");
+            }
+        }
+
+        #[test]
         fn tc_u2_unwanted_vms_are_removed(d in arb_desired(), a in arb_actual()) {
             let actions = plan(&d, &a);
             for v in a.vms.iter().filter(|v| !d.apps.contains_key(&v.app)) {
@@ -657,10 +736,10 @@ mod tests {
             let actions = plan(&d, &a);
             for (name, spec) in &d.apps {
                 let version = spec.spec_hash();
-                let successor_serving = a.vms.iter().any(|v| {
+                let successors_serving = a.vms.iter().filter(|v| {
                     v.app == *name && v.version == version && v.is_serving()
-                });
-                if successor_serving {
+                }).count();
+                if successors_serving >= spec.count as usize {
                     continue;
                 }
                 for old in a.vms.iter().filter(|v| v.app == *name && v.version != version && !v.is_dead()) {

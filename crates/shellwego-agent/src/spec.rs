@@ -3,6 +3,7 @@
 //! ```toml
 //! name = "hello"
 //! image = "alpine:3.23"
+//! count = 2                  # optional; replicas behind the endpoint (1 to 32, default 1)
 //!
 //! [run]                      # optional; overrides the image's own config
 //! cmd = ["httpd", "-f", "-p", "8080"]
@@ -89,6 +90,19 @@ pub struct DesiredApp {
     /// their versions.
     #[serde(default, skip_serializing_if = "EgressPolicy::is_default")]
     pub network: EgressPolicy,
+    /// How many VMs (replicas) of the version run behind the app's endpoint. Left out of
+    /// the stored form when it is 1, and never part of the version: scaling adds or
+    /// retires replicas of the running version rather than replacing them.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub count: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 /// Overrides of the image's config; `None` keeps the image's value. Lenient when decoded
@@ -240,6 +254,7 @@ struct RawSpec {
     bandwidth: RawBandwidth,
     #[serde(default)]
     network: RawNetwork,
+    count: Option<i64>,
 }
 
 #[derive(Deserialize, Default)]
@@ -583,6 +598,19 @@ impl DesiredApp {
             upload_bps: bitrate("bandwidth.upload", raw.bandwidth.upload.as_deref())?,
         };
         let network = network(raw.network)?;
+        let count = match raw.count {
+            None => 1,
+            Some(n) => u32::try_from(n)
+                .ok()
+                .filter(|n| (1..=crate::bounds::MAX_COUNT).contains(n))
+                .ok_or_else(|| {
+                    invalid(
+                        "count",
+                        n.to_string(),
+                        &format!("must be 1 to {}", crate::bounds::MAX_COUNT),
+                    )
+                })?,
+        };
         let app = DesiredApp {
             name: raw.name,
             image: raw.image,
@@ -594,6 +622,7 @@ impl DesiredApp {
             health,
             bandwidth,
             network,
+            count,
         };
         crate::bounds::check(&app)?;
         Ok(app)
@@ -637,12 +666,14 @@ impl DesiredApp {
         hash_of(&self.hashed_form())
     }
 
-    /// The spec as `spec_hash` sees it: secret values removed, ports' protocols reset.
+    /// The spec as `spec_hash` sees it: secret values removed, ports' protocols and the
+    /// replica count reset.
     fn hashed_form(&self) -> DesiredApp {
         let mut app = self.without_secret_values();
         for port in &mut app.ports {
             port.protocol = Protocol::Tcp;
         }
+        app.count = 1;
         app
     }
 }
@@ -761,6 +792,35 @@ download = "50Mbit"
         let mut c = a.clone();
         c.env.insert("X".into(), "1".into());
         assert_ne!(a.spec_hash(), c.spec_hash());
+    }
+
+    #[test]
+    fn tc_u15_replica_count_parses_is_bounded_and_is_not_part_of_the_version() {
+        let spec = |extra: &str| format!("name = \"a\"\nimage = \"a\"\n{extra}");
+        let one = DesiredApp::from_toml(&spec("")).unwrap();
+        assert_eq!(one.count, 1);
+        let three = DesiredApp::from_toml(&spec("count = 3")).unwrap();
+        assert_eq!(three.count, 3);
+        assert_eq!(
+            one.spec_hash(),
+            three.spec_hash(),
+            "scaling keeps the version"
+        );
+        let stored = serde_json::to_string(&one).unwrap();
+        assert!(
+            !stored.contains("count"),
+            "count = 1 is not stored: {stored}"
+        );
+        let back: DesiredApp =
+            serde_json::from_str(&serde_json::to_string(&three).unwrap()).unwrap();
+        assert_eq!(back.count, 3);
+        for bad in ["0", "-1", "33"] {
+            let e = err_of(&spec(&format!("count = {bad}")));
+            assert!(
+                e.contains("count") && e.contains(bad) && e.contains("1 to 32"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -438,6 +438,16 @@ impl RootfsBuilder {
         let dataset = self.vm_dataset(vm_id);
         validate_name(&dataset)?;
         let mountpoint = self.data_dir.join("apps").join(vm_id);
+        // The parent is made first, not by `clone -p`: clones for VMs started side by side
+        // race to make it, and the loser of `clone -p` fails ("dataset already exists").
+        let parent = format!("{}/apps", self.root_dataset());
+        if !self.zfs.exists(&parent)? {
+            if let Err(e) = self.zfs.create(&parent, &[]) {
+                if !self.zfs.exists(&parent)? {
+                    return Err(e.into());
+                }
+            }
+        }
         if !self.zfs.exists(&dataset)? {
             let mp = mountpoint.to_string_lossy();
             self.zfs

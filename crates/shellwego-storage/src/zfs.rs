@@ -267,7 +267,14 @@ impl ZfsManager {
             args.extend(["-o", o.as_str()]);
         }
         args.push(name);
-        self.zfs(&args).map(drop)
+        // `-p` makes missing parents; another process making the same parent at the same
+        // moment makes one of the two fail ("dataset already exists"). Then the parent
+        // exists, and a second try (or finding `name` made) settles it.
+        match self.zfs(&args) {
+            Ok(_) => Ok(()),
+            Err(_) if self.exists(name)? => Ok(()),
+            Err(_) => self.zfs(&args).map(drop),
+        }
     }
 
     /// Takes `dataset@snap`.

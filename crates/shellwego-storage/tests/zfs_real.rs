@@ -129,3 +129,26 @@ fn zfs_manager_refuses_a_missing_pool() {
     let err = zfs.pool_health().unwrap_err();
     assert!(err.to_string().contains("swg-no-such-pool"), "{err}");
 }
+
+/// Datasets made side by side under a parent that does not exist yet (VMs of several
+/// apps started at once): every one is made, none fails on the parent the others made.
+#[test]
+fn tc_i2_datasets_made_at_once_under_a_new_parent_all_succeed() {
+    let pool = TestPool::new(1 << 30);
+    let zfs = std::sync::Arc::new(manager(&pool));
+    let parent = format!("{}/shellwego/racing", pool.name);
+    for round in 0..3 {
+        let parent = format!("{parent}{round}");
+        let threads: Vec<_> = (0..6)
+            .map(|i| {
+                let (zfs, name) = (zfs.clone(), format!("{parent}/vm-{i}"));
+                std::thread::spawn(move || zfs.create(&name, &[("mountpoint", "none")]))
+            })
+            .collect();
+        for (i, t) in threads.into_iter().enumerate() {
+            let made = t.join().expect("thread");
+            assert!(made.is_ok(), "round {round}, dataset {i}: {made:?}");
+            assert!(zfs.exists(&format!("{parent}/vm-{i}")).unwrap());
+        }
+    }
+}

@@ -121,7 +121,7 @@ pub fn vm_pids(dir: &std::path::Path) -> Vec<i32> {
 /// Jailed firecrackers under `dir`, as (pid, VM id): the jailer writes each one's pid (as this namespace
 /// sees it) to `<base>/<exec>/<id>/root/<exec>.pid`; a pid counts only while it is a
 /// firecracker of that id (pids are reused).
-fn jailed_vms(dir: &std::path::Path) -> Vec<(i32, String)> {
+pub fn jailed_vms(dir: &std::path::Path) -> Vec<(i32, String)> {
     let mut found = Vec::new();
     let mut stack = vec![(dir.to_path_buf(), 0)];
     while let Some((d, depth)) = stack.pop() {

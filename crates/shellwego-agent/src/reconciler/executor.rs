@@ -480,8 +480,9 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
             } => {
                 if self
                     .frontend
-                    .backend(&app)
-                    .is_some_and(|b| b.vm_id == vm_id)
+                    .backends(&app)
+                    .iter()
+                    .any(|b| b.vm_id == vm_id)
                 {
                     // The endpoint could not be switched: the old VM keeps serving.
                     return Ok(0);
@@ -849,10 +850,11 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         }
     }
 
-    /// Points each app's endpoint at the VM that should serve it: the desired version's
-    /// VM once it is healthy, otherwise the newest healthy VM of the app. Listeners of apps
-    /// that are gone, or publish no port any more, are closed when `apps` is the whole
-    /// desired state (`Scope::All`).
+    /// Points each app's endpoint at the VMs that should serve it (see
+    /// [`super::serving_set`]: the desired version's replicas once all of them are
+    /// healthy, the older version's until then). Listeners of apps that are gone, or
+    /// publish no port any more, are closed when `apps` is the whole desired state
+    /// (`Scope::All`).
     async fn sync_endpoints(
         &self,
         apps: &BTreeMap<String, DesiredApp>,
@@ -873,47 +875,70 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                 continue;
             }
             let version = app.spec_hash();
-            let serving = rows
+            let addresses: BTreeMap<Uuid, Ipv4Addr> = rows
                 .iter()
-                .filter(|r| {
-                    r.app == *name && r.state == VmState::Running && r.health == Health::Healthy
+                .filter(|r| r.app == *name)
+                .filter_map(|r| Some((r.vm_id, r.ip.as_deref()?.parse().ok()?)))
+                .collect();
+            let vms: Vec<(Uuid, &str, bool)> = rows
+                .iter()
+                .filter(|r| r.app == *name && addresses.contains_key(&r.vm_id))
+                .map(|r| {
+                    let serving = r.state == VmState::Running && r.health == Health::Healthy;
+                    (r.vm_id, r.version.as_str(), serving)
                 })
-                .filter_map(|r| Some((r, r.ip.as_deref()?.parse::<Ipv4Addr>().ok()?)))
-                .max_by_key(|(r, _)| (r.version == version, r.created_at));
-            let Some((row, ip)) = serving else {
+                .collect();
+            let backends: Vec<Backend> = super::serving_set(&version, app.count, &vms)
+                .into_iter()
+                .filter_map(|vm_id| {
+                    Some(Backend {
+                        vm_id,
+                        ip: *addresses.get(&vm_id)?,
+                    })
+                })
+                .collect();
+            let Some(first) = backends.first().copied() else {
                 continue;
             };
-            let backend = Backend {
-                vm_id: row.vm_id,
-                ip,
-            };
-            if self.frontend.is_current(name, &ports, backend) {
+            if self.frontend.is_current(name, &ports, &backends) {
                 continue;
             }
             let hosts: Vec<String> = ports
                 .iter()
                 .map(|p| format!(":{}/{}", p.host, p.protocol))
                 .collect();
-            match self.frontend.publish(name, &ports, backend) {
-                Ok(Some(previous)) if previous == backend => self.event(
+            let ips = |set: &[Backend]| -> String {
+                let ips: Vec<String> = set.iter().map(|b| b.ip.to_string()).collect();
+                if ips.is_empty() {
+                    "none".into()
+                } else {
+                    ips.join(",")
+                }
+            };
+            match self.frontend.publish(name, &ports, &backends) {
+                Ok(previous) if previous == backends => self.event(
                     name,
-                    Some(row.vm_id),
+                    Some(first.vm_id),
                     format!("endpoint {} updated", hosts.join(",")),
                 ),
                 Ok(previous) => {
-                    self.event(
-                        name,
-                        Some(row.vm_id),
-                        format!(
-                            "endpoint {} switched to {ip} (was {})",
-                            hosts.join(","),
-                            previous.map_or("none".to_string(), |p| p.ip.to_string())
-                        ),
-                    );
-                    crate::fault::point("after-switch", |m| self.event(name, Some(row.vm_id), m))
+                    // One event per VM that joined, so each can be found by its id.
+                    for joined in backends.iter().filter(|b| !previous.contains(b)) {
+                        self.event(
+                            name,
+                            Some(joined.vm_id),
+                            format!(
+                                "endpoint {} switched to {} (was {})",
+                                hosts.join(","),
+                                ips(&backends),
+                                ips(&previous)
+                            ),
+                        );
+                    }
+                    crate::fault::point("after-switch", |m| self.event(name, Some(first.vm_id), m))
                         .await;
                 }
-                Err(e) => self.event(name, Some(row.vm_id), format!("endpoint: {e}")),
+                Err(e) => self.event(name, Some(first.vm_id), format!("endpoint: {e}")),
             }
         }
         Ok(())

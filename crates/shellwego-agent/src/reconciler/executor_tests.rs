@@ -99,8 +99,12 @@ async fn tc_u14_crash_at_every_step_converges_without_orphans() {
             let vms = node.store.vms().expect("records");
             assert_eq!(vms.len(), 1, "{step} (swap {swap}): {vms:?}");
             assert_eq!(vms[0].version, target.spec_hash(), "{step} (swap {swap})");
-            let backend = super::ports::Frontend::backend(&*agent.exec.frontend, "web");
-            assert_eq!(backend.map(|b| b.vm_id), Some(vms[0].vm_id), "{step}");
+            let backend = super::ports::Frontend::backends(&*agent.exec.frontend, "web");
+            assert_eq!(
+                backend.iter().map(|b| b.vm_id).collect::<Vec<_>>(),
+                vec![vms[0].vm_id],
+                "{step}"
+            );
             agent.crash();
         }
     }
@@ -421,4 +425,114 @@ proptest! {
             .expect("runtime");
         rt.block_on(random_run(ops));
     }
+}
+
+fn replicated(name: &str, image: &str, port: u16, count: u32) -> DesiredApp {
+    let mut spec = app(name, image, port);
+    spec.count = count;
+    spec
+}
+
+/// Three replicas behind one endpoint; a swap replaces all three, health-gated: the
+/// endpoint moves to the new set only once all of it is healthy, and no old replica is
+/// drained before that. Scaling down drains the extras; a dead replica is replaced.
+#[tokio::test(start_paused = true)]
+async fn tc_u15_replicas_serve_together_and_swap_all_at_once() {
+    let node = Node::new();
+    let agent = node.start().await;
+    node.apply(&replicated("web", "img:1", 8001, 3));
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    let blue = serving(&node, "web");
+    assert_eq!(blue.len(), 3);
+    let endpoint = |agent: &super::fake::Agent| -> Vec<Uuid> {
+        let mut ids: Vec<Uuid> = super::ports::Frontend::backends(&*agent.exec.frontend, "web")
+            .iter()
+            .map(|b| b.vm_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut sorted = blue.clone();
+    sorted.sort();
+    assert_eq!(endpoint(&agent), sorted, "all three behind the endpoint");
+
+    // The new version: one replica is slow to become healthy.
+    node.platform.inject(Fault {
+        times: 1,
+        ..Fault::at("guest", "web", Effect::Slow(Duration::from_secs(20)))
+    });
+    node.apply(&replicated("web", "img:2", 8001, 3));
+    agent.exec.wake.notify_one();
+    agent
+        .until("two new replicas healthy", MINUTE, || {
+            node.store
+                .vms()
+                .expect("records")
+                .iter()
+                .filter(|v| !blue.contains(&v.vm_id) && v.health == Health::Healthy)
+                .count()
+                == 2
+        })
+        .await;
+    assert_eq!(
+        endpoint(&agent),
+        sorted,
+        "the old set serves until all new ones do"
+    );
+    assert!(
+        !node
+            .platform
+            .world()
+            .calls
+            .iter()
+            .any(|c| c.starts_with("drain ")),
+        "no old replica drained early"
+    );
+    agent.settle(&node, MINUTE).await;
+    let green = serving(&node, "web");
+    assert_eq!(green.len(), 3);
+    assert!(green.iter().all(|g| !blue.contains(g)));
+    let calls = node.platform.world().calls.clone();
+    let switch = calls
+        .iter()
+        .rposition(|c| c.starts_with("publish web "))
+        .expect("switched");
+    for old in &blue {
+        assert!(
+            position(&calls, &format!("drain {old}")) > switch,
+            "{calls:?}"
+        );
+    }
+
+    // Scale down to one: two replicas drain and go; the endpoint keeps one.
+    node.apply(&replicated("web", "img:2", 8001, 1));
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    let left = serving(&node, "web");
+    assert_eq!(left.len(), 1);
+    assert_eq!(endpoint(&agent), left);
+    for gone in green.iter().filter(|g| !left.contains(g)) {
+        assert!(node
+            .platform
+            .world()
+            .calls
+            .contains(&format!("drain {gone}")));
+    }
+
+    // Scale up to two; then one replica dies and is replaced.
+    node.apply(&replicated("web", "img:2", 8001, 2));
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    let two = serving(&node, "web");
+    if let Some(vm) = node.platform.world().vms.get_mut(&two[0]) {
+        vm.alive = false;
+    }
+    agent
+        .until("dead replica replaced", MINUTE, || {
+            let now = serving(&node, "web");
+            now.len() == 2 && !now.contains(&two[0])
+        })
+        .await;
+    agent.settle(&node, MINUTE).await;
 }

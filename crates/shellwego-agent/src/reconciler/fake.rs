@@ -329,12 +329,15 @@ impl Ports for FakePlatform {
     }
 }
 
-/// The fake endpoint: which VM each app's ports lead to. Its log of switches goes to the
-/// platform's call log, so tests see them in order with the platform's calls.
+/// The fake endpoint: which VMs each app's ports lead to. Its log of switches goes to
+/// the platform's call log, so tests see them in order with the platform's calls.
 pub struct FakeFrontend {
     platform: Arc<FakePlatform>,
-    routes: Mutex<BTreeMap<String, (Vec<Published>, Backend)>>,
+    routes: Mutex<Routes>,
 }
+
+/// Per app: its ports and the VMs they lead to.
+type Routes = BTreeMap<String, (Vec<Published>, Vec<Backend>)>;
 
 impl FakeFrontend {
     pub fn new(platform: Arc<FakePlatform>) -> FakeFrontend {
@@ -344,7 +347,7 @@ impl FakeFrontend {
         }
     }
 
-    fn routes(&self) -> MutexGuard<'_, BTreeMap<String, (Vec<Published>, Backend)>> {
+    fn routes(&self) -> MutexGuard<'_, Routes> {
         self.routes.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
@@ -354,16 +357,18 @@ impl Frontend for FakeFrontend {
         &self,
         app: &str,
         ports: &[Published],
-        backend: Backend,
-    ) -> Result<Option<Backend>, String> {
+        backends: &[Backend],
+    ) -> Result<Vec<Backend>, String> {
+        let ids: Vec<String> = backends.iter().map(|b| b.vm_id.to_string()).collect();
         self.platform
             .world()
             .calls
-            .push(format!("publish {app} {}", backend.vm_id));
+            .push(format!("publish {app} {}", ids.join(",")));
         Ok(self
             .routes()
-            .insert(app.to_string(), (ports.to_vec(), backend))
-            .map(|(_, b)| b))
+            .insert(app.to_string(), (ports.to_vec(), backends.to_vec()))
+            .map(|(_, b)| b)
+            .unwrap_or_default())
     }
 
     fn unpublish(&self, app: &str) {
@@ -371,14 +376,17 @@ impl Frontend for FakeFrontend {
         self.routes().remove(app);
     }
 
-    fn backend(&self, app: &str) -> Option<Backend> {
-        self.routes().get(app).map(|(_, b)| *b)
-    }
-
-    fn is_current(&self, app: &str, ports: &[Published], backend: Backend) -> bool {
+    fn backends(&self, app: &str) -> Vec<Backend> {
         self.routes()
             .get(app)
-            .is_some_and(|(p, b)| p == ports && *b == backend)
+            .map(|(_, b)| b.clone())
+            .unwrap_or_default()
+    }
+
+    fn is_current(&self, app: &str, ports: &[Published], backends: &[Backend]) -> bool {
+        self.routes()
+            .get(app)
+            .is_some_and(|(p, b)| p == ports && b == backends)
     }
 
     fn published_apps(&self) -> Vec<String> {

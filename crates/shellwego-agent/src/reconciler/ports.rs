@@ -150,18 +150,18 @@ pub trait Ports: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), ProbeFailure>> + Send;
 }
 
-/// The app's stable endpoint: where its published ports lead.
+/// The app's stable endpoint: where its published ports lead (its replicas).
 pub trait Frontend: Send + Sync + 'static {
-    /// Points the app's ports at `backend`; returns the previous backend.
+    /// Points the app's ports at `backends`; returns the previous ones.
     fn publish(
         &self,
         app: &str,
         ports: &[Published],
-        backend: Backend,
-    ) -> Result<Option<Backend>, String>;
+        backends: &[Backend],
+    ) -> Result<Vec<Backend>, String>;
     fn unpublish(&self, app: &str);
-    fn backend(&self, app: &str) -> Option<Backend>;
-    fn is_current(&self, app: &str, ports: &[Published], backend: Backend) -> bool;
+    fn backends(&self, app: &str) -> Vec<Backend>;
+    fn is_current(&self, app: &str, ports: &[Published], backends: &[Backend]) -> bool;
     fn published_apps(&self) -> Vec<String>;
     /// Waits until `vm` has no open connections through the endpoint, at most `limit`;
     /// returns how many were still open.
@@ -173,18 +173,18 @@ impl Frontend for crate::endpoint::Endpoints {
         &self,
         app: &str,
         ports: &[Published],
-        backend: Backend,
-    ) -> Result<Option<Backend>, String> {
-        crate::endpoint::Endpoints::publish(self, app, ports, backend).map_err(|e| e.to_string())
+        backends: &[Backend],
+    ) -> Result<Vec<Backend>, String> {
+        crate::endpoint::Endpoints::publish(self, app, ports, backends).map_err(|e| e.to_string())
     }
     fn unpublish(&self, app: &str) {
         crate::endpoint::Endpoints::unpublish(self, app)
     }
-    fn backend(&self, app: &str) -> Option<Backend> {
-        crate::endpoint::Endpoints::backend(self, app)
+    fn backends(&self, app: &str) -> Vec<Backend> {
+        crate::endpoint::Endpoints::backends(self, app)
     }
-    fn is_current(&self, app: &str, ports: &[Published], backend: Backend) -> bool {
-        crate::endpoint::Endpoints::is_current(self, app, ports, backend)
+    fn is_current(&self, app: &str, ports: &[Published], backends: &[Backend]) -> bool {
+        crate::endpoint::Endpoints::is_current(self, app, ports, backends)
     }
     fn published_apps(&self) -> Vec<String> {
         crate::endpoint::Endpoints::published_apps(self)

@@ -110,6 +110,10 @@ pub struct VmRow {
     pub image_digest: Option<String>,
     pub created_at: u64,
     pub last_error: Option<String>,
+    /// When its guest got its run config (seconds since the epoch): a health wait resumed
+    /// after an agent restart counts its grace from here, not from the queueing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running_since: Option<u64>,
 }
 
 impl VmRow {
@@ -396,6 +400,22 @@ impl Store {
         self.delete(VMS, &vm_id.to_string())
     }
 
+    /// Removes a VM's row and, in the same transaction, stores its app's failure record
+    /// (when `failure` is given): a failure is counted once, whatever crashes when.
+    pub fn remove_vm_with_failure(
+        &self,
+        vm_id: Uuid,
+        failure: Option<(&str, &FailureRecord)>,
+    ) -> Result<(), StateError> {
+        self.write("remove a VM", |txn| {
+            remove_key(txn, VMS, &vm_id.to_string())?;
+            if let Some((app, f)) = failure {
+                insert_json(txn, FAILURES, app, f)?;
+            }
+            Ok(())
+        })
+    }
+
     pub fn vms(&self) -> Result<Vec<VmRow>, StateError> {
         Ok(self.all::<VmRow>(VMS)?.into_values().collect())
     }
@@ -443,6 +463,7 @@ mod tests {
             image_digest: None,
             created_at: 1,
             last_error: None,
+            running_since: None,
         }
     }
 

@@ -87,7 +87,8 @@ pub enum TaskKind {
 struct Task {
     kind: TaskKind,
     cancel: CancellationToken,
-    abort: tokio::task::AbortHandle,
+    /// Set right after the spawn (which happens outside the map's lock).
+    abort: Option<tokio::task::AbortHandle>,
 }
 
 /// Health monitoring of one running VM.
@@ -110,6 +111,12 @@ pub struct Executor<P: Ports, F: Frontend> {
     /// Serialises passes (tasks run beside them).
     pass: Mutex<()>,
     probes: SyncMutex<HashMap<Uuid, ProbeState>>,
+    /// VMs whose removal failed, and when it may be tried again (it doubles from 5 s to
+    /// 5 min): a teardown that keeps failing is retried calmly, not in a loop.
+    teardown_retry: SyncMutex<HashMap<Uuid, (Instant, u32)>>,
+    /// Held from reading the records to publishing, so a pass and a task never publish
+    /// sets computed from different moments (the older set would win).
+    endpoint_sync: Mutex<()>,
     /// Notified when a task ends or the desired state changes.
     pub wake: Arc<Notify>,
 }
@@ -146,6 +153,8 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
             tasks: SyncMutex::new(HashMap::new()),
             pass: Mutex::new(()),
             probes: SyncMutex::new(HashMap::new()),
+            teardown_retry: SyncMutex::new(HashMap::new()),
+            endpoint_sync: Mutex::new(()),
             wake: Arc::new(Notify::new()),
         }
     }
@@ -234,16 +243,19 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         let mut interrupted = Vec::new();
         for row in self.store.vms()? {
             if row.state == VmState::Starting {
-                // A provision the last agent did not finish: whatever part of it exists
-                // is removed now, and the next pass starts the VM afresh. Once is not a
-                // failure of the version; the same provision interrupted again is (it
-                // may be what takes the agent down), so a crash loop turns into backoff.
+                // A provision the last agent did not finish. Its row goes, with the count
+                // of interruptions, in one transaction, before anything is torn down: a
+                // crash during the cleanup cannot count it twice, and what the cleanup
+                // leaves is an orphan for the sweep below. Once is not a failure of the
+                // version; the same provision interrupted again is (it may be what takes
+                // the agent down), so a crash loop turns into backoff.
                 let prev = self.store.failures()?.remove(&row.app);
                 let f = FailureRecord::interrupted(prev.as_ref(), &row.version, &row.step, now);
                 if f.attempts > prev.as_ref().map_or(0, |p| p.attempts) {
                     self.event(&row.app, Some(row.vm_id), f.reason.clone());
                 }
-                self.store.put_failure(&row.app, &f)?;
+                self.store
+                    .remove_vm_with_failure(row.vm_id, Some((&row.app, &f)))?;
                 self.event(
                     &row.app,
                     Some(row.vm_id),
@@ -252,7 +264,7 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                         row.step
                     ),
                 );
-                interrupted.push(row);
+                interrupted.push(row.vm_id);
                 continue;
             }
             if attached.contains(&row.vm_id.to_string()) {
@@ -265,19 +277,12 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
             }
         }
         let limit = self.config.deadlines.teardown;
-        let cleanups = interrupted.into_iter().map(|mut row| async move {
-            match teardown(&*self.platform, row.vm_id, limit).await {
-                Ok(()) => self.store.remove_vm(row.vm_id),
-                Err(e) => {
-                    row.state = VmState::Exited;
-                    row.last_error = Some(format!("cleanup of an interrupted provision: {e}"));
-                    self.store.put_vm(&row)
-                }
+        let cleanups = interrupted.into_iter().map(|vm| async move {
+            if let Err(e) = teardown(&*self.platform, vm, limit).await {
+                warn!(%vm, error = %e, "cleanup of an interrupted provision; the orphan sweep retries");
             }
         });
-        for done in futures_util::future::join_all(cleanups).await {
-            done?;
-        }
+        futures_util::future::join_all(cleanups).await;
         self.sweep_orphans(&HashSet::new()).await
     }
 
@@ -396,7 +401,8 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                 usize::from(
                     self.start(vm, TaskKind::HealthWait, move |cancel| async move {
                         let budget = me.platform.boot_budget(me.config.mode) + check.grace;
-                        let age = me.platform.now().saturating_sub(row.created_at);
+                        let since = row.running_since.unwrap_or(row.created_at);
+                        let age = me.platform.now().saturating_sub(since);
                         let left = budget.saturating_sub(Duration::from_secs(age));
                         let verdict = match ip {
                             None => Err("the VM has no IP".to_string()),
@@ -454,6 +460,7 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                     image_digest: None,
                     created_at: self.platform.now(),
                     last_error: None,
+                    running_since: None,
                 };
                 // Recorded before anything exists of it, and before its task can run.
                 self.store.put_vm(&row)?;
@@ -478,13 +485,23 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                 vm_id,
                 successor,
             } => {
-                if self
-                    .frontend
-                    .backends(&app)
-                    .iter()
-                    .any(|b| b.vm_id == vm_id)
+                // An old VM still being built (its version was superseded) is cancelled;
+                // its task removes what it made.
+                if let Some(task) = self.tasks().get(&vm_id) {
+                    if matches!(task.kind, TaskKind::Provision | TaskKind::HealthWait) {
+                        task.cancel.cancel();
+                    }
+                    return Ok(0);
+                }
+                if !self.teardown_due(vm_id)
+                    || self
+                        .frontend
+                        .backends(&app)
+                        .iter()
+                        .any(|b| b.vm_id == vm_id)
                 {
-                    // The endpoint could not be switched: the old VM keeps serving.
+                    // A removal that failed waits for its retry; an endpoint that could
+                    // not be switched keeps the old VM serving.
                     return Ok(0);
                 }
                 let me = self.clone();
@@ -515,6 +532,9 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                     }
                     return Ok(0);
                 }
+                if !self.teardown_due(vm_id) {
+                    return Ok(0);
+                }
                 let failed = reason
                     == RemoveReason::Failed {
                         counts_as_failure: true,
@@ -538,28 +558,35 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         W: FnOnce(CancellationToken) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let mut tasks = self.tasks();
-        if tasks.contains_key(&vm) {
-            return false;
-        }
         let cancel = CancellationToken::new();
+        {
+            let mut tasks = self.tasks();
+            if tasks.contains_key(&vm) {
+                return false;
+            }
+            tasks.insert(
+                vm,
+                Task {
+                    kind,
+                    cancel: cancel.clone(),
+                    abort: None,
+                },
+            );
+        }
         let guard = TaskGuard {
             exec: self.clone(),
             vm,
         };
-        let fut = work(cancel.clone());
+        let fut = work(cancel);
+        // Spawned outside the lock: a runtime that is shutting down drops the future (and
+        // its guard, which takes the lock) right here.
         let handle = tokio::spawn(async move {
             let _guard = guard;
             fut.await;
         });
-        tasks.insert(
-            vm,
-            Task {
-                kind,
-                cancel,
-                abort: handle.abort_handle(),
-            },
-        );
+        if let Some(task) = self.tasks().get_mut(&vm) {
+            task.abort = Some(handle.abort_handle());
+        }
         true
     }
 
@@ -567,7 +594,9 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
     /// crash recovery). What was recorded stays recorded.
     pub fn abort_all(&self) {
         for task in self.tasks().values() {
-            task.abort.abort();
+            if let Some(abort) = &task.abort {
+                abort.abort();
+            }
         }
     }
 
@@ -635,6 +664,7 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         };
         let ip = P::ip(&built.net);
         row.state = VmState::Running;
+        row.running_since = Some(self.platform.now());
         row.ip = Some(ip.to_string());
         row.image_digest = Some(P::digest(&built.image));
         row.step = if app.health.is_some() {
@@ -680,8 +710,18 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                 row.health = Health::Healthy;
                 row.step = "running".into();
                 self.save(&row);
-                if let Err(e) = self.store.clear_failure(app) {
-                    warn!(app, error = %e, "cannot clear the failure record");
+                // Only this version's failures are forgiven: an old version that got
+                // healthy late must not reset the backoff of the one that replaced it.
+                let own = self
+                    .store
+                    .failures()
+                    .ok()
+                    .and_then(|mut f| f.remove(app))
+                    .is_some_and(|f| f.version == row.version);
+                if own {
+                    if let Err(e) = self.store.clear_failure(app) {
+                        warn!(app, error = %e, "cannot clear the failure record");
+                    }
                 }
                 self.event(app, Some(vm), format!("healthy{how}"));
                 let desired = self.store.desired().unwrap_or_default();
@@ -804,50 +844,78 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         );
     }
 
+    /// Whether a removal of `vm` may run now (none failed, or its retry time came).
+    fn teardown_due(&self, vm: Uuid) -> bool {
+        self.teardown_retry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&vm)
+            .is_none_or(|(at, _)| Instant::now() >= *at)
+    }
+
     /// Stops the VM and removes everything it owns, then its record. `failed`: it ran
-    /// the desired version and failed, which counts for backoff.
+    /// the desired version and failed, which counts for backoff — once, recorded with
+    /// the row's removal, so neither a failing teardown (retried later) nor a crash
+    /// during it counts the failure again.
     async fn remove(&self, app: &str, vm_id: Uuid, failed: bool) {
+        let mut failure = None;
         if let Ok(Some(mut row)) = self.store.vm(vm_id) {
             row.step = "removing".into();
             self.save(&row);
             if failed {
-                self.record_failure(app, &row);
+                failure = Some(self.next_failure(app, &row));
             }
         }
         self.probes().remove(&vm_id);
         self.event(app, Some(vm_id), "stopping the VM");
         if let Err(e) = teardown(&*self.platform, vm_id, self.config.deadlines.teardown).await {
+            let wait = {
+                let mut retry = self
+                    .teardown_retry
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let tries = retry.get(&vm_id).map_or(0, |(_, n)| *n) + 1;
+                let wait = super::backoff(tries);
+                retry.insert(vm_id, (Instant::now() + wait, tries));
+                wait
+            };
             self.event(
                 app,
                 Some(vm_id),
-                format!("cleanup failed (will retry): {e}"),
+                format!("cleanup failed (retried in {}s): {e}", wait.as_secs()),
             );
             return;
         }
-        if let Err(e) = self.store.remove_vm(vm_id) {
+        self.teardown_retry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&vm_id);
+        if let Some(f) = &failure {
+            self.event(
+                app,
+                Some(vm_id),
+                format!(
+                    "attempt {} of version {} failed; next try after {}s",
+                    f.attempts,
+                    f.version,
+                    super::backoff(f.attempts).as_secs()
+                ),
+            );
+        }
+        let failure = failure.as_ref().map(|f| (app, f));
+        if let Err(e) = self.store.remove_vm_with_failure(vm_id, failure) {
             warn!(%vm_id, error = %e, "cannot remove the VM's record");
             return;
         }
         self.event(app, Some(vm_id), "VM removed");
     }
 
-    fn record_failure(&self, app: &str, row: &VmRow) {
+    /// The app's failure record after one more failed attempt of `row`'s version.
+    fn next_failure(&self, app: &str, row: &VmRow) -> FailureRecord {
         let prev = self.store.failures().ok().and_then(|mut f| f.remove(app));
         let mut f = FailureRecord::next(prev.as_ref(), &row.version, self.platform.now());
         f.reason = row.last_error.clone().unwrap_or_default();
-        self.event(
-            app,
-            Some(row.vm_id),
-            format!(
-                "attempt {} of version {} failed; next try after {}s",
-                f.attempts,
-                f.version,
-                super::backoff(f.attempts).as_secs()
-            ),
-        );
-        if let Err(e) = self.store.put_failure(app, &f) {
-            warn!(app, error = %e, "cannot record the failure");
-        }
+        f
     }
 
     /// Points each app's endpoint at the VMs that should serve it (see
@@ -860,7 +928,20 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         apps: &BTreeMap<String, DesiredApp>,
         scope: Scope,
     ) -> Result<(), StateError> {
-        let rows = self.store.vms()?;
+        let _one_at_a_time = self.endpoint_sync.lock().await;
+        // VMs on their way out never get the endpoint back.
+        let leaving: HashSet<Uuid> = self
+            .busy()
+            .into_iter()
+            .filter(|(_, kind)| matches!(kind, TaskKind::Retire | TaskKind::Remove))
+            .map(|(vm, _)| vm)
+            .collect();
+        let rows: Vec<VmRow> = self
+            .store
+            .vms()?
+            .into_iter()
+            .filter(|r| !leaving.contains(&r.vm_id))
+            .collect();
         if scope == Scope::All {
             for name in self.frontend.published_apps() {
                 if apps.get(&name).is_none_or(|a| published(a).is_empty()) {

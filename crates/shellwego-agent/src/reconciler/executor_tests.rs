@@ -246,25 +246,113 @@ async fn tc_u14_provisions_are_bounded_and_served_in_arrival_order() {
     let mut node = Node::new();
     node.max_provisions = 2;
     let agent = node.start().await;
-    let names: Vec<String> = (1..=6).map(|i| format!("app{i}")).collect();
+    // Applied one by one in reverse name order (passes and maps go by name), each slow
+    // to pull and to hand over: a slot released early would let hand-overs pile up.
+    let names: Vec<String> = (1..=6).rev().map(|i| format!("app{i}")).collect();
     for (i, name) in names.iter().enumerate() {
-        node.platform.inject(Fault::at(
-            "pull",
-            name,
-            Effect::Slow(Duration::from_secs(4)),
-        ));
+        for step in ["pull", "guest"] {
+            node.platform
+                .inject(Fault::at(step, name, Effect::Slow(Duration::from_secs(4))));
+        }
         node.apply(&app(name, "img:1", 8100 + i as u16));
+        agent.exec.wake.notify_one();
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    agent.exec.wake.notify_one();
     agent.settle(&node, 5 * MINUTE).await;
     let w = node.platform.world();
-    assert_eq!(w.most_building, 2, "at most two provisions at once");
+    assert_eq!(w.most_running.get("pull"), Some(&2), "{:?}", w.most_running);
+    assert_eq!(
+        w.most_running.get("guest"),
+        Some(&2),
+        "{:?}",
+        w.most_running
+    );
     let pulls: Vec<&String> = w.calls.iter().filter(|c| c.starts_with("pull ")).collect();
     let expected: Vec<String> = names.iter().map(|n| format!("pull {n}")).collect();
     assert_eq!(
         pulls,
         expected.iter().collect::<Vec<_>>(),
         "first come, first served"
+    );
+}
+
+/// A removal whose teardown keeps failing is retried with growing pauses, not in a loop,
+/// and the failure of the VM it removes is counted once.
+#[tokio::test(start_paused = true)]
+async fn tc_u14_a_failing_teardown_is_retried_calmly_and_counted_once() {
+    let node = Node::new();
+    let agent = node.start().await;
+    node.apply(&app("web", "img:1", 8001));
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    let first = serving(&node, "web")[0];
+    node.platform
+        .inject(Fault::at("deprovision", "web", Effect::Fail));
+    if let Some(vm) = node.platform.world().vms.get_mut(&first) {
+        vm.alive = false;
+    }
+    tokio::time::sleep(2 * MINUTE).await;
+    let tries = node
+        .platform
+        .world()
+        .calls
+        .iter()
+        .filter(|c| **c == format!("deprovision {first}"))
+        .count();
+    assert!((2..=8).contains(&tries), "{tries} teardowns in two minutes");
+    node.platform.clear_faults();
+    agent.settle(&node, 10 * MINUTE).await;
+    let counted = node
+        .store
+        .events(0, Some("web"))
+        .expect("events")
+        .iter()
+        .filter(|e| e.message.starts_with("attempt "))
+        .count();
+    assert_eq!(counted, 1, "one failure, counted once");
+}
+
+/// A health wait cut short by an agent restart gets its grace from when the VM started
+/// running, not from when it was queued (a long pull would otherwise leave it none).
+#[tokio::test(start_paused = true)]
+async fn tc_u14_a_resumed_health_wait_keeps_its_grace() {
+    let node = Node::new();
+    let mut agent = node.start().await;
+    node.platform.inject(Fault::at(
+        "pull",
+        "web",
+        Effect::Slow(Duration::from_secs(300)),
+    ));
+    node.platform
+        .inject(Fault::at("probe", "web", Effect::Crash).once());
+    // After the restart the app answers only from its fourth probe on.
+    node.platform.inject(Fault {
+        times: 3,
+        ..Fault::at("probe", "web", Effect::Fail)
+    });
+    node.apply(&app("web", "img:1", 8001));
+    agent.exec.wake.notify_one();
+    tokio::time::timeout(10 * MINUTE, node.platform.crashed.notified())
+        .await
+        .expect("reached the health wait");
+    agent.crash();
+    agent = node.start().await;
+    agent.settle(&node, 2 * MINUTE).await;
+    let events = node.store.events(0, Some("web")).expect("events");
+    assert!(
+        !events
+            .iter()
+            .any(|e| e.message.contains("health check failed")),
+        "{events:?}"
+    );
+    assert_eq!(
+        node.platform
+            .world()
+            .calls
+            .iter()
+            .filter(|c| c.starts_with("pull "))
+            .count(),
+        1
     );
 }
 

@@ -80,10 +80,11 @@ pub struct World {
     pub faults: Vec<Fault>,
     /// Every call, in order: "pull web", "deprovision <vm>", "publish web <vm>", ...
     pub calls: Vec<String>,
-    /// Pulls running right now, and the most there ever were (a provision holds its
-    /// slot from its pull on, so this shows the bound on provisions).
-    pub building: usize,
-    pub most_building: usize,
+    /// Pulls and guest hand-overs (the first and last step of a provision) running right
+    /// now, and the most there ever were: a provision holds its slot from its pull to its
+    /// hand-over, so both show the bound on provisions.
+    pub running: BTreeMap<&'static str, usize>,
+    pub most_running: BTreeMap<&'static str, usize>,
     next_ip: u32,
 }
 
@@ -161,12 +162,28 @@ impl FakePlatform {
     }
 }
 
-/// Counts a pull as running while alive.
-struct Building<'a>(&'a FakePlatform);
+/// Counts a step as running while alive.
+struct Running<'a>(&'a FakePlatform, &'static str);
 
-impl Drop for Building<'_> {
+impl<'a> Running<'a> {
+    fn start(platform: &'a FakePlatform, step: &'static str) -> Running<'a> {
+        let mut w = platform.world();
+        let now = {
+            let n = w.running.entry(step).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let most = w.most_running.entry(step).or_insert(0);
+        *most = (*most).max(now);
+        Running(platform, step)
+    }
+}
+
+impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.0.world().building -= 1;
+        if let Some(n) = self.0.world().running.get_mut(self.1) {
+            *n -= 1;
+        }
     }
 }
 
@@ -180,12 +197,7 @@ impl Ports for FakePlatform {
     }
 
     async fn pull(&self, app: &DesiredApp, _progress: Progress<'_>) -> PortResult<String> {
-        {
-            let mut w = self.world();
-            w.building += 1;
-            w.most_building = w.most_building.max(w.building);
-        }
-        let _building = Building(self);
+        let _running = Running::start(self, "pull");
         self.enter("pull", &app.name, format!("pull {}", app.name))
             .await?;
         Ok(format!("sha256:{}", app.image))
@@ -308,6 +320,7 @@ impl Ports for FakePlatform {
         _secrets: BTreeMap<String, String>,
         _budget: Duration,
     ) -> PortResult<()> {
+        let _running = Running::start(self, "guest");
         self.enter("guest", &app.name, format!("guest {vm}")).await
     }
 

@@ -31,8 +31,6 @@ pub struct Deadlines {
     pub disk: Duration,
     /// TAP, lease, QoS and fence.
     pub network: Duration,
-    /// Starting the VM; may include building the template (one cold boot).
-    pub boot: Duration,
     /// Reaching the guest init and handing over the run config.
     pub guest: Duration,
     /// Removing a VM and everything it owns.
@@ -49,7 +47,6 @@ impl Deadlines {
             pull: PULL_DEADLINE,
             disk: Duration::from_secs(5 * 60),
             network: Duration::from_secs(60),
-            boot: platform.boot_budget(BootMode::Cold) + Duration::from_secs(60),
             guest: platform.boot_budget(mode) + Duration::from_secs(30),
             teardown: Duration::from_secs(120),
         }
@@ -113,7 +110,12 @@ impl<P: Ports> Steps<'_, P> {
         let (p, d) = (self.platform, self.deadlines);
         let mut phases = Vec::new();
         let image = self
-            .step("pull", d.pull, &mut phases, p.pull(app, self.progress))
+            .step(
+                "pull",
+                Some(d.pull),
+                &mut phases,
+                p.pull(app, self.progress),
+            )
             .await?;
         crate::fault::point("after-pull", self.progress).await;
         (self.progress)(format!(
@@ -121,20 +123,29 @@ impl<P: Ports> Steps<'_, P> {
             shellwego_storage::image::short_digest(&P::digest(&image))
         ));
         let disk = self
-            .step("rootfs", d.disk, &mut phases, p.clone_disk(vm, app, &image))
+            .step(
+                "rootfs",
+                Some(d.disk),
+                &mut phases,
+                p.clone_disk(vm, app, &image),
+            )
             .await?;
         crate::fault::point("after-clone", self.progress).await;
         let net = self
-            .step("network", d.network, &mut phases, p.wire(vm, app))
+            .step("network", Some(d.network), &mut phases, p.wire(vm, app))
             .await?;
         (self.progress)(format!("network: {}", P::ip(&net)));
+        // No outer deadline here: cut mid-way, a VM start or a template build would leave
+        // a firecracker that nothing knows of. Each of its waits is bounded inside
+        // (Firecracker API requests, the jailer's start, the template's boot budget).
         let boot = p.boot(vm, app, self.mode, &disk, &net, self.progress);
-        self.step("vm", d.boot, &mut phases, boot).await?;
+        self.step("vm", None, &mut phases, boot).await?;
         crate::fault::point("after-vm-start", self.progress).await;
         (self.progress)("waiting for the guest init".into());
         let budget = p.boot_budget(self.mode);
         let hand_over = p.hand_over(vm, app, &image, &disk, &net, secrets, budget);
-        self.step("guest", d.guest, &mut phases, hand_over).await?;
+        self.step("guest", Some(d.guest), &mut phases, hand_over)
+            .await?;
         Ok(Provisioned {
             image,
             disk,
@@ -143,11 +154,11 @@ impl<P: Ports> Steps<'_, P> {
         })
     }
 
-    /// Runs one step: recorded first, bounded by `limit`, timed into `phases`.
+    /// Runs one step: recorded first, bounded by `limit` (if any), timed into `phases`.
     async fn step<T>(
         &self,
         name: &'static str,
-        limit: Duration,
+        limit: Option<Duration>,
         phases: &mut Vec<Phase>,
         work: impl Future<Output = PortResult<T>>,
     ) -> Result<T, StepError> {
@@ -161,14 +172,20 @@ impl<P: Ports> Steps<'_, P> {
         (self.on_step)(name);
         let t = Instant::now();
         let cancellable = name == "pull";
+        let bounded = async {
+            match limit {
+                Some(limit) => tokio::time::timeout(limit, work)
+                    .await
+                    .map_err(|_| fail(format!("no result within its deadline of {limit:?}"))),
+                None => Ok(work.await),
+            }
+        };
         let outcome = tokio::select! {
             biased;
             () = self.cancel.cancelled(), if cancellable => return Err(fail(CANCELLED.into())),
-            outcome = tokio::time::timeout(limit, work) => outcome,
+            outcome = bounded => outcome,
         };
-        let value = outcome
-            .map_err(|_| fail(format!("no result within its deadline of {limit:?}")))?
-            .map_err(|e| fail(e.0))?;
+        let value = outcome?.map_err(|e| fail(e.0))?;
         phases.push(Phase {
             name,
             took: t.elapsed(),

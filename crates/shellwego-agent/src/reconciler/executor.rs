@@ -351,7 +351,11 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         let mut actual = self.store.actual()?;
         actual.now = self.platform.now();
         for action in plan(&desired, &actual) {
-            launched += self.launch(action, &desired.apps)?;
+            // One record that cannot be written stops only its own action.
+            match self.launch(action, &desired.apps) {
+                Ok(n) => launched += n,
+                Err(e) => warn!(error = %e, "cannot launch an action; the next pass retries"),
+            }
         }
         Ok(launched)
     }

@@ -624,3 +624,76 @@ async fn tc_u15_replicas_serve_together_and_swap_all_at_once() {
         .await;
     agent.settle(&node, MINUTE).await;
 }
+
+/// An endpoint that cannot be switched keeps the old VM serving: the new one runs beside
+/// it, healthy, and the old one is not drained until the switch succeeds.
+#[tokio::test(start_paused = true)]
+async fn tc_u14_a_failed_switch_keeps_the_old_vm_serving() {
+    let node = Node::new();
+    let agent = node.start().await;
+    node.apply(&app("web", "img:1", 8001));
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    let blue = serving(&node, "web")[0];
+    node.platform
+        .inject(Fault::at("publish", "web", Effect::Fail));
+    node.apply(&app("web", "img:2", 8001));
+    agent.exec.wake.notify_one();
+    tokio::time::sleep(2 * MINUTE).await;
+    assert_eq!(
+        serving(&node, "web").len(),
+        2,
+        "the new VM runs beside the old"
+    );
+    let backends = super::ports::Frontend::backends(&*agent.exec.frontend, "web");
+    assert_eq!(
+        backends.iter().map(|b| b.vm_id).collect::<Vec<_>>(),
+        vec![blue]
+    );
+    assert!(!node
+        .platform
+        .world()
+        .calls
+        .contains(&format!("drain {blue}")));
+    node.platform.clear_faults();
+    agent.settle(&node, MINUTE).await;
+    assert_ne!(serving(&node, "web"), vec![blue]);
+}
+
+/// Removing an app while its VM is in a step that must not be cut (here the disk clone)
+/// stops the provision at the next step boundary and leaves nothing behind.
+#[tokio::test(start_paused = true)]
+async fn tc_u14_a_removal_cancels_a_provision_at_the_next_step_boundary() {
+    let node = Node::new();
+    let agent = node.start().await;
+    node.platform.inject(Fault::at(
+        "rootfs",
+        "web",
+        Effect::Slow(Duration::from_secs(30)),
+    ));
+    node.apply(&app("web", "img:1", 8001));
+    agent.exec.wake.notify_one();
+    agent
+        .until("cloning", MINUTE, || {
+            node.platform
+                .world()
+                .calls
+                .iter()
+                .any(|c| c.starts_with("rootfs "))
+        })
+        .await;
+    node.remove("web");
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    let calls = node.platform.world().calls.clone();
+    assert!(
+        !calls
+            .iter()
+            .any(|c| c.starts_with("network ") || c.starts_with("vm ")),
+        "no step after the clone ran: {calls:?}"
+    );
+    assert!(
+        calls.iter().any(|c| c.starts_with("deprovision ")),
+        "{calls:?}"
+    );
+}

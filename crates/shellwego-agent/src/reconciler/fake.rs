@@ -38,7 +38,7 @@ pub enum Effect {
 }
 
 /// A fault at `step` ("pull", "rootfs", "network", "vm", "guest", "probe",
-/// "deprovision") for `app` (any app if `None`), `times` times (0: for ever).
+/// "deprovision", or "publish" for the endpoint, which only fails) for `app` (any app if `None`), `times` times (0: for ever).
 #[derive(Debug, Clone)]
 pub struct Fault {
     pub step: &'static str,
@@ -125,6 +125,26 @@ impl FakePlatform {
 
     pub fn clear_faults(&self) {
         self.world().faults.clear();
+    }
+
+    /// Whether a `Fail` fault of `step` for `app` fires now (for the synchronous
+    /// endpoint calls; other effects do not apply there).
+    fn fails_now(&self, step: &'static str, app: &str) -> bool {
+        let mut w = self.world();
+        let hit = w.faults.iter().position(|f| {
+            f.step == step && f.effect == Effect::Fail && f.app.as_deref().is_none_or(|a| a == app)
+        });
+        match hit {
+            Some(i) => {
+                if w.faults[i].times == 1 {
+                    w.faults.remove(i);
+                } else if w.faults[i].times > 1 {
+                    w.faults[i].times -= 1;
+                }
+                true
+            }
+            None => false,
+        }
     }
 
     /// Runs the fault (if any) of `step` for `app`, recording the call.
@@ -372,6 +392,9 @@ impl Frontend for FakeFrontend {
         ports: &[Published],
         backends: &[Backend],
     ) -> Result<Vec<Backend>, String> {
+        if self.platform.fails_now("publish", app) {
+            return Err(format!("injected failure publishing {app}"));
+        }
         let ids: Vec<String> = backends.iter().map(|b| b.vm_id.to_string()).collect();
         self.platform
             .world()

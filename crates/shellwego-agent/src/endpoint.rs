@@ -464,6 +464,17 @@ mod tests {
         }
     }
 
+    /// Endpoints on loopback and one `tcp` port (free on the host) leading to `vm`'s port.
+    fn tcp_endpoint(vm: &Server) -> (Endpoints, u16, [Published; 1]) {
+        let host = free_port();
+        let ports = [Published {
+            host,
+            guest: vm.port,
+            protocol: Protocol::Tcp,
+        }];
+        (Endpoints::new(IpAddr::V4(Ipv4Addr::LOCALHOST)), host, ports)
+    }
+
     fn loopback(vm: u128) -> Backend {
         Backend {
             vm_id: Uuid::from_u128(vm),
@@ -620,13 +631,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tcp_ports_connect_to_the_vm_at_once_so_it_can_speak_first() {
         let vm = server(b"greeting").await;
-        let eps = Endpoints::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let host = free_port();
-        let ports = [Published {
-            host,
-            guest: vm.port,
-            protocol: Protocol::Tcp,
-        }];
+        let (eps, host, ports) = tcp_endpoint(&vm);
         eps.publish("db", &ports, &[loopback(1)]).unwrap();
         let idle = idle_clients(host, 50).await;
         wait_until("50 connections to the VM", Duration::from_secs(5), || {
@@ -680,13 +685,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn replicas_get_connections_by_least_connections() {
         let vm = server(b"answer").await;
-        let eps = Endpoints::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let host = free_port();
-        let ports = [Published {
-            host,
-            guest: vm.port,
-            protocol: Protocol::Tcp,
-        }];
+        let (eps, host, ports) = tcp_endpoint(&vm);
         let (a, b) = (loopback(1), loopback(2));
         eps.publish("web", &ports, &[a, b]).unwrap();
         assert_eq!(eps.backends("web"), vec![a, b]);
@@ -724,13 +723,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn replicas_a_dead_replica_is_skipped_not_failed() {
         let vm = server(b"alive").await;
-        let eps = Endpoints::new(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let host = free_port();
-        let ports = [Published {
-            host,
-            guest: vm.port,
-            protocol: Protocol::Tcp,
-        }];
+        let (eps, host, ports) = tcp_endpoint(&vm);
         // Nothing listens on 127.0.0.2 at that port: connections there are refused.
         let dead = Backend {
             vm_id: Uuid::from_u128(9),

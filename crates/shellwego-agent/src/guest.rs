@@ -147,11 +147,12 @@ impl GuestClient {
     /// vsock handshake together within `timeout`, which is also each later request's
     /// deadline until [`set_timeout`](Self::set_timeout) changes it.
     pub fn connect(uds: &Path, timeout: Duration) -> Result<GuestClient, GuestError> {
-        let stream =
-            crate::hardening::connect_unix(uds, timeout).map_err(|source| GuestError::Connect {
+        let stream = shellwego_sys::socket::connect_unix(uds, timeout).map_err(|source| {
+            GuestError::Connect {
                 path: uds.to_path_buf(),
                 source,
-            })?;
+            }
+        })?;
         let mut io = Deadlined::new(&stream, timeout);
         let deadline = |e: io::Error| {
             if is_deadline(&e) {

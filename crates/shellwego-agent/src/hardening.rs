@@ -7,7 +7,6 @@
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::time::Duration;
 
 use tracing::{info, warn};
 
@@ -61,19 +60,6 @@ pub fn private_file(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Connects to the Unix socket at `path` only if `path` itself is a socket, never through
-/// a symlink in its last component. The sockets of a jailed VM (API, vsock) sit in a
-/// directory its unprivileged VMM owns: a VMM a guest took over could put a symlink there
-/// to another VM's socket or the agent's own, which a plain `connect` would follow as
-/// root. The socket is opened with `O_PATH | O_NOFOLLOW`, checked to be a socket, and
-/// connected to through that descriptor (`/proc/self/fd/N`), so nothing can swap it in
-/// between. A VMM that stops accepting lets its listen queue fill, and a plain `connect`
-/// then waits forever: this one waits at most `limit` (see
-/// [`shellwego_sys::socket::connect_unix`]).
-pub fn connect_unix(path: &Path, limit: Duration) -> io::Result<std::os::unix::net::UnixStream> {
-    shellwego_sys::socket::connect_unix(path, limit)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,22 +85,5 @@ mod tests {
         let lim = rustix::process::getrlimit(rustix::process::Resource::Nofile);
         assert_eq!(Some(n), lim.maximum);
         assert_eq!(lim.current, lim.maximum);
-    }
-
-    #[test]
-    fn connects_to_a_socket_but_never_through_a_symlink_or_to_a_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("s.sock");
-        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-        let limit = Duration::from_secs(5);
-        assert!(connect_unix(&sock, limit).is_ok());
-        let link = dir.path().join("link.sock");
-        std::os::unix::fs::symlink(&sock, &link).unwrap();
-        let e = connect_unix(&link, limit).unwrap_err();
-        assert!(e.to_string().contains("not a socket"), "{e}");
-        let file = dir.path().join("file");
-        std::fs::write(&file, b"x").unwrap();
-        assert!(connect_unix(&file, limit).is_err());
-        assert!(connect_unix(&dir.path().join("missing"), limit).is_err());
     }
 }

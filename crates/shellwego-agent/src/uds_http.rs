@@ -87,7 +87,8 @@ async fn exchange(
     };
     // A blocking connect, but one that waits at most `connect_limit` (a full queue); an
     // accepting listener takes it at once.
-    let std_stream = crate::hardening::connect_unix(socket, connect_limit).map_err(connect_err)?;
+    let std_stream =
+        shellwego_sys::socket::connect_unix(socket, connect_limit).map_err(connect_err)?;
     std_stream.set_nonblocking(true).map_err(connect_err)?;
     let stream = UnixStream::from_std(std_stream).map_err(connect_err)?;
     request_over(stream, method, path, body, None)

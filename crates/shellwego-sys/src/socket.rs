@@ -14,6 +14,10 @@ use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 /// a symlink in its last component, and waits at most `limit` for the listener to take
 /// the connection.
 ///
+/// Why: the sockets of a jailed VM (API, vsock) sit in a directory its unprivileged VMM
+/// owns; a VMM a guest took over could put a symlink there to another VM's socket or the
+/// agent's own, which a plain `connect` would follow as root.
+///
 /// The socket is opened with `O_PATH | O_NOFOLLOW`, checked to be a socket, and connected
 /// to through that descriptor (`/proc/self/fd/N`), so nothing can swap it in between.
 /// A blocking `connect` to a listener whose backlog is full (a process that stopped

@@ -24,18 +24,9 @@ impl Listener {
         let addr: SocketAddr = addr.parse().expect("listener address");
         let banner = format!("{banner}\n");
         Listener::start(ns, move |stop, seen, ready| {
-            let listener = match TcpListener::bind(addr).and_then(|l| {
-                l.set_nonblocking(true)?;
-                Ok(l)
-            }) {
-                Ok(l) => l,
-                Err(e) => {
-                    return ready
-                        .send(Err(format!("bind TCP {addr}: {e}")))
-                        .unwrap_or(())
-                }
+            let Some(listener) = bind_tcp(addr, &ready) else {
+                return;
             };
-            let _ = ready.send(Ok(()));
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((mut conn, peer)) => {
@@ -53,18 +44,9 @@ impl Listener {
     pub fn silent(ns: &NetNs, addr: &str) -> Listener {
         let addr: SocketAddr = addr.parse().expect("listener address");
         Listener::start(ns, move |stop, seen, ready| {
-            let listener = match TcpListener::bind(addr).and_then(|l| {
-                l.set_nonblocking(true)?;
-                Ok(l)
-            }) {
-                Ok(l) => l,
-                Err(e) => {
-                    return ready
-                        .send(Err(format!("bind TCP {addr}: {e}")))
-                        .unwrap_or(())
-                }
+            let Some(listener) = bind_tcp(addr, &ready) else {
+                return;
             };
-            let _ = ready.send(Ok(()));
             let mut open = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 match listener.accept() {
@@ -130,6 +112,21 @@ impl Listener {
     pub fn seen(&self) -> Vec<String> {
         lock(&self.seen).clone()
     }
+}
+
+/// A non-blocking TCP listener on `addr`; tells `ready` whether it could bind.
+fn bind_tcp(addr: SocketAddr, ready: &mpsc::Sender<Result<(), String>>) -> Option<TcpListener> {
+    let bound = TcpListener::bind(addr).and_then(|l| {
+        l.set_nonblocking(true)?;
+        Ok(l)
+    });
+    let _ = ready.send(
+        bound
+            .as_ref()
+            .map(drop)
+            .map_err(|e| format!("bind TCP {addr}: {e}")),
+    );
+    bound.ok()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -342,9 +342,10 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         let alive = self.platform.alive().await;
         let desired = self.store.desired()?;
         let mut launched = 0;
+        let mut running = Vec::new();
         for row in self.store.vms()? {
             if !busy.contains_key(&row.vm_id) {
-                launched += self.observe(row, &desired.apps, &alive);
+                running.extend(self.observe(row, &desired.apps, &alive));
             }
         }
         self.sync_endpoints(&desired.apps, Scope::All).await?;
@@ -357,17 +358,24 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                 Err(e) => warn!(error = %e, "cannot launch an action; the next pass retries"),
             }
         }
+        // Health work comes after the plan's actions: a VM being retired or removed is
+        // busy by now and gets no new health wait (which the removal would only cancel
+        // again, pass after pass).
+        for row in running {
+            launched += self.watch(row, &desired.apps);
+        }
         Ok(launched)
     }
 
     /// Corrects one idle VM's record by what is observed (process gone, provision
-    /// interrupted) and launches its health wait or probe when one is due.
+    /// interrupted, no health check to wait for); returns it when it runs, for
+    /// [`Self::watch`].
     fn observe(
         self: &Arc<Self>,
         mut row: VmRow,
         apps: &BTreeMap<String, DesiredApp>,
         alive: &HashSet<Uuid>,
-    ) -> usize {
+    ) -> Option<VmRow> {
         let gone = match row.state {
             // No task builds it: its provision was interrupted.
             VmState::Starting => Some("its provision was interrupted"),
@@ -379,24 +387,30 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
             row.last_error.get_or_insert_with(|| why.into());
             self.save(&row);
             self.probes().remove(&row.vm_id);
-            return 0;
+            return None;
         }
         if row.state != VmState::Running {
-            return 0;
+            return None;
         }
         // A VM of an app nobody wants is the plan's to remove, not to judge.
+        let spec = apps.get(&row.app)?;
+        if row.health == Health::Unknown && spec.health.is_none() {
+            // Decided when the app has no check.
+            row.health = Health::Healthy;
+            self.save(&row);
+        }
+        Some(row)
+    }
+
+    /// Launches a running VM's health wait (undecided after an agent restart) or its
+    /// probe (when one is due), unless it has a task already.
+    fn watch(self: &Arc<Self>, row: VmRow, apps: &BTreeMap<String, DesiredApp>) -> usize {
         let Some(spec) = apps.get(&row.app) else {
             return 0;
         };
         let check = spec.health.as_ref().map(|c| self.platform.health_check(c));
         let ip = row.ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok());
         match (row.health, check, ip) {
-            // Decided when the app has no check.
-            (Health::Unknown, None, _) => {
-                row.health = Health::Healthy;
-                self.save(&row);
-                0
-            }
             // Its health wait was cut short by an agent restart: resume it.
             (Health::Unknown, Some(check), ip) => {
                 let me = self.clone();

@@ -697,3 +697,35 @@ async fn tc_u14_a_removal_cancels_a_provision_at_the_next_step_boundary() {
         "{calls:?}"
     );
 }
+
+/// An old VM whose health wait was resumed after a restart, still undecided when its
+/// successor is healthy, is retired: the retirement ends the wait once, and no new wait
+/// is started for it pass after pass.
+#[tokio::test(start_paused = true)]
+async fn tc_u14_an_undecided_old_vm_is_retired_not_watched_again() {
+    let node = Node::new();
+    let mut agent = node.start().await;
+    node.platform
+        .inject(Fault::at("probe", "web", Effect::Crash).once());
+    node.apply(&app("web", "img:1", 8001));
+    agent.exec.wake.notify_one();
+    tokio::time::timeout(MINUTE, node.platform.crashed.notified())
+        .await
+        .expect("reached the health wait");
+    agent.crash();
+    let blue = node.store.vms().expect("records")[0].vm_id;
+    // Blue never answers again; green does.
+    node.platform
+        .inject(Fault::at("probe-vm", &blue.to_string(), Effect::Fail));
+    node.apply(&app("web", "img:2", 8001));
+    agent = node.start().await;
+    agent.settle(&node, 2 * MINUTE).await;
+    let waits = node
+        .platform
+        .world()
+        .calls
+        .iter()
+        .filter(|c| **c == format!("probe-vm {blue}"))
+        .count();
+    assert!(waits < 200, "blue probed {waits} times");
+}

@@ -38,7 +38,8 @@ pub enum Effect {
 }
 
 /// A fault at `step` ("pull", "rootfs", "network", "vm", "guest", "probe",
-/// "deprovision", or "publish" for the endpoint, which only fails) for `app` (any app if `None`), `times` times (0: for ever).
+/// "deprovision", or "publish" for the endpoint, which only fails; "probe-vm" with a VM
+/// id in place of the app fails the probes of that one VM) for `app` (any app if `None`), `times` times (0: for ever).
 #[derive(Debug, Clone)]
 pub struct Fault {
     pub step: &'static str,
@@ -349,13 +350,18 @@ impl Ports for FakePlatform {
     }
 
     async fn probe(&self, ip: Ipv4Addr, _check: &HealthCheck) -> Result<(), ProbeFailure> {
-        let app = {
+        let (id, app) = {
             let w = self.world();
-            match w.vms.values().find(|v| v.ip == ip && v.alive) {
-                Some(vm) => vm.app.clone(),
+            match w.vms.iter().find(|(_, v)| v.ip == ip && v.alive) {
+                Some((id, vm)) => (*id, vm.app.clone()),
                 None => return Err(format!("no VM answers at {ip}").into()),
             }
         };
+        // A probe fault names the app, or one VM by its id ("probe-vm").
+        let vm = id.to_string();
+        self.enter("probe-vm", &vm, format!("probe-vm {vm}"))
+            .await
+            .map_err(|e| ProbeFailure::from(e.0))?;
         self.enter("probe", &app, format!("probe {app}"))
             .await
             .map_err(|e| ProbeFailure::from(e.0))

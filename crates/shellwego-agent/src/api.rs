@@ -34,6 +34,7 @@ use tracing::warn;
 
 use crate::command::{AgentCommand, AgentService, CommandError, MAX_EVENTS_PER_PAGE};
 use crate::conn;
+use crate::reconciler::executor::Demand;
 
 type Resp = Response<Full<Bytes>>;
 
@@ -103,6 +104,14 @@ async fn decode(req: Request<Incoming>) -> Result<AgentCommand, Resp> {
                 .and_then(|l| l.parse().ok())
                 .unwrap_or(200),
             since: query(&req, "since").and_then(|s| s.parse().ok()),
+        },
+        (Method::POST, ["v1", "apps", name, "suspend"]) => AgentCommand::Scale {
+            name: name.to_string(),
+            demand: Demand::Suspend,
+        },
+        (Method::POST, ["v1", "apps", name, "wake"]) => AgentCommand::Scale {
+            name: name.to_string(),
+            demand: Demand::Wake,
         },
         (Method::POST, ["v1", "apps", name, "exec"]) => AgentCommand::Exec {
             name: name.to_string(),

@@ -39,6 +39,10 @@ pub const MAX_HEALTH_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MIN_HEALTH_GRACE: Duration = Duration::from_secs(1);
 pub const MAX_HEALTH_GRACE: Duration = Duration::from_secs(30 * 60);
 pub const MAX_HEALTH_RETRIES: u32 = 100;
+/// Scale to zero after at least a second without traffic (less would suspend between
+/// a client's requests) and at most a week.
+pub const MIN_SCALE_IDLE: Duration = Duration::from_secs(1);
+pub const MAX_SCALE_IDLE: Duration = Duration::from_secs(7 * 24 * 3600);
 pub const MAX_BITRATE: u64 = 100_000_000_000;
 
 fn too_big(field: String, size: usize, limit: usize) -> SpecError {
@@ -198,6 +202,9 @@ pub fn check(app: &DesiredApp) -> Result<(), SpecError> {
                 &format!("must be at most {MAX_HEALTH_RETRIES}"),
             ));
         }
+    }
+    if let Some(idle) = app.scale.idle {
+        duration_range("scale.idle", idle, MIN_SCALE_IDLE, MAX_SCALE_IDLE)?;
     }
     for (field, bps) in [
         ("bandwidth.download", app.bandwidth.download_bps),

@@ -101,6 +101,13 @@ impl AgentClient {
             .await
     }
 
+    /// Suspends the app's VMs (`"suspend"`) or wakes them (`"wake"`); returns once they
+    /// are.
+    pub async fn scale(&self, app: &str, verb: &str) -> Result<serde_json::Value> {
+        self.call(Method::POST, &format!("/v1/apps/{app}/{verb}"), None::<&()>)
+            .await
+    }
+
     /// The last `lines` lines of the app's newest VM's console, and where to follow on.
     pub async fn logs(&self, app: &str, lines: usize) -> Result<Logs> {
         self.call(

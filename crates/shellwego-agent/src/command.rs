@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::admission::{Capacity, Overcommit, Refusal};
 use crate::endpoint::Endpoints;
 use crate::provision::Platform;
-use crate::reconciler::executor::Executor;
+use crate::reconciler::executor::{Demand, Executor};
 use crate::reconciler::{Health, VmState};
 use crate::spec::DesiredApp;
 use crate::state::VmRow;
@@ -58,6 +58,8 @@ pub enum AgentCommand {
     Images,
     /// Forget an image and its unused layers.
     RemoveImage { digest: String },
+    /// Suspend the app's VMs now, or wake them (scale to zero by hand).
+    Scale { name: String, demand: Demand },
 }
 
 /// What a command answers.
@@ -72,7 +74,11 @@ pub enum Reply {
     Events(Vec<Event>),
     Images(Vec<shellwego_storage::PulledImage>),
     ImageRemoved { removed: String },
+    Scaled { app: String, state: String },
 }
+
+/// How long `suspend` and `wake` wait for the app's VMs to get there.
+const SCALE_WAIT: Duration = Duration::from_secs(120);
 
 /// Why a command was not carried out; each kind maps to one HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -135,6 +141,7 @@ impl AgentService {
                 .list()
                 .map(Reply::Images)
                 .map_err(internal),
+            AgentCommand::Scale { name, demand } => self.scale(&name, demand).await,
             AgentCommand::RemoveImage { digest } => {
                 match self.exec.platform.images.remove(&digest) {
                     Ok(()) => Ok(Reply::ImageRemoved { removed: digest }),
@@ -271,6 +278,40 @@ impl AgentService {
             .map_err(internal)?;
         self.exec.wake.notify_one();
         Ok(())
+    }
+
+    /// Asks for the app to be suspended or woken, and waits until all its VMs are.
+    async fn scale(&self, name: &str, demand: Demand) -> Result<Reply, CommandError> {
+        let desired = self.exec.store.desired().map_err(internal)?;
+        if !desired.apps.contains_key(name) {
+            return Err(CommandError::NotFound(format!("no app {name}")));
+        }
+        self.exec.demand(name, demand);
+        let (want, word) = match demand {
+            Demand::Suspend => (VmState::Suspended, "suspended"),
+            Demand::Wake => (VmState::Running, "running"),
+        };
+        let start = std::time::Instant::now();
+        loop {
+            let vms = self.app_vms(name);
+            let there = !vms.is_empty()
+                && vms.iter().all(|v| {
+                    v.state == want && (demand == Demand::Suspend || v.health == Health::Healthy)
+                });
+            if there {
+                return Ok(Reply::Scaled {
+                    app: name.to_string(),
+                    state: word.into(),
+                });
+            }
+            if start.elapsed() >= SCALE_WAIT {
+                return Err(CommandError::Invalid(format!(
+                    "{name} is not {word} after {}s (an app is suspended only when all its VMs of the current version serve); see `shellwego events --app {name}`",
+                    SCALE_WAIT.as_secs()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     fn app_vms(&self, name: &str) -> Vec<VmRow> {

@@ -114,6 +114,7 @@ pub async fn platform(config: &Config) -> Result<Platform> {
         vmm,
         templates: tokio::sync::RwLock::new(TemplateStore::open(&config.templates())?),
         template_tap: "swgtemplate".into(),
+        suspended: config.data_dir.join("suspended"),
     })
 }
 

@@ -18,9 +18,16 @@
 //! nothing, and a client that sends nothing within `conn::ENDPOINT_FIRST_BYTES` is closed.
 //! A client that trickles its request still costs the guest a connection, as with any
 //! plain TCP proxy; the port's cap bounds how many.
+//!
+//! Scale to zero: the endpoint tracks each app's traffic (how long no connection has been
+//! open). An empty set of VMs means the app is suspended: a new connection is then held
+//! (not refused, not reset) for up to `HOLD_LIMIT` while the agent, told through
+//! [`Endpoints::on_waiting`], wakes a VM; every held connection goes on as soon as the
+//! set has one.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -34,6 +41,9 @@ use uuid::Uuid;
 
 /// How long the proxy waits for a VM to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a connection to a suspended app waits for a VM to wake before it is closed.
+pub const HOLD_LIMIT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 #[error("cannot listen on {addr} for app {app}: {source}")]
@@ -76,11 +86,64 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The VMs an app's connections go to (its replicas); empty: nowhere.
-type Target = Arc<RwLock<Vec<Backend>>>;
+/// The VMs an app's connections go to (its replicas); empty: the app is suspended, and
+/// connections wait for a VM.
+type Target = Arc<tokio::sync::watch::Sender<Vec<Backend>>>;
 
 fn backends_of(target: &Target) -> Vec<Backend> {
-    target.read().unwrap_or_else(|p| p.into_inner()).clone()
+    target.borrow().clone()
+}
+
+/// One app's traffic, for scale to zero.
+struct Traffic {
+    /// Connections open now (held ones included).
+    open: AtomicUsize,
+    /// Connections held until a VM wakes.
+    waiting: AtomicUsize,
+    /// When the last connection opened or closed (or the endpoint was made).
+    last: Mutex<Instant>,
+    /// Told when a connection starts waiting.
+    notify: Arc<Mutex<Option<Arc<tokio::sync::Notify>>>>,
+}
+
+impl Traffic {
+    fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    /// How long no connection has been open, and how many wait for a VM.
+    fn activity(&self) -> (Duration, usize) {
+        let idle = if self.open.load(Ordering::SeqCst) > 0 {
+            Duration::ZERO
+        } else {
+            self.last
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed()
+        };
+        (idle, self.waiting.load(Ordering::SeqCst))
+    }
+}
+
+/// Counts `n` up for as long as it lives (the traffic's clock moves at both ends).
+struct Gauge<'a> {
+    traffic: &'a Traffic,
+    n: &'a AtomicUsize,
+}
+
+impl<'a> Gauge<'a> {
+    fn new(traffic: &'a Traffic, n: &'a AtomicUsize) -> Gauge<'a> {
+        n.fetch_add(1, Ordering::SeqCst);
+        traffic.touch();
+        Gauge { traffic, n }
+    }
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.n.fetch_sub(1, Ordering::SeqCst);
+        self.traffic.touch();
+    }
 }
 
 /// One listening port: its accept loop and the protocol that loop reads at each accept.
@@ -92,6 +155,7 @@ struct Listener {
 struct AppEndpoint {
     ports: Vec<Published>,
     target: Target,
+    traffic: Arc<Traffic>,
     listeners: Vec<Listener>,
 }
 
@@ -153,7 +217,8 @@ struct Route {
     counts: Arc<Counts>,
     /// Where the search for the least busy replica starts; it moves on at every claim,
     /// so replicas with equally many connections take turns.
-    next: Arc<std::sync::atomic::AtomicUsize>,
+    next: Arc<AtomicUsize>,
+    traffic: Arc<Traffic>,
 }
 
 /// A connection given a VM: the address to connect to, counted against the VM while it
@@ -173,7 +238,7 @@ impl Route {
             .filter(|b| !skip.contains(&b.vm_id))
             .collect();
         let n = backends.len();
-        let start = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
         let backend = (0..n)
             .map(|i| backends[(start + i) % n])
             .min_by_key(|b| self.counts.get(b.vm_id))?;
@@ -196,6 +261,8 @@ pub struct Endpoints {
     counts: Arc<Counts>,
     /// How long a client of an `http` port may take to send its first bytes.
     first_bytes: Duration,
+    /// Told when a connection starts waiting for a suspended app.
+    waiting_notify: Arc<Mutex<Option<Arc<tokio::sync::Notify>>>>,
 }
 
 impl Endpoints {
@@ -206,6 +273,7 @@ impl Endpoints {
             apps: Mutex::new(HashMap::new()),
             counts: Arc::new(Counts::default()),
             first_bytes: conn::ENDPOINT_FIRST_BYTES,
+            waiting_notify: Arc::default(),
         }
     }
 
@@ -238,11 +306,16 @@ impl Endpoints {
         }
         if let Some(e) = apps.get_mut(app) {
             e.set_protocols(ports);
-            let mut target = e.target.write().unwrap_or_else(|p| p.into_inner());
-            return Ok(std::mem::replace(&mut *target, backends.to_vec()));
+            return Ok(e.target.send_replace(backends.to_vec()));
         }
-        let target: Target = Arc::new(RwLock::new(backends.to_vec()));
-        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let target: Target = Arc::new(tokio::sync::watch::Sender::new(backends.to_vec()));
+        let next = Arc::new(AtomicUsize::new(0));
+        let traffic = Arc::new(Traffic {
+            open: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+            last: Mutex::new(Instant::now()),
+            notify: self.waiting_notify.clone(),
+        });
         let mut listeners = Vec::new();
         for p in ports {
             let addr = SocketAddr::new(self.bind, p.host);
@@ -256,6 +329,7 @@ impl Endpoints {
                 target: target.clone(),
                 counts: self.counts.clone(),
                 next: next.clone(),
+                traffic: traffic.clone(),
             };
             let protocol = Arc::new(RwLock::new(p.protocol));
             let task = tokio::spawn(accept_loop(
@@ -271,6 +345,7 @@ impl Endpoints {
             AppEndpoint {
                 ports: ports.to_vec(),
                 target,
+                traffic,
                 listeners,
             },
         );
@@ -307,6 +382,20 @@ impl Endpoints {
     /// not sent anything yet: they are given no VM until they do).
     pub fn connections(&self, vm_id: Uuid) -> usize {
         self.counts.get(vm_id)
+    }
+
+    /// The app's traffic: how long no connection has been open, and how many wait for a
+    /// VM. None: the app has no endpoint.
+    pub fn activity(&self, app: &str) -> Option<(Duration, usize)> {
+        self.apps().get(app).map(|e| e.traffic.activity())
+    }
+
+    /// Has `notify` told whenever a connection starts waiting for a VM.
+    pub fn on_waiting(&self, notify: Arc<tokio::sync::Notify>) {
+        *self
+            .waiting_notify
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(notify);
     }
 
     /// Waits until no proxied connection to `vm_id` is open, at most `limit`. Returns how
@@ -347,9 +436,6 @@ async fn accept_loop(
             conn::accept_bounded(&slots, "endpoint", || listener.accept()).await;
         match read(&protocol) {
             Protocol::Tcp => {
-                if backends_of(&route.target).is_empty() {
-                    continue;
-                }
                 let route = route.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
@@ -368,6 +454,28 @@ async fn accept_loop(
             }
         }
     }
+}
+
+/// Holds a connection to a suspended app (its set is empty) until a VM is back, at most
+/// `HOLD_LIMIT`; false when none came.
+async fn wait_for_vm(peer: SocketAddr, route: &Route) -> bool {
+    let _waiting = Gauge::new(&route.traffic, &route.traffic.waiting);
+    let mut set = route.target.subscribe();
+    let notify = route
+        .traffic
+        .notify
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(notify) = notify {
+        notify.notify_one();
+    }
+    let woken = tokio::time::timeout(HOLD_LIMIT, set.wait_for(|b| !b.is_empty())).await;
+    if !matches!(woken, Ok(Ok(_))) {
+        warn!(%peer, "endpoint: no VM woke within {HOLD_LIMIT:?}; connection closed");
+        return false;
+    }
+    true
 }
 
 /// Waits, at most `limit`, for the client's first bytes (left unread, for the VM).
@@ -396,6 +504,10 @@ async fn client_spoke(client: &TcpStream, peer: SocketAddr, limit: Duration) -> 
 /// out of the set) costs the client a retry on the next replica, not a failed request:
 /// nothing reached the VM yet, so trying another is safe.
 async fn serve(client: TcpStream, peer: SocketAddr, route: &Route) {
+    let _open = Gauge::new(&route.traffic, &route.traffic.open);
+    if backends_of(&route.target).is_empty() && !wait_for_vm(peer, route).await {
+        return;
+    }
     let mut tried = Vec::new();
     let (upstream, _claim) = loop {
         let Some(claim) = route.claim(&tried) else {
@@ -586,6 +698,38 @@ mod tests {
                 TcpStream::connect(("127.0.0.1", host)).await.is_err()
             }
         );
+    }
+
+    /// Scale to zero: with an empty set (the app is suspended) connections are held, not
+    /// refused; the agent is told; all of them go on once a VM is back. The app's idle
+    /// time counts from its last connection.
+    #[tokio::test]
+    async fn scale_to_zero_connections_wait_for_a_vm_and_all_go_on() {
+        let vm = server(b"awake").await;
+        let (eps, host, ports) = tcp_endpoint(&vm);
+        let told = Arc::new(tokio::sync::Notify::new());
+        eps.on_waiting(told.clone());
+        eps.publish("web", &ports, &[]).unwrap();
+        let clients: Vec<_> = (0..5).map(|_| tokio::spawn(ask(host))).collect();
+        tokio::time::timeout(Duration::from_secs(5), told.notified())
+            .await
+            .expect("the agent is told");
+        wait_until("five waiting", Duration::from_secs(5), || {
+            eps.activity("web") == Some((Duration::ZERO, 5))
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(vm.accepted(), 0);
+        eps.publish("web", &ports, &[loopback(1)]).unwrap();
+        for c in clients {
+            assert_eq!(c.await.unwrap(), b"awake");
+        }
+        wait_until("idle", Duration::from_secs(5), || {
+            eps.activity("web")
+                .is_some_and(|(idle, waiting)| idle > Duration::ZERO && waiting == 0)
+        })
+        .await;
+        assert_eq!(eps.activity("other"), None);
     }
 
     /// The point of `protocol = "http"`: thousands of clients that connect and send

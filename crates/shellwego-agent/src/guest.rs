@@ -130,6 +130,7 @@ fn request_name(req: &Request) -> &'static str {
         Request::Status => "status",
         Request::Signal { .. } => "signal",
         Request::Shutdown { .. } => "shutdown",
+        Request::Resume { .. } => "resume",
     }
 }
 
@@ -303,6 +304,33 @@ pub fn run_after_restore(
             Ok(again)
         }
     }
+}
+
+/// Tells a guest woken from its own snapshot the time and gives it fresh entropy,
+/// surviving the vsock reset of the restore the way [`run_after_restore`] does (`resume`
+/// may be sent twice: setting the clock and adding entropy again is harmless).
+pub fn resume_after_wake(
+    uds: &Path,
+    clock: (i64, u32),
+    entropy: Vec<u8>,
+    budget: Duration,
+) -> Result<(), GuestError> {
+    let start = Instant::now();
+    let req = Request::Resume { clock, entropy };
+    let mut last = None;
+    for _ in 0..2 {
+        let left = budget.saturating_sub(start.elapsed());
+        let (mut client, _) = wait_ready(uds, left)?;
+        match client.request(&req) {
+            Ok(Response::Ok) => return Ok(()),
+            Ok(other) => return Err(GuestError::Unexpected(other)),
+            Err(e @ (GuestError::Closed | GuestError::Io(_) | GuestError::Deadline { .. })) => {
+                last = Some(e)
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    Err(last.unwrap_or(GuestError::Closed))
 }
 
 pub fn wait_ready(uds: &Path, timeout: Duration) -> Result<(GuestClient, Response), GuestError> {

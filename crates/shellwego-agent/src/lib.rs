@@ -25,6 +25,7 @@ pub mod runconfig;
 pub mod snapshot;
 pub mod spec;
 pub mod state;
+pub mod suspend;
 pub mod template;
 pub mod uds_http;
 pub mod units;

@@ -73,6 +73,11 @@ enum Commands {
     },
     /// Remove an app: its VMs, TAPs, leases and disks.
     Rm { app: String },
+    /// Suspend an app's VMs now (snapshot, stop; disk and network kept); the next
+    /// connection to its endpoint, or `wake`, restores them. Returns once suspended.
+    Suspend { app: String },
+    /// Wake a suspended app's VMs from their snapshots; returns once they serve.
+    Wake { app: String },
     /// The agent's event log (deploys, health, swaps, failures), oldest first.
     Events {
         /// Only this app's events.
@@ -338,6 +343,7 @@ async fn ps(client: &AgentClient, json: bool) -> Result<()> {
                 VmState::Starting => "starting",
                 VmState::Running => "running",
                 VmState::Exited => "exited",
+                VmState::Suspended => "suspended",
             };
             let health = match v.health {
                 Health::Unknown => "unknown",
@@ -415,6 +421,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 eprintln!("(timed out)");
             }
             Ok(ExitCode::from(u8::try_from(out.code).unwrap_or(1)))
+        }
+        Commands::Suspend { app } => {
+            client.scale(&app, "suspend").await?;
+            println!("{app}: suspended");
+            Ok(ExitCode::SUCCESS)
+        }
+        Commands::Wake { app } => {
+            client.scale(&app, "wake").await?;
+            println!("{app}: awake");
+            Ok(ExitCode::SUCCESS)
         }
         Commands::Rm { app } => {
             client.remove(&app).await?;

@@ -22,8 +22,11 @@ use uuid::Uuid;
 use crate::guest::{wait_ready, GuestClient};
 use crate::health;
 use crate::host::HostKind;
-use crate::reconciler::ports::{PortError, PortResult, Ports, Progress as PortProgress};
+use crate::reconciler::ports::{
+    PortError, PortResult, Ports, Progress as PortProgress, Suspension,
+};
 use crate::reconciler::steps::{Deadlines, Steps};
+use crate::reconciler::VmState;
 use crate::snapshot::RestoreTarget;
 use crate::spec::{DesiredApp, HealthCheck};
 use crate::template::{TemplateInputs, TemplateStore};
@@ -95,6 +98,8 @@ pub struct Platform {
     pub templates: RwLock<TemplateStore>,
     /// A TAP on the bridge that template builds boot with (their clones get their own).
     pub template_tap: String,
+    /// Where suspended VMs' snapshots are kept (see [`crate::suspend`]).
+    pub suspended: PathBuf,
 }
 
 /// Progress events of a provision (for `apply`'s output).
@@ -175,6 +180,7 @@ impl Platform {
         }
         let initrd = self.vmm.runtime_dir(&id).dir.with_extension("initrd");
         let _ = std::fs::remove_file(initrd);
+        self.forget_snapshot(vm_id);
         phases.push(Phase {
             name: "stop vm",
             took: t.elapsed(),
@@ -475,6 +481,23 @@ impl Ports for Platform {
         .map_err(PortError::of)?
         .map(drop)
         .map_err(PortError::of)
+    }
+
+    async fn suspend(
+        &self,
+        vm: Uuid,
+        app: &DesiredApp,
+        cancel: &CancellationToken,
+    ) -> PortResult<Suspension> {
+        self.suspend_vm(vm, app, cancel).await
+    }
+
+    async fn wake(&self, vm: Uuid, app: &DesiredApp) -> PortResult<()> {
+        self.wake_vm(vm, app).await
+    }
+
+    async fn settle(&self, vm: Uuid) -> PortResult<VmState> {
+        self.settle_vm(vm).await
     }
 
     fn health_check(&self, check: &HealthCheck) -> HealthCheck {

@@ -19,6 +19,10 @@
 //!   removed). An old VM is never touched before all its successors are healthy.
 //! - more live VMs of the desired version than `count`: the extras are retired (serving
 //!   ones drain) or removed.
+//! - scale to zero: once all `count` VMs of the desired version serve and nothing else
+//!   runs, they are `Suspend`ed when the endpoint has been idle for the app's
+//!   `[scale] idle` (or by hand); a suspended VM counts as kept (nothing is started in
+//!   its place) and is woken (`Wake`) when a connection waits for it or by hand.
 
 pub mod executor;
 #[cfg(test)]
@@ -58,6 +62,9 @@ pub enum VmState {
     Running,
     /// Its firecracker process is gone (crashed, killed or the guest rebooted).
     Exited,
+    /// Snapshotted and stopped on purpose (scale to zero): its disk, network and
+    /// snapshot are kept, and a wake restores it as it was.
+    Suspended,
 }
 
 /// What the host-side health check last concluded.
@@ -87,6 +94,10 @@ impl VmRecord {
 
     fn is_serving(&self) -> bool {
         self.state == VmState::Running && self.health == Health::Healthy
+    }
+
+    fn is_suspended(&self) -> bool {
+        self.state == VmState::Suspended
     }
 }
 
@@ -179,6 +190,22 @@ pub struct ActualState {
     pub vms: Vec<VmRecord>,
     /// The last failure per app.
     pub failures: BTreeMap<String, FailureRecord>,
+    /// What each app's endpoint saw (scale to zero); an app missing here had none.
+    #[serde(default)]
+    pub activity: BTreeMap<String, Activity>,
+}
+
+/// Traffic of an app's endpoint and requests to suspend or wake it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Activity {
+    /// How long no connection has been open (zero while one is).
+    pub idle: Duration,
+    /// Connections held because the app is suspended: they want it awake.
+    pub waiting: usize,
+    /// Suspend now (`shellwego suspend`), whatever the idle time.
+    pub suspend: bool,
+    /// Wake now (`shellwego wake`).
+    pub wake: bool,
 }
 
 /// Why a VM is to be removed.
@@ -216,6 +243,10 @@ pub enum Action {
         vm_id: Uuid,
         reason: RemoveReason,
     },
+    /// Snapshot the serving VM and stop it, keeping its disk and network (scale to zero).
+    Suspend { app: String, vm_id: Uuid },
+    /// Restore the suspended VM from its snapshot.
+    Wake { app: String, vm_id: Uuid },
 }
 
 /// The actions that move `actual` towards `desired`. Pure and deterministic.
@@ -242,20 +273,15 @@ pub fn plan(desired: &DesiredState, actual: &ActualState) -> Vec<Action> {
     }
     for (name, app) in &desired.apps {
         let vms = by_app.get(name.as_str()).map(Vec::as_slice).unwrap_or(&[]);
-        plan_app(name, &app.spec_hash(), app.count, vms, actual, &mut actions);
+        plan_app(app, vms, actual, &mut actions);
     }
     actions
 }
 
-fn plan_app(
-    app: &str,
-    version: &str,
-    count: u32,
-    vms: &[&VmRecord],
-    actual: &ActualState,
-    actions: &mut Vec<Action>,
-) {
-    let count = count.max(1) as usize;
+fn plan_app(spec: &DesiredApp, vms: &[&VmRecord], actual: &ActualState, actions: &mut Vec<Action>) {
+    let (app, version) = (spec.name.as_str(), spec.spec_hash());
+    let version = version.as_str();
+    let count = spec.count.max(1) as usize;
     let remove = |vm: &VmRecord, reason: RemoveReason| Action::Remove {
         app: app.to_string(),
         vm_id: vm.vm_id,
@@ -324,6 +350,52 @@ fn plan_app(
             }));
         }
     }
+    scale_to_zero(spec, keep, &old, actual.activity.get(app), actions);
+}
+
+/// Suspends an idle app's VMs, or wakes them for a waiting connection: suspending only
+/// a complete, settled set (all `count` VMs of the desired version serving or already
+/// suspended, nothing old, nothing missing), waking every suspended VM that serves.
+fn scale_to_zero(
+    spec: &DesiredApp,
+    keep: &[&VmRecord],
+    old: &[&VmRecord],
+    activity: Option<&Activity>,
+    actions: &mut Vec<Action>,
+) {
+    let activity = activity.copied().unwrap_or_default();
+    let app = spec.name.as_str();
+    let wake_wanted = activity.waiting > 0 || activity.wake;
+    // A suspended VM of the desired version beside an older one (a rollback to the
+    // suspended version) wakes too: the swap needs it serving.
+    let wake = |v: &&&VmRecord| v.is_suspended() && (wake_wanted || !old.is_empty());
+    let woken: Vec<Action> = keep
+        .iter()
+        .filter(wake)
+        .chain(old.iter().filter(|v| v.is_suspended() && wake_wanted))
+        .map(|v| Action::Wake {
+            app: app.to_string(),
+            vm_id: v.vm_id,
+        })
+        .collect();
+    if wake_wanted || !woken.is_empty() {
+        actions.extend(woken);
+        return;
+    }
+    let idle_long = spec.scale.idle.is_some_and(|idle| activity.idle >= idle);
+    let settled = old.is_empty()
+        && keep.len() == spec.count.max(1) as usize
+        && keep.iter().all(|v| v.is_serving() || v.is_suspended());
+    if (idle_long || activity.suspend) && settled {
+        actions.extend(
+            keep.iter()
+                .filter(|v| v.is_serving())
+                .map(|v| Action::Suspend {
+                    app: app.to_string(),
+                    vm_id: v.vm_id,
+                }),
+        );
+    }
 }
 
 /// The VMs an app's endpoint should lead to, from `(vm_id, version, serving)` of its VMs:
@@ -352,15 +424,15 @@ pub fn serving_set(version: &str, count: u32, vms: &[(Uuid, &str, bool)]) -> Vec
     }
 }
 
-/// True when every desired app has exactly `count` serving VMs of its version and
-/// nothing else runs.
+/// True when every desired app has exactly `count` serving (or suspended) VMs of its
+/// version and nothing else runs.
 pub fn is_converged(desired: &DesiredState, actual: &ActualState) -> bool {
     let mut seen: BTreeMap<&str, u32> = BTreeMap::new();
     for vm in &actual.vms {
         let Some(version) = desired.version_of(&vm.app) else {
             return false;
         };
-        if vm.version != version || !vm.is_serving() {
+        if vm.version != version || !(vm.is_serving() || vm.is_suspended()) {
             return false;
         }
         *seen.entry(vm.app.as_str()).or_insert(0) += 1;
@@ -391,6 +463,7 @@ mod tests {
             bandwidth: Bandwidth::default(),
             network: Default::default(),
             count: 1,
+            scale: Default::default(),
         }
     }
 
@@ -473,6 +546,7 @@ mod tests {
                 vm(2, "web", &v2, VmState::Running, Health::Unhealthy),
             ],
             failures: BTreeMap::new(),
+            activity: BTreeMap::new(),
         };
         // The failed VM is removed, nothing new is started in the same breath.
         assert_eq!(
@@ -549,7 +623,8 @@ mod tests {
         prop_oneof![
             Just(VmState::Starting),
             Just(VmState::Running),
-            Just(VmState::Exited)
+            Just(VmState::Exited),
+            Just(VmState::Suspended)
         ]
     }
 
@@ -583,6 +658,7 @@ mod tests {
                 })
                 .collect(),
             failures: BTreeMap::new(),
+            activity: BTreeMap::new(),
         })
     }
 
@@ -618,6 +694,15 @@ mod tests {
                     }
                     actual.vms.retain(|v| v.vm_id != *vm_id);
                 }
+                Action::Suspend { vm_id, .. } | Action::Wake { vm_id, .. } => {
+                    if let Some(v) = actual.vms.iter_mut().find(|v| v.vm_id == *vm_id) {
+                        v.state = if matches!(action, Action::Suspend { .. }) {
+                            VmState::Suspended
+                        } else {
+                            VmState::Running
+                        };
+                    }
+                }
             }
         }
     }
@@ -625,7 +710,11 @@ mod tests {
     /// Time passes: starting VMs boot and pass their health checks.
     fn tick(actual: &mut ActualState) {
         actual.now += MAX_BACKOFF.as_secs();
-        for v in actual.vms.iter_mut().filter(|v| !v.is_dead()) {
+        for v in actual
+            .vms
+            .iter_mut()
+            .filter(|v| !v.is_dead() && !v.is_suspended())
+        {
             v.state = VmState::Running;
             v.health = Health::Healthy;
         }
@@ -651,14 +740,143 @@ mod tests {
                 })
                 .collect(),
             failures: BTreeMap::new(),
+            activity: BTreeMap::new(),
         }
     }
 
     fn touches(action: &Action, id: Uuid) -> bool {
         match action {
-            Action::Retire { vm_id, .. } | Action::Remove { vm_id, .. } => *vm_id == id,
+            Action::Retire { vm_id, .. }
+            | Action::Remove { vm_id, .. }
+            | Action::Suspend { vm_id, .. }
+            | Action::Wake { vm_id, .. } => *vm_id == id,
             Action::Create { .. } | Action::Replace { .. } => false,
         }
+    }
+
+    fn idle_app(idle_secs: u64, count: u32) -> (DesiredState, String) {
+        let mut d = desired(&[("web", "img:1")]);
+        let web = d.apps.get_mut("web").unwrap();
+        web.count = count;
+        web.scale.idle = Some(Duration::from_secs(idle_secs));
+        let v = d.version_of("web").unwrap();
+        (d, v)
+    }
+
+    fn with_activity(vms: Vec<VmRecord>, activity: Activity) -> ActualState {
+        ActualState {
+            vms,
+            activity: BTreeMap::from([("web".to_string(), activity)]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn tc_u15_scale_to_zero_suspends_a_settled_idle_app_only() {
+        let (d, v) = idle_app(60, 2);
+        let serving = |id| vm(id, "web", &v, VmState::Running, Health::Healthy);
+        let quiet = |secs| Activity {
+            idle: Duration::from_secs(secs),
+            ..Activity::default()
+        };
+        let both = vec![serving(1), serving(2)];
+        // Not idle long enough: nothing.
+        assert_eq!(plan(&d, &with_activity(both.clone(), quiet(59))), vec![]);
+        // Idle long enough: both replicas.
+        let actions = plan(&d, &with_activity(both.clone(), quiet(60)));
+        assert_eq!(
+            actions,
+            vec![
+                Action::Suspend {
+                    app: "web".into(),
+                    vm_id: Uuid::from_u128(1)
+                },
+                Action::Suspend {
+                    app: "web".into(),
+                    vm_id: Uuid::from_u128(2)
+                },
+            ]
+        );
+        // A replica still missing, or an old version beside it: not settled, no suspend.
+        let one = plan(&d, &with_activity(vec![serving(1)], quiet(600)));
+        assert!(
+            !one.iter().any(|a| matches!(a, Action::Suspend { .. })),
+            "{one:?}"
+        );
+        let mut mixed = both.clone();
+        mixed.push(vm(3, "web", "old", VmState::Running, Health::Healthy));
+        let mixed = plan(&d, &with_activity(mixed, quiet(600)));
+        assert!(
+            !mixed.iter().any(|a| matches!(a, Action::Suspend { .. })),
+            "{mixed:?}"
+        );
+        // Off by default; a hand-made suspend works without it.
+        let mut off = d.clone();
+        off.apps.get_mut("web").unwrap().scale.idle = None;
+        assert_eq!(
+            plan(&off, &with_activity(both.clone(), quiet(1 << 20))),
+            vec![]
+        );
+        let by_hand = Activity {
+            suspend: true,
+            ..Activity::default()
+        };
+        assert_eq!(plan(&off, &with_activity(both, by_hand)).len(), 2);
+    }
+
+    #[test]
+    fn tc_u15_scale_to_zero_keeps_suspended_vms_and_wakes_them_for_a_waiting_connection() {
+        let (d, v) = idle_app(60, 2);
+        let asleep = |id| vm(id, "web", &v, VmState::Suspended, Health::Healthy);
+        let idle = Activity {
+            idle: Duration::from_secs(3600),
+            ..Activity::default()
+        };
+        // Suspended replicas are kept: nothing is started in their place.
+        let vms = vec![asleep(1), asleep(2)];
+        assert_eq!(plan(&d, &with_activity(vms.clone(), idle)), vec![]);
+        assert!(is_converged(&d, &with_activity(vms.clone(), idle)));
+        // A waiting connection (or `wake`) wakes every one of them.
+        for activity in [
+            Activity { waiting: 3, ..idle },
+            Activity { wake: true, ..idle },
+        ] {
+            assert_eq!(
+                plan(&d, &with_activity(vms.clone(), activity)),
+                vec![
+                    Action::Wake {
+                        app: "web".into(),
+                        vm_id: Uuid::from_u128(1)
+                    },
+                    Action::Wake {
+                        app: "web".into(),
+                        vm_id: Uuid::from_u128(2)
+                    },
+                ]
+            );
+        }
+        // A new version starts beside suspended old VMs, and retires them once healthy.
+        let mut d2 = d.clone();
+        d2.apps.get_mut("web").unwrap().image = "img:2".into();
+        let v2 = d2.version_of("web").unwrap();
+        let creates = plan(&d2, &with_activity(vms.clone(), idle));
+        assert_eq!(creates.len(), 2);
+        assert!(
+            creates.iter().all(|a| matches!(a, Action::Replace { .. })),
+            "{creates:?}"
+        );
+        let mut swapped = vms;
+        swapped.push(vm(10, "web", &v2, VmState::Running, Health::Healthy));
+        swapped.push(vm(11, "web", &v2, VmState::Running, Health::Healthy));
+        let retire = plan(&d2, &with_activity(swapped, Activity::default()));
+        assert_eq!(
+            retire
+                .iter()
+                .filter(|a| matches!(a, Action::Retire { .. }))
+                .count(),
+            2,
+            "{retire:?}"
+        );
     }
 
     proptest! {
@@ -760,6 +978,7 @@ mod tests {
                 now: 10_000 + elapsed,
                 vms: vec![vm(1, "web", "v1", VmState::Running, Health::Healthy)],
                 failures: [("web".to_string(), failed)].into_iter().collect(),
+                ..Default::default()
             };
             let actions = plan(&d, &a);
             prop_assert!(!actions.iter().any(|x| touches(x, Uuid::from_u128(1))));

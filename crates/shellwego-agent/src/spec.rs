@@ -5,6 +5,10 @@
 //! image = "alpine:3.23"
 //! count = 2                  # optional; replicas behind the endpoint (1 to 32, default 1)
 //!
+//! [scale]                    # optional
+//! idle = "5m"                # scale to zero: suspend the VMs after this long without a
+//!                            # connection to the endpoint; the next connection wakes them
+//!
 //! [run]                      # optional; overrides the image's own config
 //! cmd = ["httpd", "-f", "-p", "8080"]
 //!
@@ -95,6 +99,40 @@ pub struct DesiredApp {
     /// retires replicas of the running version rather than replacing them.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub count: u32,
+    /// Scale to zero. Left out of the stored form when off, and never part of the
+    /// version: suspending and waking keep the VMs of the running version.
+    #[serde(default, skip_serializing_if = "Scale::is_default")]
+    pub scale: Scale,
+}
+
+/// When the app's VMs are suspended for want of traffic (`[scale]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scale {
+    /// Suspend after the endpoint had no connection for this long; `None`: never.
+    #[serde(default, with = "opt_millis")]
+    pub idle: Option<Duration>,
+}
+
+impl Scale {
+    pub fn is_default(&self) -> bool {
+        *self == Scale::default()
+    }
+}
+
+/// `Option<Duration>` stored as milliseconds.
+mod opt_millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        d.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
 }
 
 fn one() -> u32 {
@@ -255,6 +293,14 @@ struct RawSpec {
     #[serde(default)]
     network: RawNetwork,
     count: Option<i64>,
+    #[serde(default)]
+    scale: RawScale,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawScale {
+    idle: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -611,6 +657,14 @@ impl DesiredApp {
                     )
                 })?,
         };
+        let scale = Scale {
+            idle: raw
+                .scale
+                .idle
+                .as_deref()
+                .map(|t| duration("scale.idle", Some(t), Duration::ZERO))
+                .transpose()?,
+        };
         let app = DesiredApp {
             name: raw.name,
             image: raw.image,
@@ -623,6 +677,7 @@ impl DesiredApp {
             bandwidth,
             network,
             count,
+            scale,
         };
         crate::bounds::check(&app)?;
         Ok(app)
@@ -666,14 +721,15 @@ impl DesiredApp {
         hash_of(&self.hashed_form())
     }
 
-    /// The spec as `spec_hash` sees it: secret values removed, ports' protocols and the
-    /// replica count reset.
+    /// The spec as `spec_hash` sees it: secret values removed, ports' protocols, the
+    /// replica count and scale to zero reset.
     fn hashed_form(&self) -> DesiredApp {
         let mut app = self.without_secret_values();
         for port in &mut app.ports {
             port.protocol = Protocol::Tcp;
         }
         app.count = 1;
+        app.scale = Scale::default();
         app
     }
 }

@@ -443,6 +443,7 @@ impl Store {
             now: now_secs(),
             vms: self.vms()?.iter().map(VmRow::record).collect(),
             failures: self.failures()?,
+            activity: BTreeMap::new(),
         })
     }
 }

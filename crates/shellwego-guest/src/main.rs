@@ -9,7 +9,9 @@
 //! console, which the host keeps as the VM's log.
 //!
 //! After a snapshot restore the listener is still there; open connections reset and
-//! the host connects again, and a `run` gives a restored template its identity.
+//! the host connects again, and a `run` gives a restored template its identity. A VM
+//! woken from its own snapshot (scale to zero) gets `resume`: the clock and fresh
+//! entropy, while its app runs on as it was.
 
 mod app;
 mod sys;
@@ -138,6 +140,15 @@ fn handle(state: &mut State, req: Request) -> (Response, bool) {
             Ok(()) => Response::Ok,
             Err(message) => Response::Error { message },
         },
+        Request::Resume { clock, entropy } => {
+            let resumed = sys::set_clock(clock.0, clock.1)
+                .map_err(|e| format!("clock: {e}"))
+                .and_then(|()| sys::reseed_rng(&entropy).map_err(|e| format!("entropy: {e}")));
+            match resumed {
+                Ok(()) => Response::Ok,
+                Err(message) => Response::Error { message },
+            }
+        }
         Request::Shutdown { grace_ms } => {
             if let Some((pid, _)) = state.app {
                 if app::exit_code(pid).is_none() {

@@ -100,6 +100,10 @@ pub enum Request {
     Signal { signal: i32 },
     /// Stop the app, sync, unmount, reboot (Firecracker exits with `reboot=k`).
     Shutdown { grace_ms: u64 },
+    /// The VM was just restored from its own snapshot (a wake from scale to zero): set
+    /// the clock (seconds and nanoseconds since the epoch), which stood still while it was
+    /// suspended, and mix fresh host randomness into the kernel's pool.
+    Resume { clock: (i64, u32), entropy: Vec<u8> },
 }
 
 /// Guest -> host.

@@ -488,6 +488,24 @@ impl RootfsBuilder {
         })
     }
 
+    /// The root disk `clone_for_vm` made for `vm_id`; None when it has none.
+    pub fn vm_disk(&self, vm_id: &str) -> Result<Option<VmDisk>, RootfsError> {
+        let dataset = self.vm_dataset(vm_id);
+        validate_name(&dataset)?;
+        if !self.zfs.exists(&dataset)? {
+            return Ok(None);
+        }
+        let mountpoint = self
+            .zfs
+            .mountpoint(&dataset)?
+            .ok_or_else(|| RootfsError::NotMounted(dataset.clone()))?;
+        Ok(Some(VmDisk {
+            image_path: mountpoint.join(IMAGE_FILE),
+            dataset,
+            mountpoint,
+        }))
+    }
+
     /// Destroys a VM's clone. Removing what is already gone is not an error.
     pub fn remove_vm_disk(&self, vm_id: &str) -> Result<(), RootfsError> {
         let dataset = self.vm_dataset(vm_id);

@@ -132,3 +132,9 @@ mod tests {
         assert!(!exists(u32::MAX));
     }
 }
+
+/// The resident memory of a process (`VmRSS`), in bytes; None when it is gone.
+pub fn resident_bytes(pid: i32) -> Option<u64> {
+    let status = procfs::process::Process::new(pid).ok()?.status().ok()?;
+    status.vmrss.map(|kib| kib * 1024)
+}

@@ -22,6 +22,13 @@
 //! old VM: its open connections drain (bounded by `DRAIN_LIMIT`), then it is stopped and
 //! removed. A new VM that never becomes healthy is removed and the old one keeps serving.
 //!
+//! Scale to zero: a `Suspend` task takes the VM out of the endpoint's set (new
+//! connections are held), pauses and snapshots it and stops its process; a connection
+//! that arrives meanwhile cancels it, and the VM is resumed as it was. A `Wake` task
+//! restores it from that snapshot and puts it back in the set, which releases the held
+//! connections. Each step is recorded ("suspending", "suspended", "waking"), and a
+//! restart that cuts one short settles the VM by what exists (`Ports::settle`).
+//!
 //! Secrets: `apply` hands their values over once; they are sealed with the vault's key
 //! and stored, and opened again for every VM that is created (also after an agent
 //! restart), then sent to the guest init over vsock only.
@@ -37,9 +44,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use super::ports::{Frontend, Ports};
+use super::ports::{Frontend, Ports, Suspension};
 use super::steps::{teardown, Deadlines, Steps, CANCELLED};
-use super::{plan, Action, FailureRecord, Health, RemoveReason, VmState};
+use super::{plan, Action, Activity, DesiredState, FailureRecord, Health, RemoveReason, VmState};
 use crate::endpoint::{Backend, Published};
 use crate::provision::BootMode;
 use crate::spec::{DesiredApp, HealthCheck};
@@ -82,7 +89,20 @@ pub enum TaskKind {
     Probe,
     Retire,
     Remove,
+    Suspend,
+    Wake,
 }
+
+/// A request to suspend or wake an app by hand (`shellwego suspend` / `wake`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Demand {
+    Suspend,
+    Wake,
+}
+
+/// How long a request by hand stands before it lapses (an app that cannot be suspended
+/// now is not suspended by surprise much later).
+const DEMAND_LIFETIME: Duration = Duration::from_secs(60);
 
 struct Task {
     kind: TaskKind,
@@ -117,7 +137,12 @@ pub struct Executor<P: Ports, F: Frontend> {
     /// Held from reading the records to publishing, so a pass and a task never publish
     /// sets computed from different moments (the older set would win).
     endpoint_sync: Mutex<()>,
-    /// Notified when a task ends or the desired state changes.
+    /// Requests by hand per app, with when they were made.
+    demands: SyncMutex<HashMap<String, (Demand, Instant)>>,
+    /// When each app last woke or had a suspend called off: its idle time counts from
+    /// then at the latest.
+    awake_since: SyncMutex<HashMap<String, Instant>>,
+    /// Notified when a task ends, the desired state changes or a connection waits.
     pub wake: Arc<Notify>,
 }
 
@@ -143,6 +168,8 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         vault: Vault,
         config: ExecutorConfig,
     ) -> Executor<P, F> {
+        let wake = Arc::new(Notify::new());
+        frontend.on_waiting(wake.clone());
         Executor {
             platform,
             store,
@@ -155,7 +182,9 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
             probes: SyncMutex::new(HashMap::new()),
             teardown_retry: SyncMutex::new(HashMap::new()),
             endpoint_sync: Mutex::new(()),
-            wake: Arc::new(Notify::new()),
+            demands: SyncMutex::new(HashMap::new()),
+            awake_since: SyncMutex::new(HashMap::new()),
+            wake,
         }
     }
 
@@ -165,6 +194,46 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
 
     fn probes(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, ProbeState>> {
         self.probes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Asks for an app to be suspended or woken now (a later request replaces an earlier
+    /// one); the next pass acts on it.
+    pub fn demand(&self, app: &str, demand: Demand) {
+        lock(&self.demands).insert(app.to_string(), (demand, Instant::now()));
+        self.wake.notify_one();
+    }
+
+    /// What each desired app's endpoint saw, with requests by hand; a suspend in flight
+    /// of an app that a connection now waits for is called off.
+    fn activity(&self, desired: &DesiredState, rows: &[VmRow]) -> BTreeMap<String, Activity> {
+        let mut demands = lock(&self.demands);
+        demands.retain(|_, (_, at)| at.elapsed() < DEMAND_LIFETIME);
+        let awake = lock(&self.awake_since);
+        let mut out = BTreeMap::new();
+        for name in desired.apps.keys() {
+            let (idle, waiting) = self.frontend.activity(name).unwrap_or_default();
+            let idle = awake.get(name).map_or(idle, |t| idle.min(t.elapsed()));
+            let demand = demands.get(name).map(|(d, _)| *d);
+            let a = Activity {
+                idle,
+                waiting,
+                suspend: demand == Some(Demand::Suspend),
+                wake: demand == Some(Demand::Wake),
+            };
+            if a.waiting > 0 || a.wake {
+                let tasks = self.tasks();
+                for row in rows.iter().filter(|r| r.app == *name) {
+                    if let Some(t) = tasks
+                        .get(&row.vm_id)
+                        .filter(|t| t.kind == TaskKind::Suspend)
+                    {
+                        t.cancel.cancel();
+                    }
+                }
+            }
+            out.insert(name.clone(), a);
+        }
+        out
     }
 
     /// The VMs with a task in flight, and what each task does.
@@ -242,6 +311,11 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         let now = self.platform.now();
         let mut interrupted = Vec::new();
         for row in self.store.vms()? {
+            if matches!(row.step.as_str(), "suspending" | "waking") {
+                // A suspend or wake the last agent did not finish: the VM is what exists.
+                self.settle(row).await;
+                continue;
+            }
             if row.state == VmState::Starting {
                 // A provision the last agent did not finish. Its row goes, with the count
                 // of interruptions, in one transaction, before anything is torn down: a
@@ -351,6 +425,7 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         self.sync_endpoints(&desired.apps, Scope::All).await?;
         let mut actual = self.store.actual()?;
         actual.now = self.platform.now();
+        actual.activity = self.activity(&desired, &self.store.vms()?);
         for action in plan(&desired, &actual) {
             // One record that cannot be written stops only its own action.
             match self.launch(action, &desired.apps) {
@@ -567,10 +642,178 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                     },
                 )))
             }
+            Action::Suspend { app, vm_id } => {
+                let Some(spec) = apps.get(&app).cloned() else {
+                    return Ok(0);
+                };
+                let me = self.clone();
+                Ok(usize::from(self.start(
+                    vm_id,
+                    TaskKind::Suspend,
+                    move |cancel| async move {
+                        me.suspend(spec, vm_id, cancel).await;
+                    },
+                )))
+            }
+            Action::Wake { app, vm_id } => {
+                let Some(spec) = apps.get(&app).cloned() else {
+                    return Ok(0);
+                };
+                let me = self.clone();
+                Ok(usize::from(self.start(
+                    vm_id,
+                    TaskKind::Wake,
+                    move |_| async move {
+                        me.wake_vm(spec, vm_id).await;
+                    },
+                )))
+            }
+        }
+    }
+
+    /// The suspend task: out of the endpoint's set, then snapshot and stop; called off
+    /// (the VM resumed, back in the set) when a connection comes first.
+    async fn suspend(self: Arc<Self>, app: DesiredApp, vm: Uuid, cancel: CancellationToken) {
+        let Ok(Some(mut row)) = self.store.vm(vm) else {
+            return;
+        };
+        row.step = "suspending".into();
+        self.save(&row);
+        // From here new connections wait for a wake (this VM is busy, so out of the set);
+        // the few already open must end first.
+        self.sync_app(&app).await;
+        let t = Instant::now();
+        let outcome = if self.frontend.drain(vm, Duration::from_secs(1)).await > 0 {
+            Ok(Suspension::Resumed {
+                why: "connections are open".into(),
+            })
+        } else {
+            self.platform.suspend(vm, &app, &cancel).await
+        };
+        match outcome {
+            Ok(Suspension::Suspended { freed_bytes }) => {
+                row.state = VmState::Suspended;
+                row.step = "suspended".into();
+                self.save(&row);
+                self.forget_demand(&app.name, Demand::Suspend);
+                self.event(
+                    &app.name,
+                    Some(vm),
+                    format!(
+                        "suspended in {:.2}s ({} MiB of memory freed)",
+                        t.elapsed().as_secs_f64(),
+                        freed_bytes >> 20
+                    ),
+                );
+            }
+            Ok(Suspension::Resumed { why }) => {
+                row.step = "running".into();
+                self.save(&row);
+                lock(&self.awake_since).insert(app.name.clone(), Instant::now());
+                self.event(
+                    &app.name,
+                    Some(vm),
+                    format!("suspend called off ({why}): the VM runs on"),
+                );
+            }
+            Err(e) => {
+                row.state = VmState::Exited;
+                row.health = Health::Unhealthy;
+                row.last_error = Some(format!("suspend failed: {e}"));
+                self.save(&row);
+                self.event(
+                    &app.name,
+                    Some(vm),
+                    format!("suspend failed, the VM is lost: {e}"),
+                );
+            }
+        }
+        self.probes().remove(&vm);
+    }
+
+    /// The wake task: restore the suspended VM and put it back in the endpoint's set,
+    /// which lets the held connections through.
+    async fn wake_vm(self: Arc<Self>, app: DesiredApp, vm: Uuid) {
+        let Ok(Some(mut row)) = self.store.vm(vm) else {
+            return;
+        };
+        row.step = "waking".into();
+        self.save(&row);
+        let t = Instant::now();
+        match self.platform.wake(vm, &app).await {
+            Ok(()) => {
+                row.state = VmState::Running;
+                row.health = Health::Healthy;
+                row.step = "running".into();
+                row.running_since = Some(self.platform.now());
+                self.save(&row);
+                lock(&self.awake_since).insert(app.name.clone(), Instant::now());
+                self.forget_demand(&app.name, Demand::Wake);
+                self.event(
+                    &app.name,
+                    Some(vm),
+                    format!("woken in {:.2}s", t.elapsed().as_secs_f64()),
+                );
+                self.sync_app(&app).await;
+            }
+            Err(e) => {
+                row.state = VmState::Exited;
+                row.health = Health::Unhealthy;
+                row.last_error = Some(format!("wake failed: {e}"));
+                self.save(&row);
+                self.event(&app.name, Some(vm), format!("wake failed: {e}"));
+            }
+        }
+    }
+
+    /// Records what a VM whose suspend or wake was cut short by a restart is now.
+    async fn settle(&self, mut row: VmRow) {
+        let state = match self.platform.settle(row.vm_id).await {
+            Ok(state) => state,
+            Err(e) => {
+                warn!(vm_id = %row.vm_id, error = %e, "cannot settle an interrupted suspend or wake");
+                VmState::Exited
+            }
+        };
+        let was = std::mem::replace(&mut row.step, String::new());
+        row.state = state;
+        row.step = match state {
+            VmState::Suspended => "suspended",
+            VmState::Running => "running",
+            _ => "failed",
+        }
+        .into();
+        if state == VmState::Exited {
+            row.health = Health::Unhealthy;
+            row.last_error = Some(format!(
+                "its {was} was interrupted and left nothing to go on with"
+            ));
+        }
+        self.save(&row);
+        self.event(
+            &row.app,
+            Some(row.vm_id),
+            format!("{was} interrupted by an agent restart: the VM is {state:?}"),
+        );
+    }
+
+    fn forget_demand(&self, app: &str, demand: Demand) {
+        let mut demands = lock(&self.demands);
+        if demands.get(app).is_some_and(|(d, _)| *d == demand) {
+            demands.remove(app);
+        }
+    }
+
+    /// Re-points one app's endpoint (see [`Self::sync_endpoints`]).
+    async fn sync_app(&self, app: &DesiredApp) {
+        let apps = BTreeMap::from([(app.name.clone(), app.clone())]);
+        if let Err(e) = self.sync_endpoints(&apps, Scope::These).await {
+            warn!(app = %app.name, error = %e, "cannot update the endpoint");
         }
     }
 
     /// Runs `work` as the task of `vm`, unless that VM has one already.
+    /// (Suspend and wake are launched by [`Self::launch`] through here too.)
     fn start<W, Fut>(self: &Arc<Self>, vm: Uuid, kind: TaskKind, work: W) -> bool
     where
         W: FnOnce(CancellationToken) -> Fut,
@@ -947,19 +1190,29 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         scope: Scope,
     ) -> Result<(), StateError> {
         let _one_at_a_time = self.endpoint_sync.lock().await;
-        // VMs on their way out never get the endpoint back.
-        let leaving: HashSet<Uuid> = self
-            .busy()
-            .into_iter()
-            .filter(|(_, kind)| matches!(kind, TaskKind::Retire | TaskKind::Remove))
-            .map(|(vm, _)| vm)
+        // VMs on their way out never get the endpoint back, nor do VMs being suspended.
+        let busy = self.busy();
+        let leaving: HashSet<Uuid> = busy
+            .iter()
+            .filter(|(_, kind)| {
+                matches!(
+                    kind,
+                    TaskKind::Retire | TaskKind::Remove | TaskKind::Suspend
+                )
+            })
+            .map(|(vm, _)| *vm)
             .collect();
-        let rows: Vec<VmRow> = self
-            .store
-            .vms()?
-            .into_iter()
-            .filter(|r| !leaving.contains(&r.vm_id))
+        let all = self.store.vms()?;
+        // Apps whose VMs are suspended (or on the way): an empty set holds connections.
+        let asleep: HashSet<&str> = all
+            .iter()
+            .filter(|r| {
+                r.state == VmState::Suspended
+                    || matches!(busy.get(&r.vm_id), Some(TaskKind::Suspend | TaskKind::Wake))
+            })
+            .map(|r| r.app.as_str())
             .collect();
+        let rows: Vec<&VmRow> = all.iter().filter(|r| !leaving.contains(&r.vm_id)).collect();
         if scope == Scope::All {
             for name in self.frontend.published_apps() {
                 if apps.get(&name).is_none_or(|a| published(a).is_empty()) {
@@ -996,9 +1249,10 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                     })
                 })
                 .collect();
-            let Some(first) = backends.first().copied() else {
+            if backends.is_empty() && !asleep.contains(name.as_str()) {
                 continue;
-            };
+            }
+            let first = backends.first().map(|b| b.vm_id);
             if self.frontend.is_current(name, &ports, &backends) {
                 continue;
             }
@@ -1015,11 +1269,9 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                 }
             };
             match self.frontend.publish(name, &ports, &backends) {
-                Ok(previous) if previous == backends => self.event(
-                    name,
-                    Some(first.vm_id),
-                    format!("endpoint {} updated", hosts.join(",")),
-                ),
+                Ok(previous) if previous == backends => {
+                    self.event(name, first, format!("endpoint {} updated", hosts.join(",")))
+                }
                 Ok(previous) => {
                     // One event per VM that joined, so each can be found by its id.
                     for joined in backends.iter().filter(|b| !previous.contains(b)) {
@@ -1034,10 +1286,20 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                             ),
                         );
                     }
-                    crate::fault::point("after-switch", |m| self.event(name, Some(first.vm_id), m))
-                        .await;
+                    if backends.is_empty() {
+                        self.event(
+                            name,
+                            None,
+                            format!(
+                                "endpoint {} holds new connections until a VM wakes (was {})",
+                                hosts.join(","),
+                                ips(&previous)
+                            ),
+                        );
+                    }
+                    crate::fault::point("after-switch", |m| self.event(name, first, m)).await;
                 }
-                Err(e) => self.event(name, Some(first.vm_id), format!("endpoint: {e}")),
+                Err(e) => self.event(name, first, format!("endpoint: {e}")),
             }
         }
         Ok(())
@@ -1076,6 +1338,10 @@ fn published(app: &DesiredApp) -> Vec<Published> {
             })
         })
         .collect()
+}
+
+fn lock<T>(m: &SyncMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Which apps `sync_endpoints` was given.

@@ -8,8 +8,9 @@ use std::time::Duration;
 use proptest::prelude::*;
 use uuid::Uuid;
 
-use super::executor::TaskKind;
+use super::executor::{Demand, TaskKind};
 use super::fake::{Effect, Fault, Node};
+use super::ports::Frontend;
 use super::{Health, VmState};
 use crate::spec::DesiredApp;
 
@@ -728,4 +729,198 @@ async fn tc_u14_an_undecided_old_vm_is_retired_not_watched_again() {
         .filter(|c| **c == format!("probe-vm {blue}"))
         .count();
     assert!(waits < 200, "blue probed {waits} times");
+}
+
+/// An app that scales to zero after `idle` seconds without traffic, with `count` replicas.
+fn sleepy(count: u32, idle: u64) -> DesiredApp {
+    let mut a = app("web", "img:1", 8001);
+    a.count = count;
+    a.scale.idle = Some(Duration::from_secs(idle));
+    a
+}
+
+fn states(node: &Node, app: &str) -> Vec<VmState> {
+    node.store
+        .vms()
+        .expect("records")
+        .into_iter()
+        .filter(|v| v.app == app)
+        .map(|v| v.state)
+        .collect()
+}
+
+fn all_in(node: &Node, app: &str, state: VmState) -> bool {
+    let s = states(node, app);
+    !s.is_empty() && s.iter().all(|x| *x == state)
+}
+
+#[tokio::test(start_paused = true)]
+async fn tc_u15_scale_to_zero_an_idle_app_is_suspended_and_a_waiting_connection_wakes_it() {
+    let node = Node::new();
+    let agent = node.start().await;
+    node.apply(&sleepy(2, 30));
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    let replicas = serving(&node, "web");
+    assert_eq!(replicas.len(), 2);
+    // Idle long enough: both replicas are snapshotted and their processes stop; disks,
+    // leases and the endpoint stay, and the endpoint's set is empty (it holds).
+    agent
+        .until("both suspended", 2 * MINUTE, || {
+            all_in(&node, "web", VmState::Suspended)
+        })
+        .await;
+    {
+        let w = node.platform.world();
+        assert!(replicas.iter().all(|id| !w.vms.contains_key(id)));
+        assert!(replicas
+            .iter()
+            .all(|id| w.snapshots.contains(id) && w.disks.contains(id)));
+        assert!(
+            w.calls.contains(&"publish web ".to_string()),
+            "{:?}",
+            w.calls
+        );
+    }
+    assert!(node.converged(), "a suspended app is converged");
+    // It stays suspended without traffic.
+    tokio::time::sleep(5 * MINUTE).await;
+    assert!(all_in(&node, "web", VmState::Suspended));
+    // A connection waits: both replicas are restored (the same VMs) and serve again.
+    agent.exec.frontend.set_waiting("web", 3);
+    agent
+        .until("both awake", MINUTE, || serving(&node, "web").len() == 2)
+        .await;
+    assert_eq!(serving(&node, "web"), replicas, "the same VMs woke");
+    let backends: Vec<Uuid> = agent
+        .exec
+        .frontend
+        .backends("web")
+        .iter()
+        .map(|b| b.vm_id)
+        .collect();
+    assert_eq!(backends.len(), 2);
+    assert!(node.platform.world().snapshots.is_empty());
+    agent.exec.frontend.set_waiting("web", 0);
+    // Not suspended again before another idle period.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(serving(&node, "web").len(), 2);
+    agent
+        .until("suspended again", 2 * MINUTE, || {
+            all_in(&node, "web", VmState::Suspended)
+        })
+        .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn tc_u15_scale_to_zero_by_hand_and_a_suspend_called_off_by_a_connection() {
+    let node = Node::new();
+    let agent = node.start().await;
+    // No [scale]: only by hand.
+    node.apply(&app("web", "img:1", 8001));
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    tokio::time::sleep(10 * MINUTE).await;
+    assert_eq!(
+        serving(&node, "web").len(),
+        1,
+        "not suspended without [scale]"
+    );
+    agent.exec.demand("web", Demand::Suspend);
+    agent
+        .until("suspended by hand", MINUTE, || {
+            all_in(&node, "web", VmState::Suspended)
+        })
+        .await;
+    agent.exec.demand("web", Demand::Wake);
+    agent
+        .until("woken by hand", MINUTE, || serving(&node, "web").len() == 1)
+        .await;
+    // A suspend that a connection interrupts (the snapshot takes a while): called off, the
+    // VM resumed as it was, its snapshot gone, back behind the endpoint.
+    let vm = serving(&node, "web")[0];
+    node.platform
+        .inject(Fault::at("suspend", "web", Effect::Slow(Duration::from_secs(10))).once());
+    agent.exec.demand("web", Demand::Suspend);
+    agent
+        .until("suspending", MINUTE, || {
+            agent.exec.busy().get(&vm) == Some(&TaskKind::Suspend)
+        })
+        .await;
+    assert!(
+        agent.exec.frontend.backends("web").is_empty(),
+        "held meanwhile"
+    );
+    agent.exec.frontend.set_waiting("web", 1);
+    agent
+        .until("called off", MINUTE, || agent.exec.busy().is_empty())
+        .await;
+    assert_eq!(serving(&node, "web"), vec![vm]);
+    assert_eq!(agent.exec.frontend.backends("web").len(), 1);
+    let w = node.platform.world();
+    assert!(w.snapshots.is_empty() && w.vms.get(&vm).is_some_and(|v| v.alive));
+    drop(w);
+    let events = node
+        .store
+        .events_page(0, Some("web"), 1000)
+        .expect("events");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.message.contains("suspend called off")),
+        "{events:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn tc_u15_scale_to_zero_a_restart_mid_suspend_or_mid_wake_settles_the_vm() {
+    let node = Node::new();
+    let agent = node.start().await;
+    node.apply(&sleepy(1, 30));
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    // The agent dies with the snapshot written and the VM paused: the next one resumes it.
+    node.platform
+        .inject(Fault::at("suspend", "web", Effect::Crash).once());
+    tokio::time::timeout(2 * MINUTE, node.platform.crashed.notified())
+        .await
+        .expect("crashed mid-suspend");
+    agent.crash();
+    let agent = node.start().await;
+    assert!(
+        all_in(&node, "web", VmState::Running),
+        "{:?}",
+        states(&node, "web")
+    );
+    assert!(node.platform.world().snapshots.is_empty());
+    agent.exec.frontend.set_waiting("web", 0);
+    agent
+        .until("suspended", 2 * MINUTE, || {
+            all_in(&node, "web", VmState::Suspended)
+        })
+        .await;
+    // The agent dies while restoring: the snapshot is still there, so it stays suspended
+    // and the next connection wakes it.
+    node.platform
+        .inject(Fault::at("wake", "web", Effect::Crash).once());
+    agent.exec.frontend.set_waiting("web", 1);
+    tokio::time::timeout(MINUTE, node.platform.crashed.notified())
+        .await
+        .expect("crashed mid-wake");
+    agent.crash();
+    let agent = node.start().await;
+    assert!(
+        all_in(&node, "web", VmState::Suspended),
+        "{:?}",
+        states(&node, "web")
+    );
+    agent.exec.frontend.set_waiting("web", 1);
+    agent
+        .until("woken", MINUTE, || serving(&node, "web").len() == 1)
+        .await;
+    agent.exec.frontend.set_waiting("web", 0);
+    node.remove("web");
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    assert!(node.platform.world().owners().is_empty());
 }

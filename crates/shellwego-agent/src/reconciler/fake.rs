@@ -14,8 +14,9 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::executor::{Executor, ExecutorConfig};
-use super::ports::{Frontend, PortError, PortResult, Ports, Progress};
+use super::ports::{Frontend, PortError, PortResult, Ports, Progress, Suspension};
 use super::steps::Deadlines;
+use super::VmState;
 use super::{is_converged, DesiredState};
 use crate::endpoint::{Backend, Published};
 use crate::health::ProbeFailure;
@@ -23,6 +24,7 @@ use crate::provision::BootMode;
 use crate::spec::{DesiredApp, HealthCheck};
 use crate::state::Store;
 use crate::vault::Vault;
+use tokio_util::sync::CancellationToken;
 
 /// What an injected fault does when its step is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,7 +40,7 @@ pub enum Effect {
 }
 
 /// A fault at `step` ("pull", "rootfs", "network", "vm", "guest", "probe",
-/// "deprovision", or "publish" for the endpoint, which only fails; "probe-vm" with a VM
+/// "deprovision", "suspend", "wake", or "publish" for the endpoint, which only fails; "probe-vm" with a VM
 /// id in place of the app fails the probes of that one VM) for `app` (any app if `None`), `times` times (0: for ever).
 #[derive(Debug, Clone)]
 pub struct Fault {
@@ -78,6 +80,8 @@ pub struct World {
     pub disks: BTreeSet<Uuid>,
     pub leases: BTreeMap<Uuid, Ipv4Addr>,
     pub vms: BTreeMap<Uuid, FakeVm>,
+    /// Suspended VMs' snapshots (their processes are gone).
+    pub snapshots: BTreeSet<Uuid>,
     pub faults: Vec<Fault>,
     /// Every call, in order: "pull web", "deprovision <vm>", "publish web <vm>", ...
     pub calls: Vec<String>,
@@ -95,6 +99,7 @@ impl World {
         let mut ids: BTreeSet<Uuid> = self.disks.iter().copied().collect();
         ids.extend(self.leases.keys());
         ids.extend(self.vms.keys());
+        ids.extend(self.snapshots.iter());
         ids
     }
 }
@@ -328,7 +333,72 @@ impl Ports for FakePlatform {
         w.vms.remove(&vm);
         w.leases.remove(&vm);
         w.disks.remove(&vm);
+        w.snapshots.remove(&vm);
         Ok(())
+    }
+
+    async fn suspend(
+        &self,
+        vm: Uuid,
+        app: &DesiredApp,
+        cancel: &CancellationToken,
+    ) -> PortResult<Suspension> {
+        // The snapshot is written, then the step's fault (a slow snapshot, a crash in the
+        // middle), then the process stops unless the suspend was called off.
+        self.world().snapshots.insert(vm);
+        if let Err(e) = self
+            .enter("suspend", &app.name, format!("suspend {vm}"))
+            .await
+        {
+            self.world().snapshots.remove(&vm);
+            return Ok(Suspension::Resumed { why: e.0 });
+        }
+        let mut w = self.world();
+        if cancel.is_cancelled() {
+            w.snapshots.remove(&vm);
+            return Ok(Suspension::Resumed {
+                why: "a connection arrived".into(),
+            });
+        }
+        w.vms.remove(&vm);
+        Ok(Suspension::Suspended {
+            freed_bytes: 128 << 20,
+        })
+    }
+
+    async fn wake(&self, vm: Uuid, app: &DesiredApp) -> PortResult<()> {
+        self.enter("wake", &app.name, format!("wake {vm}")).await?;
+        let mut w = self.world();
+        if !w.snapshots.remove(&vm) {
+            return Err(PortError(format!("no snapshot of {vm}")));
+        }
+        let ip = *w
+            .leases
+            .get(&vm)
+            .ok_or_else(|| PortError(format!("no lease of {vm}")))?;
+        w.vms.insert(
+            vm,
+            FakeVm {
+                app: app.name.clone(),
+                ip,
+                alive: true,
+            },
+        );
+        Ok(())
+    }
+
+    async fn settle(&self, vm: Uuid) -> PortResult<VmState> {
+        let mut w = self.world();
+        w.calls.push(format!("settle {vm}"));
+        if w.vms.get(&vm).is_some_and(|v| v.alive) {
+            w.snapshots.remove(&vm);
+            return Ok(VmState::Running);
+        }
+        Ok(if w.snapshots.contains(&vm) {
+            VmState::Suspended
+        } else {
+            VmState::Exited
+        })
     }
 
     async fn hand_over(
@@ -373,6 +443,9 @@ impl Ports for FakePlatform {
 pub struct FakeFrontend {
     platform: Arc<FakePlatform>,
     routes: Mutex<Routes>,
+    /// Per app: when its last connection ended, and connections waiting for a VM.
+    traffic: Mutex<BTreeMap<String, (tokio::time::Instant, usize)>>,
+    waiting_notify: Mutex<Option<Arc<Notify>>>,
 }
 
 /// Per app: its ports and the VMs they lead to.
@@ -383,6 +456,27 @@ impl FakeFrontend {
         FakeFrontend {
             platform,
             routes: Mutex::new(BTreeMap::new()),
+            traffic: Mutex::new(BTreeMap::new()),
+            waiting_notify: Mutex::new(None),
+        }
+    }
+
+    /// `n` connections of `app` now wait for a VM (0: they went through); the agent is
+    /// told as the real endpoint tells it. Either way the app had traffic now.
+    pub fn set_waiting(&self, app: &str, n: usize) {
+        let now = tokio::time::Instant::now();
+        self.traffic
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(app.to_string(), (now, n));
+        if n > 0 {
+            if let Some(notify) = &*self
+                .waiting_notify
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+            {
+                notify.notify_one();
+            }
         }
     }
 
@@ -438,6 +532,25 @@ impl Frontend for FakeFrontend {
     async fn drain(&self, vm: Uuid, _limit: Duration) -> usize {
         self.platform.world().calls.push(format!("drain {vm}"));
         0
+    }
+
+    fn activity(&self, app: &str) -> Option<(Duration, usize)> {
+        if !self.routes().contains_key(app) {
+            return None;
+        }
+        let mut traffic = self.traffic.lock().unwrap_or_else(PoisonError::into_inner);
+        // An endpoint's clock starts when it is first seen.
+        let (last, waiting) = *traffic
+            .entry(app.to_string())
+            .or_insert((tokio::time::Instant::now(), 0));
+        Some((last.elapsed(), waiting))
+    }
+
+    fn on_waiting(&self, notify: Arc<Notify>) {
+        *self
+            .waiting_notify
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(notify);
     }
 }
 
@@ -514,12 +627,24 @@ impl Node {
             return false;
         }
         let recorded: BTreeSet<Uuid> = actual.vms.iter().map(|v| v.vm_id).collect();
+        let suspended: BTreeSet<Uuid> = actual
+            .vms
+            .iter()
+            .filter(|v| v.state == super::VmState::Suspended)
+            .map(|v| v.vm_id)
+            .collect();
         let w = self.platform.world();
         w.owners() == recorded
             && recorded.iter().all(|id| {
+                let process = w.vms.get(id).is_some_and(|v| v.alive);
+                let snapshot = w.snapshots.contains(id);
                 w.disks.contains(id)
                     && w.leases.contains_key(id)
-                    && w.vms.get(id).is_some_and(|v| v.alive)
+                    && if suspended.contains(id) {
+                        snapshot && !process
+                    } else {
+                        process && !snapshot
+                    }
             })
     }
 }

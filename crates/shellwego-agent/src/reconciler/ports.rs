@@ -21,6 +21,9 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use tokio_util::sync::CancellationToken;
+
+use super::VmState;
 use crate::endpoint::{Backend, Published};
 use crate::health::ProbeFailure;
 use crate::provision::BootMode;
@@ -38,6 +41,16 @@ impl PortError {
 }
 
 pub type PortResult<T> = Result<T, PortError>;
+
+/// How a suspend ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Suspension {
+    /// Snapshotted and stopped: `freed_bytes` of host memory (the VM process's resident
+    /// set) came back.
+    Suspended { freed_bytes: u64 },
+    /// Called off (a connection arrived, or a step failed) and the VM resumed as it was.
+    Resumed { why: String },
+}
 
 /// Progress lines of a step (for `apply`'s output).
 pub type Progress<'a> = &'a (dyn Fn(String) + Send + Sync);
@@ -124,6 +137,28 @@ pub trait Ports: Send + Sync + 'static {
     /// Idempotent: works on whatever part exists.
     fn deprovision(&self, vm: Uuid) -> impl Future<Output = PortResult<()>> + Send;
 
+    // ---- scale to zero ------------------------------------------------------------------
+
+    /// Pauses the VM, snapshots its memory and state, and stops its process, keeping its
+    /// disk, network and the snapshot. If `cancel` fires before the process is stopped,
+    /// or a step fails, the VM is resumed as it was (`Resumed`). An error: it could not
+    /// be resumed either.
+    fn suspend(
+        &self,
+        vm: Uuid,
+        app: &DesiredApp,
+        cancel: &CancellationToken,
+    ) -> impl Future<Output = PortResult<Suspension>> + Send;
+
+    /// Restores a suspended VM from its snapshot on its own disk and network, gives the
+    /// guest the time and fresh entropy, and deletes the snapshot.
+    fn wake(&self, vm: Uuid, app: &DesiredApp) -> impl Future<Output = PortResult<()>> + Send;
+
+    /// What a VM whose suspend or wake an agent restart cut short is now: `Running` (its
+    /// process runs; resumed if it was left paused), `Suspended` (its snapshot is
+    /// complete and the process gone) or `Exited` (neither).
+    fn settle(&self, vm: Uuid) -> impl Future<Output = PortResult<VmState>> + Send;
+
     // ---- guest -------------------------------------------------------------------------
 
     /// Waits for the guest init and hands it its run config (identity, env, secrets).
@@ -166,6 +201,12 @@ pub trait Frontend: Send + Sync + 'static {
     /// Waits until `vm` has no open connections through the endpoint, at most `limit`;
     /// returns how many were still open.
     fn drain(&self, vm: Uuid, limit: Duration) -> impl Future<Output = usize> + Send;
+    /// The app endpoint's traffic: how long no connection has been open, and how many
+    /// connections are held waiting for a VM (its set is empty: the app is suspended).
+    /// None: the app has no endpoint.
+    fn activity(&self, app: &str) -> Option<(Duration, usize)>;
+    /// `notify` is told whenever a connection starts waiting for a VM.
+    fn on_waiting(&self, notify: std::sync::Arc<tokio::sync::Notify>);
 }
 
 impl Frontend for crate::endpoint::Endpoints {
@@ -191,5 +232,11 @@ impl Frontend for crate::endpoint::Endpoints {
     }
     async fn drain(&self, vm: Uuid, limit: Duration) -> usize {
         crate::endpoint::Endpoints::drain(self, vm, limit).await
+    }
+    fn activity(&self, app: &str) -> Option<(Duration, usize)> {
+        crate::endpoint::Endpoints::activity(self, app)
+    }
+    fn on_waiting(&self, notify: std::sync::Arc<tokio::sync::Notify>) {
+        crate::endpoint::Endpoints::on_waiting(self, notify)
     }
 }

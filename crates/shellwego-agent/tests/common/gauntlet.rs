@@ -83,6 +83,7 @@ pub async fn platform(firecracker: &Path, pool: &str, registry: &str, data: &Pat
             TemplateStore::open(&data.join("templates")).expect("templates"),
         ),
         template_tap: "swgtemplate".into(),
+        suspended: data.join("suspended"),
     }
 }
 

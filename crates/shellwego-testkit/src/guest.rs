@@ -44,6 +44,15 @@ pub fn init_binary() -> PathBuf {
     repo_script_path("build-guest-init.sh")
 }
 
+/// The `swg-counter` test app (see `src/bin/swg-counter.rs`), built static by
+/// `scripts/build-guest-init.sh` for use inside guests.
+pub fn counter_binary() -> PathBuf {
+    crate::process::repo_script_path_with(
+        "build-guest-init.sh",
+        &["shellwego-testkit", "swg-counter"],
+    )
+}
+
 /// An ext4 image of the real Alpine 3.23 root (from the cached rootfs tarball), sized
 /// `size_mib`, written to `dir/alpine.ext4`.
 pub fn alpine_ext4(dir: &Path, size_mib: u64) -> PathBuf {

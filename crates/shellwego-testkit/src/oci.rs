@@ -425,3 +425,14 @@ pub fn alpine_web_builder(page: &[u8]) -> ImageBuilder {
             "/srv",
         ])
 }
+
+/// A layer holding the static `swg-counter` test app as `/usr/local/bin/swg-counter`
+/// (an HTTP server on port 8080 that counts `/count` requests in memory, never forking).
+pub fn counter_layer() -> Vec<u8> {
+    let bin = crate::guest::counter_binary();
+    let bytes = fs::read(&bin).unwrap_or_else(|e| panic!("cannot read {}: {e}", bin.display()));
+    TarBuilder::new()
+        .dir("usr/local/bin/", 0o755)
+        .file("usr/local/bin/swg-counter", 0o755, &bytes)
+        .finish()
+}

@@ -164,10 +164,15 @@ pub fn jailed_vms(dir: &std::path::Path) -> Vec<(i32, String)> {
 /// Runs one of the repository's `scripts/NAME` (they print a path on their last line, after
 /// building or finding what they cache) and returns that path.
 pub fn repo_script_path(name: &str) -> std::path::PathBuf {
+    repo_script_path_with(name, &[])
+}
+
+/// Like [`repo_script_path`], with arguments for the script.
+pub fn repo_script_path_with(name: &str, args: &[&str]) -> std::path::PathBuf {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../scripts")
         .join(name);
-    let out = run_ok(Command::new("bash").arg(&script));
+    let out = run_ok(Command::new("bash").arg(&script).args(args));
     let text = String::from_utf8_lossy(&out.stdout);
     let last = text
         .lines()

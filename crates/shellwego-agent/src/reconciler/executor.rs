@@ -775,7 +775,7 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                 VmState::Exited
             }
         };
-        let was = std::mem::replace(&mut row.step, String::new());
+        let was = std::mem::take(&mut row.step);
         row.state = state;
         row.step = match state {
             VmState::Suspended => "suspended",

@@ -481,6 +481,11 @@ fn enter_netns(path: &Path) {
 
 /// One HTTP/1.0 GET of `/` on 127.0.0.1:`port`; the body of a 200 answer.
 pub fn http_get(port: u16) -> Result<String, String> {
+    http_get_path(port, "/")
+}
+
+/// `http_get` of `path`.
+pub fn http_get_path(port: u16, path: &str) -> Result<String, String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(
         &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
@@ -491,7 +496,7 @@ pub fn http_get(port: u16) -> Result<String, String> {
     // a slow answer is not a failed request.
     s.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(|e| e.to_string())?;
-    s.write_all(b"GET / HTTP/1.0\r\nHost: app\r\n\r\n")
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: app\r\n\r\n").as_bytes())
         .map_err(|e| format!("send: {e}"))?;
     let mut answer = Vec::new();
     s.read_to_end(&mut answer)
@@ -508,10 +513,16 @@ pub fn http_get(port: u16) -> Result<String, String> {
 
 /// `http_get` from inside the namespace.
 pub fn http_get_in(ns: &NetNs, port: u16) -> Result<String, String> {
-    let path = ns.path();
+    http_get_path_in(ns, port, "/")
+}
+
+/// `http_get_path` from inside the namespace.
+pub fn http_get_path_in(ns: &NetNs, port: u16, path: &str) -> Result<String, String> {
+    let ns = ns.path();
+    let path = path.to_string();
     std::thread::spawn(move || {
-        enter_netns(&path);
-        http_get(port)
+        enter_netns(&ns);
+        http_get_path(port, &path)
     })
     .join()
     .expect("http thread")

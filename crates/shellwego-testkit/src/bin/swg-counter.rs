@@ -1,0 +1,69 @@
+//! `swg-counter [PORT]`: an HTTP/1.0 server for tests in real VMs (port 8080 by default).
+//!
+//! - `GET /count` answers the number of `/count` requests so far, this one included: the
+//!   count lives only in the process's memory, so a VM restored from a snapshot continues
+//!   it, and a fresh VM starts at 1.
+//! - any other path answers `ok`.
+//!
+//! One connection at a time, in one thread, never forking: on emulated hosts a fork costs
+//! about a second in the guest, and a request here costs milliseconds. A client that sends
+//! nothing for 5 s is dropped so it cannot hold up the others.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Duration;
+
+fn main() {
+    let port = std::env::args()
+        .nth(1)
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or(8080);
+    let listener = match TcpListener::bind(("0.0.0.0", port)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("swg-counter: cannot listen on port {port}: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!("swg-counter: listening on port {port}");
+    let mut count: u64 = 0;
+    for conn in listener.incoming() {
+        match conn {
+            Ok(stream) => {
+                if let Err(e) = answer(stream, &mut count) {
+                    eprintln!("swg-counter: {e}");
+                }
+            }
+            Err(e) => eprintln!("swg-counter: accept: {e}"),
+        }
+    }
+}
+
+/// Reads one request's head and answers it.
+fn answer(mut stream: TcpStream, count: &mut u64) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let path = line.split(|b| *b == b' ').nth(1).unwrap_or_default();
+    let body = if path == b"/count" {
+        *count += 1;
+        format!("{count}\n")
+    } else {
+        "ok\n".to_string()
+    };
+    write!(
+        stream,
+        "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    stream.flush()
+}

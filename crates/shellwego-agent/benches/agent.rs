@@ -9,10 +9,14 @@
 //! - 1, 3 and 5 apps applied together, each until healthy: one VM built at a time
 //!   (`max_provisions = 1`; health waits still overlap, so the old executor, which
 //!   also waited for each health check in turn, was slower still) against the default,
-//!   and the ratio.
+//!   and the ratio;
+//! - scale to zero with the in-memory counter app: apply -> answering (a start from the
+//!   generic template), then 20 rounds of `suspend` (time, memory freed) and a request
+//!   that wakes the VM (time to the answer, median and max), and replicas 1 -> 5
+//!   (apply -> all five healthy).
 //!
 //! `cargo bench -p shellwego-agent --bench agent`; `SWG_BENCH_RUNS` (default 3) sets N,
-//! `SWG_BENCH_ONLY=gauntlet|swap|ten|together` runs one part.
+//! `SWG_BENCH_ONLY=gauntlet|swap|ten|together|wake` runs one part.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -273,8 +277,100 @@ fn together_bench() {
     }
 }
 
+fn counter_spec(image: &str, port: u16, count: u32) -> String {
+    format!(
+        "name = \"counter\"\nimage = \"{image}\"\ncount = {count}\n\
+         [run]\ncmd = [\"/usr/local/bin/swg-counter\"]\n[resources]\nmemory = \"128Mi\"\n\
+         [[ports]]\nguest = 8080\nhost = {port}\n\
+         [health]\nhttp = \"/\"\nport = 8080\ninterval = \"1s\"\ntimeout = \"1s\"\n"
+    )
+}
+
+fn wake_bench() {
+    const PORT: u16 = 18096;
+    const WAKES: usize = 20;
+    let mut stack = Stack::new();
+    let image = stack.push_web_with("counter", b"-", &shellwego_testkit::oci::counter_layer());
+    stack.start_agent(&[]);
+    let get = |stack: &Stack| {
+        let t = Instant::now();
+        let body = common::http_get_path_in(&stack.ns, PORT, "/count").expect("GET /count");
+        (
+            t.elapsed().as_secs_f64(),
+            body.trim().parse::<u64>().expect("a count"),
+        )
+    };
+    let one = stack.spec("one.toml", &counter_spec(&image, PORT, 1));
+    // The image, its base disk and the template are made once, outside the figures.
+    stack.run(&["apply", "-f", one.to_str().expect("path")]);
+    stack.run(&["rm", "counter"]);
+    stack.wait_ps("removed", Duration::from_secs(120), |ps| {
+        ps.as_array().is_some_and(Vec::is_empty)
+    });
+    let t = Instant::now();
+    stack.run(&["apply", "-f", one.to_str().expect("path")]);
+    let mut n = 0;
+    while common::http_get_path_in(&stack.ns, PORT, "/count").is_err() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    n += 1;
+    let start = t.elapsed().as_secs_f64();
+    let (mut suspends, mut wakes, mut freed) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..WAKES {
+        let since = stack.last_seq();
+        let t = Instant::now();
+        stack.run(&["suspend", "counter"]);
+        suspends.push(t.elapsed().as_secs_f64());
+        let event = stack.wait_event(since, "suspended in", Duration::from_secs(10));
+        let mib = event["message"]
+            .as_str()
+            .and_then(|m| m.split('(').nth(1))
+            .and_then(|m| m.split_whitespace().next())
+            .and_then(|m| m.parse::<f64>().ok())
+            .unwrap_or(f64::NAN);
+        freed.push(mib);
+        let (took, count) = get(&stack);
+        n += 1;
+        assert_eq!(count, n, "the counter continues");
+        wakes.push(took);
+    }
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    println!(
+        "scale to zero ({} VM, 128 MiB, counter app): apply -> answering {start:.1}s (generic template); \
+         suspend x{WAKES} median {:.2}s max {:.2}s, memory freed median {:.0} MiB (the VM process's \
+         resident set); wake -> answer x{WAKES} median {:.2}s max {:.2}s",
+        1,
+        median(suspends.clone()),
+        max(&suspends),
+        median(freed),
+        median(wakes.clone()),
+        max(&wakes)
+    );
+    let five = stack.spec("five.toml", &counter_spec(&image, PORT, 5));
+    let t = Instant::now();
+    stack.run(&["apply", "-f", five.to_str().expect("path")]);
+    stack.wait_ps("five healthy", Duration::from_secs(600), |ps| {
+        Stack::vms(ps, "counter")
+            .iter()
+            .filter(|v| v["state"] == "Running" && v["health"] == "Healthy")
+            .count()
+            == 5
+    });
+    println!(
+        "replicas 1 -> 5: apply -> all five healthy {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    stack.run(&["rm", "counter"]);
+    stack.wait_ps("removed", Duration::from_secs(120), |ps| {
+        ps.as_array().is_some_and(Vec::is_empty)
+    });
+}
+
 fn main() {
     let only = std::env::var("SWG_BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "wake" {
+        wake_bench();
+    }
     if only.is_empty() || only == "together" {
         together_bench();
     }

@@ -83,6 +83,12 @@ pub fn reap(pid: i32) {
     }
 }
 
+/// The resident memory of a process (`VmRSS`), in bytes; None when it is gone.
+pub fn resident_bytes(pid: i32) -> Option<u64> {
+    let status = procfs::process::Process::new(pid).ok()?.status().ok()?;
+    status.vmrss.map(|kib| kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,10 +137,11 @@ mod tests {
         assert_eq!(start_time(i32::MAX), None);
         assert!(!exists(u32::MAX));
     }
-}
 
-/// The resident memory of a process (`VmRSS`), in bytes; None when it is gone.
-pub fn resident_bytes(pid: i32) -> Option<u64> {
-    let status = procfs::process::Process::new(pid).ok()?.status().ok()?;
-    status.vmrss.map(|kib| kib * 1024)
+    #[test]
+    fn resident_bytes_of_this_process_and_of_none() {
+        let mine = super::resident_bytes(std::process::id() as i32).unwrap();
+        assert!(mine > 1 << 20 && mine < 64 << 30, "{mine}");
+        assert_eq!(super::resident_bytes(i32::MAX), None);
+    }
 }

@@ -27,7 +27,7 @@ test: setup
 test-agent-real: setup
 	$(CARGO) test -p shellwego-agent --locked --test firecracker_real --test guest_boot --test snapshot_real --test gauntlet_real \
 		--test cli_real --test secrets_real --test bluegreen_real --test crash_real --test isolation_real --test isolation_fence_real \
-		--test isolation_connections_real --test executor_real --test replicas_real --test scale_to_zero_real -- --test-threads=1
+		--test isolation_connections_real --test executor_real --test replicas_real --test scale_to_zero_real --test snapshot_start_real -- --test-threads=1
 
 ## Only the pure tests (no root, KVM or ZFS needed).
 test-unit:

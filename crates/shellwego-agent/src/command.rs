@@ -216,7 +216,11 @@ impl AgentService {
             .map_err(|e| CommandError::Invalid(e.to_string()))?;
         self.admit(&app).await?;
         // Inline values arrived with the others (to be sealed); the stored spec keeps none.
-        let app = app.without_secret_values();
+        let mut app = app.without_secret_values();
+        app.secrets_version = self
+            .exec
+            .secrets_version(name, &body.secrets)
+            .map_err(internal)?;
         let sealed = self
             .exec
             .seal_secrets(name, &body.secrets)

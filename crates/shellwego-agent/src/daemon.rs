@@ -115,6 +115,7 @@ pub async fn platform(config: &Config) -> Result<Platform> {
         templates: tokio::sync::RwLock::new(TemplateStore::open(&config.templates())?),
         template_tap: "swgtemplate".into(),
         suspended: config.data_dir.join("suspended"),
+        app_snapshot_dir: config.data_dir.join("app-snapshots"),
     })
 }
 

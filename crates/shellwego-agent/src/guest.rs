@@ -131,6 +131,7 @@ fn request_name(req: &Request) -> &'static str {
         Request::Signal { .. } => "signal",
         Request::Shutdown { .. } => "shutdown",
         Request::Resume { .. } => "resume",
+        Request::Reidentify(_) => "reidentify",
     }
 }
 
@@ -306,22 +307,17 @@ pub fn run_after_restore(
     }
 }
 
-/// Tells a guest woken from its own snapshot the time and gives it fresh entropy,
-/// surviving the vsock reset of the restore the way [`run_after_restore`] does (`resume`
-/// may be sent twice: setting the clock and adding entropy again is harmless).
-pub fn resume_after_wake(
-    uds: &Path,
-    clock: (i64, u32),
-    entropy: Vec<u8>,
-    budget: Duration,
-) -> Result<(), GuestError> {
+/// Sends a request to a guest just restored from a snapshot (`resume`, `reidentify`),
+/// surviving the vsock reset of the restore the way [`run_after_restore`] does: both
+/// requests may be carried out twice without harm (the same clock, identity and entropy
+/// again), so one whose connection died is sent once more.
+pub fn send_after_restore(uds: &Path, req: &Request, budget: Duration) -> Result<(), GuestError> {
     let start = Instant::now();
-    let req = Request::Resume { clock, entropy };
     let mut last = None;
     for _ in 0..2 {
         let left = budget.saturating_sub(start.elapsed());
         let (mut client, _) = wait_ready(uds, left)?;
-        match client.request(&req) {
+        match client.request(req) {
             Ok(Response::Ok) => return Ok(()),
             Ok(other) => return Err(GuestError::Unexpected(other)),
             Err(e @ (GuestError::Closed | GuestError::Io(_) | GuestError::Deadline { .. })) => {

@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod app_snapshot;
 pub mod bounds;
 pub mod client;
 pub mod command;

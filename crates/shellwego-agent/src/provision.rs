@@ -100,6 +100,23 @@ pub struct Platform {
     pub template_tap: String,
     /// Where suspended VMs' snapshots are kept (see [`crate::suspend`]).
     pub suspended: PathBuf,
+    /// Where app snapshots are kept (see [`crate::app_snapshot`]).
+    pub app_snapshot_dir: PathBuf,
+}
+
+/// A VM's root disk, and the app snapshot it was cloned from (the VM is then restored
+/// from that snapshot rather than started fresh).
+#[derive(Debug, Clone)]
+pub struct RootDisk {
+    pub disk: VmDisk,
+    pub from_snapshot: Option<String>,
+}
+
+/// A VM's hostname: its app's name and the first 8 hex digits of its id, so replicas
+/// (and VMs restored from one snapshot) are told apart.
+pub fn vm_hostname(app: &str, vm: Uuid) -> String {
+    let app: String = app.chars().take(54).collect();
+    format!("{app}-{}", &vm.simple().to_string()[..8])
 }
 
 /// Progress events of a provision (for `apply`'s output).
@@ -145,7 +162,7 @@ impl Platform {
         Ok(ProvisionedVm {
             vm_id,
             image: vm.image.0,
-            disk: vm.disk,
+            disk: vm.disk.disk,
             net: vm.net,
             mode,
             phases: vm.phases,
@@ -208,10 +225,54 @@ impl Platform {
     }
 }
 
+impl Platform {
+    /// Gives a VM restored from an app snapshot its own identity (see
+    /// [`crate::app_snapshot`]).
+    async fn reidentify(
+        &self,
+        vm: Uuid,
+        app: &DesiredApp,
+        net: &VmNetwork,
+        budget: Duration,
+    ) -> PortResult<()> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut entropy = vec![0u8; 64];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut entropy)
+            .map_err(|_| PortError("the host's random source failed".into()))?;
+        let identity = shellwego_proto::Identity {
+            hostname: vm_hostname(&app.name, vm),
+            net: Some(NetConfig {
+                address: net.ip.to_string(),
+                prefix_len: net.prefix_len,
+                gateway: net.gateway.to_string(),
+                nameservers: vec![],
+                mac: Some(net.mac.clone()),
+            }),
+            clock: (now.as_secs() as i64, now.subsec_nanos()),
+            entropy,
+            signal: app.snapshot.after_restore,
+        };
+        let id = vm.to_string();
+        let uds = self.vmm.runtime_dir(&id).vsock();
+        let req = shellwego_proto::Request::Reidentify(Box::new(identity));
+        tokio::task::spawn_blocking(move || crate::guest::send_after_restore(&uds, &req, budget))
+            .await
+            .map_err(PortError::of)?
+            .map_err(|e| {
+                PortError(format!(
+                    "the restored guest did not take its identity: {e}\n--- guest console ---\n{}",
+                    self.vmm.console_tail(&id, 20)
+                ))
+            })
+    }
+}
+
 /// The real platform behind the executor's ports.
 impl Ports for Platform {
     type Image = (PulledImage, BaseImage);
-    type Disk = VmDisk;
+    type Disk = RootDisk;
     type Net = VmNetwork;
 
     fn now(&self) -> u64 {
@@ -255,13 +316,26 @@ impl Ports for Platform {
         vm: Uuid,
         app: &DesiredApp,
         image: &Self::Image,
-    ) -> PortResult<VmDisk> {
-        let (rootfs, id, base) = (self.rootfs.clone(), vm.to_string(), image.1.clone());
+    ) -> PortResult<RootDisk> {
+        let version = app.spec_hash();
+        let from = if app.snapshot.enabled {
+            self.app_snapshot_disk(&app.name, &version)
+        } else {
+            None
+        };
+        let origin = from.clone().unwrap_or_else(|| image.1.snapshot.clone());
+        let (rootfs, id) = (self.rootfs.clone(), vm.to_string());
         let disk_bytes = app.resources.disk_bytes;
-        tokio::task::spawn_blocking(move || rootfs.clone_for_vm(&base, &id, Some(disk_bytes)))
-            .await
-            .map_err(PortError::of)?
-            .map_err(PortError::of)
+        let disk = tokio::task::spawn_blocking(move || {
+            rootfs.clone_snapshot_for_vm(&origin, &id, Some(disk_bytes))
+        })
+        .await
+        .map_err(PortError::of)?
+        .map_err(PortError::of)?;
+        Ok(RootDisk {
+            disk,
+            from_snapshot: from.map(|_| crate::app_snapshot::snapshot_id(&app.name, &version)),
+        })
     }
 
     async fn disk_owners(&self) -> PortResult<Vec<String>> {
@@ -323,13 +397,32 @@ impl Ports for Platform {
         vm: Uuid,
         app: &DesiredApp,
         mode: BootMode,
-        disk: &VmDisk,
+        root: &RootDisk,
         net: &VmNetwork,
         progress: PortProgress<'_>,
     ) -> PortResult<()> {
         let id = vm.to_string();
+        let disk = &root.disk;
         let machine = machine_config(&app.resources, &MachineLimits::for_host(self.kind))
             .map_err(PortError::of)?;
+        if let Some(snapshot) = &root.from_snapshot {
+            progress(format!("restoring from the app snapshot {snapshot}"));
+            let mgr = crate::snapshot::SnapshotManager::open(&self.app_snapshot_dir)
+                .map_err(PortError::of)?;
+            mgr.restore(
+                &self.vmm,
+                snapshot,
+                &id,
+                &RestoreTarget {
+                    tap: Some(net.tap.clone()),
+                    cpu_milli: Some(app.resources.cpu_milli),
+                    ..RestoreTarget::with_root_disk(&disk.image_path)
+                },
+            )
+            .await
+            .map_err(PortError::of)?;
+            return Ok(());
+        }
         match mode {
             BootMode::Warm => {
                 let disk_bytes = std::fs::metadata(&disk.image_path)
@@ -430,12 +523,16 @@ impl Ports for Platform {
         vm: Uuid,
         app: &DesiredApp,
         image: &Self::Image,
-        disk: &VmDisk,
+        root: &RootDisk,
         net: &VmNetwork,
         secrets: BTreeMap<String, String>,
         budget: Duration,
     ) -> PortResult<()> {
         let id = vm.to_string();
+        let disk = &root.disk;
+        if root.from_snapshot.is_some() {
+            return self.reidentify(vm, app, net, budget).await;
+        }
         let uds = self.vmm.runtime_dir(&id).vsock();
         let client = tokio::task::spawn_blocking(move || wait_ready(&uds, budget))
             .await
@@ -473,6 +570,7 @@ impl Ports for Platform {
         )
         .map_err(PortError::of)?;
         rc.root_device_bytes = root_bytes;
+        rc.hostname = vm_hostname(&app.name, vm);
         let uds = self.vmm.runtime_dir(&id).vsock();
         tokio::task::spawn_blocking(move || {
             crate::guest::run_after_restore(&uds, client, rc, budget)
@@ -498,6 +596,18 @@ impl Ports for Platform {
 
     async fn settle(&self, vm: Uuid) -> PortResult<VmState> {
         self.settle_vm(vm).await
+    }
+
+    fn has_app_snapshot(&self, app: &str, version: &str) -> bool {
+        self.app_snapshot_disk(app, version).is_some()
+    }
+
+    async fn take_app_snapshot(&self, vm: Uuid, app: &DesiredApp, version: &str) -> PortResult<()> {
+        Platform::take_app_snapshot(self, vm, app, version).await
+    }
+
+    async fn forget_app_snapshots(&self, keep: &HashSet<(String, String)>) -> PortResult<()> {
+        Platform::forget_app_snapshots(self, keep).await
     }
 
     fn health_check(&self, check: &HealthCheck) -> HealthCheck {

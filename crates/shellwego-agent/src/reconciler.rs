@@ -464,6 +464,8 @@ mod tests {
             network: Default::default(),
             count: 1,
             scale: Default::default(),
+            snapshot: Default::default(),
+            secrets_version: None,
         }
     }
 

@@ -412,6 +412,23 @@ impl SnapshotManager {
         Ok(())
     }
 
+    /// Records that the snapshot's disk snapshot is now `name` (it was moved, see
+    /// `RootfsBuilder::keep_snapshot`), rewriting its metadata atomically.
+    pub fn set_disk_snapshot(&mut self, id: &str, name: &str) -> Result<(), SnapshotError> {
+        let mut meta = self
+            .index
+            .get(id)
+            .cloned()
+            .ok_or_else(|| SnapshotError::NotFound(id.to_string()))?;
+        meta.disk_snapshot = Some(name.to_string());
+        let json = serde_json::to_vec_pretty(&meta)
+            .map_err(|e| io(id, "encoding metadata")(std::io::Error::other(e)))?;
+        shellwego_sys::atomic::write_file(&self.root.join(id).join(META_FILE), &json)
+            .map_err(io(id, "writing metadata"))?;
+        self.index.insert(id.to_string(), meta);
+        Ok(())
+    }
+
     /// Sizes of a snapshot's files (state, memory) in bytes.
     pub fn sizes(&self, id: &str) -> Option<(u64, u64)> {
         self.index.get(id).map(|m| (m.state_size, m.mem_size))

@@ -9,6 +9,11 @@
 //! idle = "5m"                # scale to zero: suspend the VMs after this long without a
 //!                            # connection to the endpoint; the next connection wakes them
 //!
+//! [snapshot]                 # optional
+//! enabled = true             # start replicas and replacements from a snapshot of a
+//!                            # healthy VM of the version instead of booting them
+//! after_restore = "SIGUSR2"  # a signal the app gets in each VM started that way
+//!
 //! [run]                      # optional; overrides the image's own config
 //! cmd = ["httpd", "-f", "-p", "8080"]
 //!
@@ -103,7 +108,44 @@ pub struct DesiredApp {
     /// version: suspending and waking keep the VMs of the running version.
     #[serde(default, skip_serializing_if = "Scale::is_default")]
     pub scale: Scale,
+    /// Starting new VMs from the app's snapshot (`[snapshot]`). Not part of the version.
+    #[serde(default, skip_serializing_if = "SnapshotPolicy::is_default")]
+    pub snapshot: SnapshotPolicy,
+    /// A keyed digest of the secret values (`Vault::fingerprint`), set when the app is
+    /// applied with secrets: part of the version, so new values replace the VMs (and the
+    /// app snapshot) that hold the old ones in memory. None without secrets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets_version: Option<String>,
 }
+
+/// Whether new VMs of a healthy version start from its snapshot (`[snapshot]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotPolicy {
+    /// Once a VM of the version is healthy, snapshot it (memory, state, disk) and start
+    /// its replicas and replacements from that snapshot instead of booting.
+    #[serde(default)]
+    pub enabled: bool,
+    /// A signal the app gets in each VM started from the snapshot, once that VM has its
+    /// own identity (its after-restore hook), as a number.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_restore: Option<i32>,
+}
+
+impl SnapshotPolicy {
+    pub fn is_default(&self) -> bool {
+        *self == SnapshotPolicy::default()
+    }
+}
+
+/// Signals an app may ask for after a restore, by name.
+const RESTORE_SIGNALS: [(&str, i32); 6] = [
+    ("SIGHUP", 1),
+    ("SIGINT", 2),
+    ("SIGUSR1", 10),
+    ("SIGUSR2", 12),
+    ("SIGTERM", 15),
+    ("SIGWINCH", 28),
+];
 
 /// When the app's VMs are suspended for want of traffic (`[scale]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,6 +337,16 @@ struct RawSpec {
     count: Option<i64>,
     #[serde(default)]
     scale: RawScale,
+    #[serde(default)]
+    snapshot: RawSnapshot,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSnapshot {
+    #[serde(default)]
+    enabled: bool,
+    after_restore: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -665,6 +717,28 @@ impl DesiredApp {
                 .map(|t| duration("scale.idle", Some(t), Duration::ZERO))
                 .transpose()?,
         };
+        let after_restore = raw
+            .snapshot
+            .after_restore
+            .map(|name| {
+                RESTORE_SIGNALS
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, number)| *number)
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = RESTORE_SIGNALS.iter().map(|(n, _)| *n).collect();
+                        invalid(
+                            "snapshot.after_restore",
+                            &name,
+                            &format!("must be one of {}", names.join(", ")),
+                        )
+                    })
+            })
+            .transpose()?;
+        let snapshot = SnapshotPolicy {
+            enabled: raw.snapshot.enabled,
+            after_restore,
+        };
         let app = DesiredApp {
             name: raw.name,
             image: raw.image,
@@ -678,6 +752,8 @@ impl DesiredApp {
             network,
             count,
             scale,
+            snapshot,
+            secrets_version: None,
         };
         crate::bounds::check(&app)?;
         Ok(app)
@@ -722,7 +798,7 @@ impl DesiredApp {
     }
 
     /// The spec as `spec_hash` sees it: secret values removed, ports' protocols, the
-    /// replica count and scale to zero reset.
+    /// replica count, scale to zero and the snapshot policy reset.
     fn hashed_form(&self) -> DesiredApp {
         let mut app = self.without_secret_values();
         for port in &mut app.ports {
@@ -730,6 +806,7 @@ impl DesiredApp {
         }
         app.count = 1;
         app.scale = Scale::default();
+        app.snapshot = SnapshotPolicy::default();
         app
     }
 }

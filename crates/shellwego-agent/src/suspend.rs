@@ -34,6 +34,7 @@ use crate::snapshot::{restore_answer_budget, RestoreTarget, SnapshotManager};
 use crate::spec::DesiredApp;
 use crate::vmm::config::{guest_vm_config, machine_config, GuestLayout, MachineLimits};
 use crate::vmm::models::VmState as FcState;
+use crate::vmm::MicrovmConfig;
 
 /// The one snapshot in a suspended VM's directory.
 const SNAPSHOT: &str = "vm";
@@ -52,22 +53,7 @@ impl Platform {
         cancel: &CancellationToken,
     ) -> PortResult<Suspension> {
         let id = vm.to_string();
-        let machine = machine_config(&app.resources, &MachineLimits::for_host(self.kind))
-            .map_err(PortError::of)?;
-        // The VM as a restore must see it: the same layout a cold boot or a template gives
-        // (root drive `rootfs`, `eth0`, vsock), this VM's shape and CPU.
-        let layout = GuestLayout {
-            kernel: self.kernel.display().to_string(),
-            initrd: String::new(),
-            root_drive: "rootfs".into(),
-            vsock: "vsock.sock".into(),
-            nic: Some((
-                shellwego_network::cni::tap_name(&id),
-                crate::vmm::config::generate_mac(vm),
-            )),
-        };
-        let mut cfg = guest_vm_config(&id, machine.config, self.kind, &layout);
-        cfg.cpu_milli = Some(app.resources.cpu_milli);
+        let cfg = self.restorable_config(vm, app)?;
         let dir = self.suspend_dir(vm);
         let _ = std::fs::remove_dir_all(&dir);
         let mut snapshots = SnapshotManager::open(&dir).map_err(PortError::of)?;
@@ -102,6 +88,27 @@ impl Platform {
         Ok(Suspension::Suspended {
             freed_bytes: resident.unwrap_or(0),
         })
+    }
+
+    /// The running VM `vm` as a snapshot of it records it: the layout every VM has
+    /// (root drive `rootfs`, `eth0` on its TAP, vsock), its shape and CPU.
+    pub fn restorable_config(&self, vm: Uuid, app: &DesiredApp) -> PortResult<MicrovmConfig> {
+        let id = vm.to_string();
+        let machine = machine_config(&app.resources, &MachineLimits::for_host(self.kind))
+            .map_err(PortError::of)?;
+        let layout = GuestLayout {
+            kernel: self.kernel.display().to_string(),
+            initrd: String::new(),
+            root_drive: "rootfs".into(),
+            vsock: "vsock.sock".into(),
+            nic: Some((
+                shellwego_network::cni::tap_name(&id),
+                crate::vmm::config::generate_mac(vm),
+            )),
+        };
+        let mut cfg = guest_vm_config(&id, machine.config, self.kind, &layout);
+        cfg.cpu_milli = Some(app.resources.cpu_milli);
+        Ok(cfg)
     }
 
     /// See [`crate::reconciler::ports::Ports::wake`].
@@ -141,7 +148,8 @@ impl Platform {
         let budget = restore_answer_budget(self.kind);
         let clock = (now.as_secs() as i64, now.subsec_nanos());
         let resumed = tokio::task::spawn_blocking(move || {
-            crate::guest::resume_after_wake(&uds, clock, entropy, budget)
+            let req = shellwego_proto::Request::Resume { clock, entropy };
+            crate::guest::send_after_restore(&uds, &req, budget)
         })
         .await
         .map_err(PortError::of)?;

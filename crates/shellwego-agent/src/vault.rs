@@ -36,6 +36,8 @@ pub enum VaultError {
 /// Seals and opens secret values with the key from one file.
 pub struct Vault {
     key: LessSafeKey,
+    /// Keys [`Vault::fingerprint`]: derived from the sealing key, never the same bytes.
+    mac: ring::hmac::Key,
     rng: SystemRandom,
 }
 
@@ -59,10 +61,29 @@ impl Vault {
             )));
         }
         let key = UnboundKey::new(&CHACHA20_POLY1305, bytes).map_err(|_| bad("unusable".into()))?;
+        let derived = ring::hmac::sign(
+            &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bytes),
+            b"shellwego secrets fingerprint",
+        );
         Ok(Vault {
             key: LessSafeKey::new(key),
+            mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref()),
             rng,
         })
+    }
+
+    /// A short keyed digest of an app's secret values: it changes whenever a value does,
+    /// and tells nothing about the values without the key. It is part of the app's
+    /// version, so new secret values replace the VMs (and app snapshots) holding old ones.
+    pub fn fingerprint(
+        &self,
+        app: &str,
+        values: &BTreeMap<String, String>,
+    ) -> Result<String, VaultError> {
+        let data =
+            serde_json::to_vec(&(app, values)).map_err(|e| VaultError::Encoding(e.to_string()))?;
+        let tag = ring::hmac::sign(&self.mac, &data);
+        Ok(hex::encode(&tag.as_ref()[..8]))
     }
 
     /// Seals an app's secret values.
@@ -218,6 +239,17 @@ mod tests {
         let sealed = v.seal("web", &values()).unwrap();
         assert!(!sealed.windows(9).any(|w| w == b"topsecret"));
         assert_ne!(sealed, v.seal("web", &values()).unwrap(), "fresh nonce");
+        // Fingerprints: stable for the same values, different for others or another key.
+        let vals = values();
+        let fp = v.fingerprint("web", &vals).unwrap();
+        assert_eq!(fp, v.fingerprint("web", &vals).unwrap());
+        assert!(!fp.contains("topsecret") && fp.len() == 16);
+        let mut changed = vals.clone();
+        changed.insert("EXTRA".into(), "x".into());
+        assert_ne!(fp, v.fingerprint("web", &changed).unwrap());
+        assert_ne!(fp, v.fingerprint("api", &vals).unwrap());
+        let other = Vault::open_or_create(&dir.path().join("other.key")).unwrap();
+        assert_ne!(fp, other.fingerprint("web", &vals).unwrap());
         // The same key file opens it again, in another process's lifetime.
         let again = Vault::open_or_create(&key).unwrap();
         assert_eq!(again.open("web", &sealed).unwrap(), values());

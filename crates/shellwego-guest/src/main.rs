@@ -11,7 +11,9 @@
 //! After a snapshot restore the listener is still there; open connections reset and
 //! the host connects again, and a `run` gives a restored template its identity. A VM
 //! woken from its own snapshot (scale to zero) gets `resume`: the clock and fresh
-//! entropy, while its app runs on as it was.
+//! entropy, while its app runs on as it was. A VM restored from *another* VM's snapshot
+//! (an app snapshot) gets `reidentify`: its own hostname, MAC, address, clock, entropy
+//! and boot id, and the app its after-restore signal.
 
 mod app;
 mod sys;
@@ -20,7 +22,9 @@ mod vsock;
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
-use shellwego_proto::{read_frame, write_frame, Request, Response, RunConfig, GUEST_PORT};
+use shellwego_proto::{
+    read_frame, write_frame, Identity, Request, Response, RunConfig, GUEST_PORT,
+};
 
 const INIT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -57,21 +61,7 @@ fn run(state: &mut State, rc: RunConfig) -> Result<(), String> {
         sys::fresh_boot_id().map_err(|e| format!("boot_id: {e}"))?;
     }
     if let Some(net) = &rc.net {
-        if let Some(mac) = &net.mac {
-            sys::set_mac("eth0", mac).map_err(|e| format!("eth0 MAC: {e}"))?;
-        }
-        let parse = |s: &str| {
-            s.parse::<Ipv4Addr>()
-                .map_err(|e| format!("bad IPv4 {s:?}: {e}"))
-        };
-        sys::configure_ipv4(
-            "eth0",
-            parse(&net.address)?,
-            net.prefix_len,
-            parse(&net.gateway)?,
-        )
-        .map_err(|e| format!("eth0: {e}"))?;
-        sys::write_resolv_conf(&net.nameservers).map_err(|e| format!("resolv.conf: {e}"))?;
+        apply_net(net)?;
     }
     let (uid, gid) = sys::resolve_user(&rc.user).map_err(|e| e.to_string())?;
     let mut env = rc.env;
@@ -96,6 +86,44 @@ fn run(state: &mut State, rc: RunConfig) -> Result<(), String> {
     log(&format!("app started, pid {pid}"));
     state.app = Some((pid, launch));
     Ok(())
+}
+
+/// Takes the identity of a VM restored from another VM's snapshot (see
+/// `Request::Reidentify`): everything that made the source VM itself.
+fn reidentify(id: Identity) -> Result<(), String> {
+    if !id.hostname.is_empty() {
+        sys::set_hostname(&id.hostname).map_err(|e| e.to_string())?;
+    }
+    sys::set_clock(id.clock.0, id.clock.1).map_err(|e| format!("clock: {e}"))?;
+    sys::reseed_rng(&id.entropy).map_err(|e| format!("entropy: {e}"))?;
+    sys::fresh_boot_id().map_err(|e| format!("boot_id: {e}"))?;
+    if let Some(net) = &id.net {
+        apply_net(net)?;
+    }
+    if let Some(signal) = id.signal {
+        app::signal_app(signal)?;
+    }
+    log("identity taken after a restore");
+    Ok(())
+}
+
+/// Gives eth0 its MAC and address (replacing the ones it had) and the default route.
+fn apply_net(net: &shellwego_proto::NetConfig) -> Result<(), String> {
+    if let Some(mac) = &net.mac {
+        sys::set_mac("eth0", mac).map_err(|e| format!("eth0 MAC: {e}"))?;
+    }
+    let parse = |s: &str| {
+        s.parse::<Ipv4Addr>()
+            .map_err(|e| format!("bad IPv4 {s:?}: {e}"))
+    };
+    sys::configure_ipv4(
+        "eth0",
+        parse(&net.address)?,
+        net.prefix_len,
+        parse(&net.gateway)?,
+    )
+    .map_err(|e| format!("eth0: {e}"))?;
+    sys::write_resolv_conf(&net.nameservers).map_err(|e| format!("resolv.conf: {e}"))
 }
 
 fn handle(state: &mut State, req: Request) -> (Response, bool) {
@@ -149,6 +177,10 @@ fn handle(state: &mut State, req: Request) -> (Response, bool) {
                 Err(message) => Response::Error { message },
             }
         }
+        Request::Reidentify(id) => match reidentify(*id) {
+            Ok(()) => Response::Ok,
+            Err(message) => Response::Error { message },
+        },
         Request::Shutdown { grace_ms } => {
             if let Some((pid, _)) = state.app {
                 if app::exit_code(pid).is_none() {

@@ -62,6 +62,22 @@ pub struct RunConfig {
     pub root_device_bytes: Option<u64>,
 }
 
+/// A new identity for a VM restored from another VM's snapshot (an app snapshot): its
+/// app is already running, with the source VM's identity until this arrives.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Identity {
+    pub hostname: String,
+    /// Its own MAC and address on eth0.
+    pub net: Option<NetConfig>,
+    /// Wall clock to set, seconds and nanoseconds since the epoch.
+    pub clock: (i64, u32),
+    /// Bytes to mix into the guest's entropy pool (the RNG is reseeded from them).
+    pub entropy: Vec<u8>,
+    /// A signal to send the app once the identity is in place (its after-restore hook).
+    #[serde(default)]
+    pub signal: Option<i32>,
+}
+
 impl std::fmt::Debug for RunConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Secret values never reach a log through Debug.
@@ -104,6 +120,9 @@ pub enum Request {
     /// the clock (seconds and nanoseconds since the epoch), which stood still while it was
     /// suspended, and mix fresh host randomness into the kernel's pool.
     Resume { clock: (i64, u32), entropy: Vec<u8> },
+    /// The VM was just restored from another VM's snapshot: take this identity (hostname,
+    /// MAC, address, clock, entropy and a fresh boot id), then signal the app if asked.
+    Reidentify(Box<Identity>),
 }
 
 /// Guest -> host.

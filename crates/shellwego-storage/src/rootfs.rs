@@ -432,6 +432,67 @@ impl RootfsBuilder {
         vm_id: &str,
         disk_bytes: Option<u64>,
     ) -> Result<VmDisk, RootfsError> {
+        self.clone_snapshot_for_vm(&base.snapshot, vm_id, disk_bytes)
+    }
+
+    /// Where kept snapshots' datasets are (see [`Self::keep_snapshot`]).
+    pub fn kept_dataset(&self, name: &str) -> String {
+        format!("{}/snapshots/{name}", self.root_dataset())
+    }
+
+    /// Keeps `snapshot` of a VM's disk (`<root>/apps/<vm>@<snap>`) as the origin of later
+    /// VM disks, independent of that VM: it is cloned to `<root>/snapshots/<name>` (never
+    /// mounted) and promoted, so the snapshot moves there and the VM's own disk becomes
+    /// one of its clones — the VM can be removed at any time. Returns the kept snapshot
+    /// (`<root>/snapshots/<name>@<snap>`), to clone with [`Self::clone_snapshot_for_vm`].
+    pub fn keep_snapshot(&self, snapshot: &str, name: &str) -> Result<String, RootfsError> {
+        let snap = snapshot
+            .split_once('@')
+            .map(|(_, s)| s)
+            .ok_or_else(|| ZfsError::InvalidName(snapshot.to_string()))?;
+        let target = self.kept_dataset(name);
+        self.zfs
+            .clone_snapshot(snapshot, &target, &[("mountpoint", "none")])?;
+        if let Err(e) = self.zfs.promote(&target) {
+            let _ = self.zfs.destroy(&target);
+            return Err(e.into());
+        }
+        Ok(format!("{target}@{snap}"))
+    }
+
+    /// Destroys a kept snapshot. Fails (busy) while a VM disk cloned from it exists;
+    /// forgetting what is gone is fine.
+    pub fn forget_kept(&self, name: &str) -> Result<(), RootfsError> {
+        Ok(self.zfs.destroy(&self.kept_dataset(name))?)
+    }
+
+    /// Names of the kept snapshots' datasets.
+    pub fn kept(&self) -> Result<Vec<String>, RootfsError> {
+        let parent = format!("{}/snapshots", self.root_dataset());
+        if !self.zfs.exists(&parent)? {
+            return Ok(vec![]);
+        }
+        let prefix = format!("{parent}/");
+        Ok(self
+            .zfs
+            .list(&parent)?
+            .into_iter()
+            .filter(|d| d.kind == crate::zfs::DatasetKind::Filesystem)
+            .filter_map(|d| {
+                let rest = d.name.strip_prefix(&prefix)?;
+                (!rest.contains('/')).then(|| rest.to_string())
+            })
+            .collect())
+    }
+
+    /// The VM's own clone of `snapshot` (a base image's or a kept one), mounted at
+    /// `<data>/apps/<vm_id>`; grown to `disk_bytes` when that is larger. Idempotent.
+    pub fn clone_snapshot_for_vm(
+        &self,
+        snapshot: &str,
+        vm_id: &str,
+        disk_bytes: Option<u64>,
+    ) -> Result<VmDisk, RootfsError> {
         if vm_id.is_empty() || !vm_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             return Err(RootfsError::BadVmId(vm_id.to_string()));
         }
@@ -451,7 +512,7 @@ impl RootfsBuilder {
         if !self.zfs.exists(&dataset)? {
             let mp = mountpoint.to_string_lossy();
             self.zfs
-                .clone_snapshot(&base.snapshot, &dataset, &[("mountpoint", mp.as_ref())])?;
+                .clone_snapshot(snapshot, &dataset, &[("mountpoint", mp.as_ref())])?;
         }
         let mounted = self
             .zfs

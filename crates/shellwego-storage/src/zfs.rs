@@ -305,6 +305,13 @@ impl ZfsManager {
         self.zfs(&args).map(drop)
     }
 
+    /// Makes the clone `name` independent of its origin: the origin snapshot (and the
+    /// ones before it) move to `name`, and the former origin dataset becomes a clone.
+    pub fn promote(&self, name: &str) -> Result<(), ZfsError> {
+        validate_name(name)?;
+        self.zfs(&["promote", name]).map(drop)
+    }
+
     /// True if the dataset or snapshot exists.
     pub fn exists(&self, name: &str) -> Result<bool, ZfsError> {
         validate_name(name)?;

@@ -91,7 +91,12 @@ pub enum TaskKind {
     Remove,
     Suspend,
     Wake,
+    /// Taking the app snapshot of the VM's version.
+    Snapshot,
 }
+
+/// How long after a failed app snapshot the next one of that version is tried.
+const SNAPSHOT_RETRY: Duration = Duration::from_secs(600);
 
 /// A request to suspend or wake an app by hand (`shellwego suspend` / `wake`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,6 +147,8 @@ pub struct Executor<P: Ports, F: Frontend> {
     /// When each app last woke or had a suspend called off: its idle time counts from
     /// then at the latest.
     awake_since: SyncMutex<HashMap<String, Instant>>,
+    /// App snapshots launched or failed, per (app, version), and when.
+    snapshot_tried: SyncMutex<HashMap<(String, String), Instant>>,
     /// Notified when a task ends, the desired state changes or a connection waits.
     pub wake: Arc<Notify>,
 }
@@ -184,6 +191,7 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
             endpoint_sync: Mutex::new(()),
             demands: SyncMutex::new(HashMap::new()),
             awake_since: SyncMutex::new(HashMap::new()),
+            snapshot_tried: SyncMutex::new(HashMap::new()),
             wake,
         }
     }
@@ -263,6 +271,19 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
             return Ok(None);
         }
         self.vault.seal(app, values).map(Some)
+    }
+
+    /// The keyed digest of an app's secret values that becomes part of its version
+    /// (`DesiredApp::secrets_version`); None when it has none.
+    pub fn secrets_version(
+        &self,
+        app: &str,
+        values: &BTreeMap<String, String>,
+    ) -> Result<Option<String>, VaultError> {
+        if values.is_empty() {
+            return Ok(None);
+        }
+        self.vault.fingerprint(app, values).map(Some)
     }
 
     /// The app's secret values, opened from the database.
@@ -400,6 +421,18 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                 warn!(%vm_id, error = %e, "orphan cleanup failed");
             }
         }
+        // App snapshots of versions no desired app and no VM uses.
+        let desired = self.store.desired()?;
+        let mut keep: HashSet<(String, String)> = desired
+            .apps
+            .iter()
+            .filter(|(_, a)| a.snapshot.enabled)
+            .map(|(name, a)| (name.clone(), a.spec_hash()))
+            .collect();
+        keep.extend(self.store.vms()?.into_iter().map(|r| (r.app, r.version)));
+        if let Err(e) = self.platform.forget_app_snapshots(&keep).await {
+            warn!(error = %e, "cannot delete unused app snapshots");
+        }
         Ok(())
     }
 
@@ -439,7 +472,69 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         for row in running {
             launched += self.watch(row, &desired.apps);
         }
+        launched += self.snapshot_versions(&desired.apps);
         Ok(launched)
+    }
+
+    /// Launches the app snapshot of each version that wants one (`[snapshot] enabled`)
+    /// and has none, taken of one of its serving VMs; a failed one is retried after
+    /// `SNAPSHOT_RETRY`.
+    fn snapshot_versions(self: &Arc<Self>, apps: &BTreeMap<String, DesiredApp>) -> usize {
+        let Ok(rows) = self.store.vms() else {
+            return 0;
+        };
+        let mut launched = 0;
+        for (name, app) in apps.iter().filter(|(_, a)| a.snapshot.enabled) {
+            let version = app.spec_hash();
+            let key = (name.clone(), version.clone());
+            let tried = lock(&self.snapshot_tried)
+                .get(&key)
+                .is_some_and(|t| t.elapsed() < SNAPSHOT_RETRY);
+            if tried || self.platform.has_app_snapshot(name, &version) {
+                continue;
+            }
+            let busy = self.busy();
+            let Some(vm) = rows
+                .iter()
+                .find(|r| {
+                    r.app == *name
+                        && r.version == version
+                        && r.state == VmState::Running
+                        && r.health == Health::Healthy
+                        && !busy.contains_key(&r.vm_id)
+                })
+                .map(|r| r.vm_id)
+            else {
+                continue;
+            };
+            lock(&self.snapshot_tried).insert(key.clone(), Instant::now());
+            let (me, app) = (self.clone(), app.clone());
+            launched += usize::from(self.start(vm, TaskKind::Snapshot, move |_| async move {
+                let t = Instant::now();
+                match me.platform.take_app_snapshot(vm, &app, &version).await {
+                    Ok(()) => {
+                        lock(&me.snapshot_tried).remove(&key);
+                        me.event(
+                            &app.name,
+                            Some(vm),
+                            format!(
+                                "app snapshot of version {version} taken in {:.2}s: new VMs of it start from it",
+                                t.elapsed().as_secs_f64()
+                            ),
+                        );
+                    }
+                    Err(e) => me.event(
+                        &app.name,
+                        Some(vm),
+                        format!(
+                            "app snapshot of version {version} failed (tried again in {} min): {e}",
+                            SNAPSHOT_RETRY.as_secs() / 60
+                        ),
+                    ),
+                }
+            }));
+        }
+        launched
     }
 
     /// Corrects one idle VM's record by what is observed (process gone, provision

@@ -924,3 +924,48 @@ async fn tc_u15_scale_to_zero_a_restart_mid_suspend_or_mid_wake_settles_the_vm()
     agent.settle(&node, MINUTE).await;
     assert!(node.platform.world().owners().is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn tc_u15_snapshot_start_a_healthy_version_is_snapshotted_once_and_forgotten_with_it() {
+    let node = Node::new();
+    let agent = node.start().await;
+    let mut web = app("web", "img:1", 8001);
+    web.snapshot.enabled = true;
+    web.count = 2;
+    node.apply(&web);
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    let version = web.spec_hash();
+    agent
+        .until("snapshotted", MINUTE, || {
+            node.platform
+                .world()
+                .app_snapshots
+                .contains(&("web".to_string(), version.clone()))
+        })
+        .await;
+    tokio::time::sleep(5 * MINUTE).await;
+    let taken = node
+        .platform
+        .world()
+        .calls
+        .iter()
+        .filter(|c| c.starts_with("app-snapshot"))
+        .count();
+    assert_eq!(taken, 1, "one snapshot per version, of one of its VMs");
+    // Without [snapshot], none is taken.
+    let mut plain = app("api", "img:1", 8002);
+    plain.count = 1;
+    node.apply(&plain);
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    tokio::time::sleep(MINUTE).await;
+    assert_eq!(node.platform.world().app_snapshots.len(), 1);
+    // The app goes: its snapshot goes with the next sweep (here: the next agent's start).
+    node.remove("web");
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    agent.crash();
+    let _agent = node.start().await;
+    assert!(node.platform.world().app_snapshots.is_empty());
+}

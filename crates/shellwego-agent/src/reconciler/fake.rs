@@ -82,6 +82,8 @@ pub struct World {
     pub vms: BTreeMap<Uuid, FakeVm>,
     /// Suspended VMs' snapshots (their processes are gone).
     pub snapshots: BTreeSet<Uuid>,
+    /// App snapshots, by (app, version).
+    pub app_snapshots: BTreeSet<(String, String)>,
     pub faults: Vec<Fault>,
     /// Every call, in order: "pull web", "deprovision <vm>", "publish web <vm>", ...
     pub calls: Vec<String>,
@@ -384,6 +386,26 @@ impl Ports for FakePlatform {
                 alive: true,
             },
         );
+        Ok(())
+    }
+
+    fn has_app_snapshot(&self, app: &str, version: &str) -> bool {
+        self.world()
+            .app_snapshots
+            .contains(&(app.to_string(), version.to_string()))
+    }
+
+    async fn take_app_snapshot(&self, vm: Uuid, app: &DesiredApp, version: &str) -> PortResult<()> {
+        self.enter("app-snapshot", &app.name, format!("app-snapshot {vm}"))
+            .await?;
+        self.world()
+            .app_snapshots
+            .insert((app.name.clone(), version.to_string()));
+        Ok(())
+    }
+
+    async fn forget_app_snapshots(&self, keep: &HashSet<(String, String)>) -> PortResult<()> {
+        self.world().app_snapshots.retain(|k| keep.contains(k));
         Ok(())
     }
 

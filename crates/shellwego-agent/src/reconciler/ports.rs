@@ -159,6 +159,26 @@ pub trait Ports: Send + Sync + 'static {
     /// complete and the process gone) or `Exited` (neither).
     fn settle(&self, vm: Uuid) -> impl Future<Output = PortResult<VmState>> + Send;
 
+    // ---- app snapshots -----------------------------------------------------------------
+
+    /// Whether the app's version has a usable app snapshot (new VMs then start from it).
+    fn has_app_snapshot(&self, app: &str, version: &str) -> bool;
+
+    /// Snapshots the healthy VM `vm` (a pause of about half a second) as its version's
+    /// app snapshot.
+    fn take_app_snapshot(
+        &self,
+        vm: Uuid,
+        app: &DesiredApp,
+        version: &str,
+    ) -> impl Future<Output = PortResult<()>> + Send;
+
+    /// Deletes app snapshots of every (app, version) not in `keep`.
+    fn forget_app_snapshots(
+        &self,
+        keep: &HashSet<(String, String)>,
+    ) -> impl Future<Output = PortResult<()>> + Send;
+
     // ---- guest -------------------------------------------------------------------------
 
     /// Waits for the guest init and hands it its run config (identity, env, secrets).

@@ -84,6 +84,7 @@ pub async fn platform(firecracker: &Path, pool: &str, registry: &str, data: &Pat
         ),
         template_tap: "swgtemplate".into(),
         suspended: data.join("suspended"),
+        app_snapshot_dir: data.join("app-snapshots"),
     }
 }
 

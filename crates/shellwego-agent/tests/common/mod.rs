@@ -486,9 +486,14 @@ pub fn http_get(port: u16) -> Result<String, String> {
 
 /// `http_get` of `path`.
 pub fn http_get_path(port: u16, path: &str) -> Result<String, String> {
+    http_get_at(std::net::Ipv4Addr::LOCALHOST, port, path)
+}
+
+/// One HTTP/1.0 GET of `path` on `ip:port`; the body of a 200 answer.
+pub fn http_get_at(ip: std::net::Ipv4Addr, port: u16, path: &str) -> Result<String, String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(
-        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        &std::net::SocketAddr::from((ip, port)),
         Duration::from_secs(5),
     )
     .map_err(|e| format!("connect: {e}"))?;
@@ -518,11 +523,21 @@ pub fn http_get_in(ns: &NetNs, port: u16) -> Result<String, String> {
 
 /// `http_get_path` from inside the namespace.
 pub fn http_get_path_in(ns: &NetNs, port: u16, path: &str) -> Result<String, String> {
+    http_get_at_in(ns, std::net::Ipv4Addr::LOCALHOST, port, path)
+}
+
+/// `http_get_at` from inside the namespace.
+pub fn http_get_at_in(
+    ns: &NetNs,
+    ip: std::net::Ipv4Addr,
+    port: u16,
+    path: &str,
+) -> Result<String, String> {
     let ns = ns.path();
     let path = path.to_string();
     std::thread::spawn(move || {
         enter_netns(&ns);
-        http_get_path(port, &path)
+        http_get_at(ip, port, &path)
     })
     .join()
     .expect("http thread")

@@ -3,6 +3,10 @@
 //! - `GET /count` answers the number of `/count` requests so far, this one included: the
 //!   count lives only in the process's memory, so a VM restored from a snapshot continues
 //!   it, and a fresh VM starts at 1.
+//! - `GET /id` answers `HOSTNAME MAC RANDOM RESTORES TOKEN`: the kernel's hostname, eth0's
+//!   MAC, 16 fresh random bytes (hex, from `/dev/urandom`), how many `SIGUSR2` (the
+//!   after-restore signal of the tests' specs) the process got, and a token it drew at
+//!   start (in its memory: a VM restored from its snapshot has the same).
 //! - any other path answers `ok`.
 //!
 //! One connection at a time, in one thread, never forking: on emulated hosts a fork costs
@@ -11,9 +15,29 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+/// SIGUSR2s received.
+static RESTORES: AtomicU64 = AtomicU64::new(0);
+
+/// Drawn once at start.
+static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+extern "C" fn on_restore(_: libc::c_int) {
+    RESTORES.fetch_add(1, Ordering::SeqCst);
+}
+
 fn main() {
+    // SAFETY: installs a handler that only increments an atomic; SA_RESTART keeps
+    // accept() going.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_restore as extern "C" fn(libc::c_int) as usize;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigaction(libc::SIGUSR2, &action, std::ptr::null_mut());
+    }
+    TOKEN.get_or_init(|| random_hex().unwrap_or_else(|| "-".into()));
     let port = std::env::args()
         .nth(1)
         .and_then(|p| p.parse::<u16>().ok())
@@ -57,6 +81,8 @@ fn answer(mut stream: TcpStream, count: &mut u64) -> std::io::Result<()> {
     let body = if path == b"/count" {
         *count += 1;
         format!("{count}\n")
+    } else if path == b"/id" {
+        identity()
     } else {
         "ok\n".to_string()
     };
@@ -66,4 +92,30 @@ fn answer(mut stream: TcpStream, count: &mut u64) -> std::io::Result<()> {
         body.len()
     )?;
     stream.flush()
+}
+
+/// `HOSTNAME MAC RANDOM RESTORES\n` (see the module doc).
+fn identity() -> String {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "-".into())
+    };
+    format!(
+        "{} {} {} {} {}\n",
+        read("/proc/sys/kernel/hostname"),
+        read("/sys/class/net/eth0/address"),
+        random_hex().unwrap_or_else(|| "-".into()),
+        RESTORES.load(Ordering::SeqCst),
+        TOKEN.get().map_or("-", String::as_str)
+    )
+}
+
+/// 16 random bytes from `/dev/urandom`, as hex.
+fn random_hex() -> Option<String> {
+    let mut random = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .ok()?;
+    Some(random.iter().map(|b| format!("{b:02x}")).collect())
 }

@@ -1,0 +1,128 @@
+//! App snapshots (`[snapshot] enabled = true`): once a VM of a version is healthy, the
+//! agent snapshots it — memory, state and disk in one pause of about half a second — and
+//! later VMs of that version (replicas, replacements of a crashed VM, VMs re-created after
+//! a restart) are restored from it instead of booting: their app is already running, with
+//! its memory touched, so they serve at once.
+//!
+//! ```text
+//! <data>/app-snapshots/<app>-<version>/vmstate, memory, meta.json   (root-only)
+//! <pool>/shellwego/snapshots/<app>-<version>@<app>-<version>         its disk
+//! ```
+//! The disk snapshot is taken of the source VM's dataset inside the pause, then cloned to
+//! `snapshots/<id>` and promoted (`RootfsBuilder::keep_snapshot`): the snapshot no longer
+//! belongs to the source VM, which can go at any time. New VMs clone it.
+//!
+//! A restored VM is made unique before its app sees traffic (it is in no endpoint set
+//! before its identity is in place and its health check passes): its own TAP (on load), then
+//! over vsock (`Request::Reidentify`) its own hostname, MAC, address, clock, fresh entropy
+//! (RNG reseeded) and boot id, and the app's after-restore signal if the spec names one.
+//! What the app itself derived from the source's identity before the snapshot (a random id
+//! it drew at start, the hostname it read) stays the source's: apps that care handle the
+//! signal. Secrets live in the snapshot's memory: its files are root-only, a change of
+//! secret values makes a new version (`DesiredApp::secrets_version`), and a version's
+//! snapshot is deleted once no desired app and no VM uses it.
+
+use std::collections::HashSet;
+
+use uuid::Uuid;
+
+use crate::provision::Platform;
+use crate::reconciler::ports::{PortError, PortResult};
+use crate::snapshot::SnapshotManager;
+use crate::spec::DesiredApp;
+
+/// The snapshot id of an app's version.
+pub fn snapshot_id(app: &str, version: &str) -> String {
+    format!("{app}-{version}")
+}
+
+impl Platform {
+    fn app_snapshots(&self) -> PortResult<SnapshotManager> {
+        SnapshotManager::open(&self.app_snapshot_dir).map_err(PortError::of)
+    }
+
+    /// The kept disk snapshot of the app's version, if it has a usable app snapshot.
+    pub fn app_snapshot_disk(&self, app: &str, version: &str) -> Option<String> {
+        let mgr = self.app_snapshots().ok()?;
+        mgr.get(&snapshot_id(app, version))?
+            .disk_snapshot
+            .clone()
+            .filter(|d| d.contains("/snapshots/"))
+    }
+
+    /// Snapshots the healthy VM `vm` as its version's app snapshot (see the module doc).
+    pub async fn take_app_snapshot(
+        &self,
+        vm: Uuid,
+        app: &DesiredApp,
+        version: &str,
+    ) -> PortResult<()> {
+        let id = snapshot_id(&app.name, version);
+        let mut mgr = self.app_snapshots()?;
+        if mgr.get(&id).is_some() {
+            return Ok(());
+        }
+        if mgr.problems().iter().any(|(p, _)| *p == id) {
+            mgr.delete(&id, None).map_err(PortError::of)?;
+        }
+        let cfg = self.restorable_config(vm, app)?;
+        let dataset = self.rootfs.vm_dataset(&vm.to_string());
+        let meta = mgr
+            .create(
+                &self.vmm,
+                &id,
+                &cfg,
+                (Some(app.name.clone()), Some(version.to_string())),
+                Some((self.rootfs.zfs(), &dataset)),
+                &self.firecracker,
+                true,
+            )
+            .await
+            .map_err(PortError::of)?;
+        let Some(disk) = meta.disk_snapshot else {
+            let _ = mgr.delete(&id, None);
+            return Err(PortError("the snapshot has no disk snapshot".into()));
+        };
+        let (rootfs, name) = (self.rootfs.clone(), id.clone());
+        let kept = tokio::task::spawn_blocking(move || rootfs.keep_snapshot(&disk, &name))
+            .await
+            .map_err(PortError::of)?;
+        match kept {
+            Ok(kept) => mgr.set_disk_snapshot(&id, &kept).map_err(PortError::of),
+            Err(e) => {
+                let _ = mgr.delete(&id, Some(self.rootfs.zfs()));
+                Err(PortError(format!("keeping the disk snapshot: {e}")))
+            }
+        }
+    }
+
+    /// Deletes the app snapshots of versions not in `keep` ((app, version) pairs): files
+    /// and kept disk. A disk that VMs still clone is kept until they are gone.
+    pub async fn forget_app_snapshots(&self, keep: &HashSet<(String, String)>) -> PortResult<()> {
+        let keep: HashSet<String> = keep.iter().map(|(a, v)| snapshot_id(a, v)).collect();
+        let mut mgr = self.app_snapshots()?;
+        let mut ids: Vec<String> = mgr.list().iter().map(|m| m.id.clone()).collect();
+        ids.extend(mgr.problems().iter().map(|(id, _)| id.clone()));
+        let rootfs = self.rootfs.clone();
+        let kept = tokio::task::spawn_blocking(move || rootfs.kept())
+            .await
+            .map_err(PortError::of)?
+            .map_err(PortError::of)?;
+        ids.extend(kept);
+        ids.sort();
+        ids.dedup();
+        for id in ids.into_iter().filter(|id| !keep.contains(id)) {
+            let (rootfs, name) = (self.rootfs.clone(), id.clone());
+            let disk = tokio::task::spawn_blocking(move || rootfs.forget_kept(&name))
+                .await
+                .map_err(PortError::of)?;
+            if let Err(e) = disk {
+                tracing::info!(snapshot = %id, error = %e, "app snapshot still in use; kept for now");
+                continue;
+            }
+            mgr.delete(&id, None).map_err(PortError::of)?;
+            tracing::info!(snapshot = %id, "app snapshot deleted");
+        }
+        Ok(())
+    }
+}

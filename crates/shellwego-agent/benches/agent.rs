@@ -13,7 +13,8 @@
 //! - scale to zero with the in-memory counter app: apply -> answering (a start from the
 //!   generic template), then 20 rounds of `suspend` (time, memory freed) and a request
 //!   that wakes the VM (time to the answer, median and max), and replicas 1 -> 5
-//!   (apply -> all five healthy).
+//!   (apply -> all five healthy); then the same app with `[snapshot] enabled`: replicas
+//!   restored from its app snapshot, 1 -> 2 and 2 -> 5.
 //!
 //! `cargo bench -p shellwego-agent --bench agent`; `SWG_BENCH_RUNS` (default 3) sets N,
 //! `SWG_BENCH_ONLY=gauntlet|swap|ten|together|wake` runs one part.
@@ -74,10 +75,11 @@ fn gauntlet_bench() {
                             for image in platform.images.list().expect("images") {
                                 platform.images.remove(&image.digest).expect("forget image");
                             }
+                            // Through the manager: it unmounts first and retries a busy
+                            // dataset (a bare `zfs destroy -r -f` left the base in place
+                            // on zfs-fuse, so "cache cold" runs reused it).
                             let bases = format!("{pool_name}/shellwego/images");
-                            let _ = std::process::Command::new("zfs")
-                                .args(["destroy", "-r", "-f", &bases])
-                                .status();
+                            platform.rootfs.zfs().destroy(&bases).expect("destroy bases");
                         }
                         let (p, total) = gauntlet::run(&platform, &app, mode).await;
                         for phase in p {
@@ -286,6 +288,46 @@ fn counter_spec(image: &str, port: u16, count: u32) -> String {
     )
 }
 
+/// Seconds from `apply` of `count` replicas until that many are healthy.
+fn scale_to(stack: &Stack, spec: &std::path::Path, count: usize) -> f64 {
+    let t = Instant::now();
+    stack.run(&["apply", "-f", spec.to_str().expect("path")]);
+    stack.wait_ps("replicas healthy", Duration::from_secs(600), |ps| {
+        Stack::vms(ps, "counter")
+            .iter()
+            .filter(|v| v["state"] == "Running" && v["health"] == "Healthy")
+            .count()
+            == count
+    });
+    t.elapsed().as_secs_f64()
+}
+
+/// New replicas restored from the app snapshot (`[snapshot] enabled`): 1 -> 2 and 2 -> 5.
+fn snapshot_bench() {
+    const PORT: u16 = 18098;
+    let mut stack = Stack::new();
+    let image = stack.push_web_with("counter", b"-", &shellwego_testkit::oci::counter_layer());
+    stack.start_agent(&[]);
+    let spec = |n: u32| {
+        let text = format!(
+            "{}[snapshot]\nenabled = true\n",
+            counter_spec(&image, PORT, n)
+        );
+        stack.spec(&format!("snap{n}.toml"), &text)
+    };
+    scale_to(&stack, &spec(1), 1);
+    stack.wait_event(0, "app snapshot of version", Duration::from_secs(120));
+    let one = scale_to(&stack, &spec(2), 2);
+    let three = scale_to(&stack, &spec(5), 5);
+    println!(
+        "app snapshot starts: a replica (1 -> 2) apply -> healthy {one:.1}s; 2 -> 5 {three:.1}s"
+    );
+    stack.run(&["rm", "counter"]);
+    stack.wait_ps("removed", Duration::from_secs(120), |ps| {
+        ps.as_array().is_some_and(Vec::is_empty)
+    });
+}
+
 fn wake_bench() {
     const PORT: u16 = 18096;
     const WAKES: usize = 20;
@@ -370,6 +412,7 @@ fn main() {
     let only = std::env::var("SWG_BENCH_ONLY").unwrap_or_default();
     if only.is_empty() || only == "wake" {
         wake_bench();
+        snapshot_bench();
     }
     if only.is_empty() || only == "together" {
         together_bench();

@@ -47,7 +47,7 @@ impl Platform {
         mgr.get(&snapshot_id(app, version))?
             .disk_snapshot
             .clone()
-            .filter(|d| d.contains("/snapshots/"))
+            .filter(|d| is_kept(d))
     }
 
     /// Snapshots the healthy VM `vm` as its version's app snapshot (see the module doc).
@@ -59,8 +59,12 @@ impl Platform {
     ) -> PortResult<()> {
         let id = snapshot_id(&app.name, version);
         let mut mgr = self.app_snapshots()?;
-        if mgr.get(&id).is_some() {
-            return Ok(());
+        match mgr.get(&id).map(|m| m.disk_snapshot.clone()) {
+            Some(Some(disk)) if is_kept(&disk) => return Ok(()),
+            // Taken, but the agent died before its disk was kept apart: finish that.
+            Some(Some(disk)) => return self.keep_disk(&mut mgr, &id, disk).await,
+            Some(None) => mgr.delete(&id, None).map_err(PortError::of)?,
+            None => {}
         }
         if mgr.problems().iter().any(|(p, _)| *p == id) {
             mgr.delete(&id, None).map_err(PortError::of)?;
@@ -83,14 +87,20 @@ impl Platform {
             let _ = mgr.delete(&id, None);
             return Err(PortError("the snapshot has no disk snapshot".into()));
         };
-        let (rootfs, name) = (self.rootfs.clone(), id.clone());
+        self.keep_disk(&mut mgr, &id, disk).await
+    }
+
+    /// Moves the snapshot's disk snapshot apart from its source VM and records it.
+    async fn keep_disk(&self, mgr: &mut SnapshotManager, id: &str, disk: String) -> PortResult<()> {
+        let (rootfs, name) = (self.rootfs.clone(), id.to_string());
         let kept = tokio::task::spawn_blocking(move || rootfs.keep_snapshot(&disk, &name))
             .await
             .map_err(PortError::of)?;
         match kept {
-            Ok(kept) => mgr.set_disk_snapshot(&id, &kept).map_err(PortError::of),
+            Ok(kept) => mgr.set_disk_snapshot(id, &kept).map_err(PortError::of),
             Err(e) => {
-                let _ = mgr.delete(&id, Some(self.rootfs.zfs()));
+                let _ = self.rootfs.forget_kept(id);
+                let _ = mgr.delete(id, Some(self.rootfs.zfs()));
                 Err(PortError(format!("keeping the disk snapshot: {e}")))
             }
         }
@@ -120,9 +130,50 @@ impl Platform {
                 tracing::info!(snapshot = %id, error = %e, "app snapshot still in use; kept for now");
                 continue;
             }
-            mgr.delete(&id, None).map_err(PortError::of)?;
-            tracing::info!(snapshot = %id, "app snapshot deleted");
+            // A disk snapshot never kept apart (a crash in between) is the source VM's:
+            // destroyed with the files, so that VM can go.
+            let unkept = mgr
+                .get(&id)
+                .and_then(|m| m.disk_snapshot.clone())
+                .is_some_and(|d| !is_kept(&d));
+            let zfs = unkept.then(|| self.rootfs.zfs());
+            match mgr.delete(&id, zfs) {
+                Ok(()) => tracing::info!(snapshot = %id, "app snapshot deleted"),
+                Err(e) => {
+                    tracing::warn!(snapshot = %id, error = %e, "cannot delete an app snapshot")
+                }
+            }
+        }
+        // Snapshots cut short by a crash (`<id>.tmp`), of versions nobody uses.
+        if let Ok(entries) = std::fs::read_dir(&self.app_snapshot_dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(id) = name.strip_suffix(".tmp") {
+                    if !keep.contains(id) {
+                        let _ = std::fs::remove_dir_all(entry.path());
+                    }
+                }
+            }
         }
         Ok(())
     }
+
+    /// Deletes suspend snapshots of VMs not in `keep` (left by a VM removed while its
+    /// record was lost).
+    pub fn forget_suspended(&self, keep: &HashSet<Uuid>) {
+        let Ok(entries) = std::fs::read_dir(&self.suspended) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.parse::<Uuid>().is_ok_and(|vm| !keep.contains(&vm)) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+/// Whether a disk snapshot is kept apart from its source VM (`<root>/snapshots/...`).
+fn is_kept(disk: &str) -> bool {
+    disk.contains("/snapshots/")
 }

@@ -308,6 +308,12 @@ impl AgentService {
                     state: word.into(),
                 });
             }
+            if demand == Demand::Suspend && !self.exec.demand_pending(name, demand) {
+                return Err(CommandError::Invalid(format!(
+                    "{name} was not suspended: connections arrived while it was being suspended (its VMs run on), or it could not be suspended within {}s; see `shellwego events --app {name}`",
+                    crate::reconciler::executor::DEMAND_LIFETIME.as_secs()
+                )));
+            }
             if start.elapsed() >= SCALE_WAIT {
                 return Err(CommandError::Invalid(format!(
                     "{name} is not {word} after {}s (an app is suspended only when all its VMs of the current version serve); see `shellwego events --app {name}`",

@@ -505,12 +505,14 @@ async fn client_spoke(client: &TcpStream, peer: SocketAddr, limit: Duration) -> 
 /// nothing reached the VM yet, so trying another is safe.
 async fn serve(client: TcpStream, peer: SocketAddr, route: &Route) {
     let _open = Gauge::new(&route.traffic, &route.traffic.open);
-    if backends_of(&route.target).is_empty() && !wait_for_vm(peer, route).await {
-        return;
-    }
     let mut tried = Vec::new();
     let (upstream, _claim) = loop {
         let Some(claim) = route.claim(&tried) else {
+            // An empty set (also one emptied since the last look): the app is suspended,
+            // and the connection waits for a VM.
+            if tried.is_empty() && wait_for_vm(peer, route).await {
+                continue;
+            }
             warn!(%peer, tried = tried.len(), "endpoint: no VM accepted the connection");
             return;
         };

@@ -598,6 +598,10 @@ impl Ports for Platform {
         self.settle_vm(vm).await
     }
 
+    fn forget_suspended(&self, keep: &HashSet<Uuid>) {
+        Platform::forget_suspended(self, keep)
+    }
+
     fn has_app_snapshot(&self, app: &str, version: &str) -> bool {
         self.app_snapshot_disk(app, version).is_some()
     }

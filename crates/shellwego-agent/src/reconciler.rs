@@ -366,9 +366,14 @@ fn scale_to_zero(
     let activity = activity.copied().unwrap_or_default();
     let app = spec.name.as_str();
     let wake_wanted = activity.waiting > 0 || activity.wake;
-    // A suspended VM of the desired version beside an older one (a rollback to the
-    // suspended version) wakes too: the swap needs it serving.
-    let wake = |v: &&&VmRecord| v.is_suspended() && (wake_wanted || !old.is_empty());
+    let idle_long = spec.scale.idle.is_some_and(|idle| activity.idle >= idle);
+    let sleepy = idle_long || activity.suspend;
+    // All or nothing: part of the app up while nothing asks it to sleep (a suspend called
+    // off for one replica, a replica added while suspended) wakes the rest. A suspended
+    // VM of the desired version beside an older one (a rollback to the suspended version)
+    // wakes too: the swap needs it serving.
+    let part_up = keep.iter().any(|v| !v.is_suspended()) && !sleepy;
+    let wake = |v: &&&VmRecord| v.is_suspended() && (wake_wanted || !old.is_empty() || part_up);
     let woken: Vec<Action> = keep
         .iter()
         .filter(wake)
@@ -382,11 +387,10 @@ fn scale_to_zero(
         actions.extend(woken);
         return;
     }
-    let idle_long = spec.scale.idle.is_some_and(|idle| activity.idle >= idle);
     let settled = old.is_empty()
         && keep.len() == spec.count.max(1) as usize
         && keep.iter().all(|v| v.is_serving() || v.is_suspended());
-    if (idle_long || activity.suspend) && settled {
+    if sleepy && settled {
         actions.extend(
             keep.iter()
                 .filter(|v| v.is_serving())
@@ -824,6 +828,40 @@ mod tests {
             ..Activity::default()
         };
         assert_eq!(plan(&off, &with_activity(both, by_hand)).len(), 2);
+    }
+
+    #[test]
+    fn tc_u15_scale_to_zero_is_all_or_nothing() {
+        let (d, v) = idle_app(60, 2);
+        let up = vm(1, "web", &v, VmState::Running, Health::Healthy);
+        let down = vm(2, "web", &v, VmState::Suspended, Health::Healthy);
+        let busy = Activity::default();
+        // Half up and nothing asks it to sleep: the rest wakes.
+        assert_eq!(
+            plan(&d, &with_activity(vec![up.clone(), down.clone()], busy)),
+            vec![Action::Wake {
+                app: "web".into(),
+                vm_id: Uuid::from_u128(2)
+            }]
+        );
+        // Half up and idle (or asked by hand): the rest is suspended.
+        let idle = Activity {
+            idle: Duration::from_secs(60),
+            ..busy
+        };
+        let by_hand = Activity {
+            suspend: true,
+            ..busy
+        };
+        for a in [idle, by_hand] {
+            assert_eq!(
+                plan(&d, &with_activity(vec![up.clone(), down.clone()], a)),
+                vec![Action::Suspend {
+                    app: "web".into(),
+                    vm_id: Uuid::from_u128(1)
+                }]
+            );
+        }
     }
 
     #[test]

@@ -53,10 +53,20 @@ impl Platform {
         cancel: &CancellationToken,
     ) -> PortResult<Suspension> {
         let id = vm.to_string();
-        let cfg = self.restorable_config(vm, app)?;
         let dir = self.suspend_dir(vm);
         let _ = std::fs::remove_dir_all(&dir);
-        let mut snapshots = SnapshotManager::open(&dir).map_err(PortError::of)?;
+        // What fails before the pause leaves the VM as it was: called off, not lost.
+        let prepared = self
+            .restorable_config(vm, app)
+            .and_then(|cfg| Ok((cfg, SnapshotManager::open(&dir).map_err(PortError::of)?)));
+        let (cfg, mut snapshots) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                return Ok(Suspension::Resumed {
+                    why: format!("cannot prepare the snapshot: {e}"),
+                })
+            }
+        };
         let pid = self.vmm.pid_of(&id).await;
         let resident = pid.and_then(shellwego_sys::process::resident_bytes);
         let labels = (Some(app.name.clone()), None);

@@ -139,14 +139,23 @@ fn snapshot_start_replicas_from_an_app_snapshot_are_unique_and_replace_a_killed_
         .into_iter()
         .find(|(_, id)| *id == replica_id)
         .expect("the replica's firecracker");
+    let before_kill = stack.last_seq();
     // SAFETY: SIGKILL to the firecracker of a VM this test's agent started, by pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let t = Instant::now();
+    println!("killed at {}", shellwego_agent::state::now_secs());
     stack.wait_ps("replaced", Duration::from_secs(300), |ps| {
         let vms = healthy(ps);
         vms.len() == 2 && vms.iter().all(|v| v["vm_id"] != replica_id.as_str())
     });
     let replaced = t.elapsed();
+    for e in stack
+        .events()
+        .iter()
+        .filter(|e| e["seq"].as_u64() > Some(before_kill))
+    {
+        println!("event during the replacement: {} {}", e["at"], e["message"]);
+    }
     std::thread::sleep(Duration::from_secs(1));
     let tally = prober.finish();
     println!(

@@ -445,19 +445,27 @@ impl RootfsBuilder {
     /// mounted) and promoted, so the snapshot moves there and the VM's own disk becomes
     /// one of its clones — the VM can be removed at any time. Returns the kept snapshot
     /// (`<root>/snapshots/<name>@<snap>`), to clone with [`Self::clone_snapshot_for_vm`].
+    /// Repeating a call that was cut short (before or after the promotion) finishes it.
     pub fn keep_snapshot(&self, snapshot: &str, name: &str) -> Result<String, RootfsError> {
         let snap = snapshot
             .split_once('@')
             .map(|(_, s)| s)
             .ok_or_else(|| ZfsError::InvalidName(snapshot.to_string()))?;
         let target = self.kept_dataset(name);
-        self.zfs
-            .clone_snapshot(snapshot, &target, &[("mountpoint", "none")])?;
+        let kept = format!("{target}@{snap}");
+        // Idempotent: a call cut short left the clone (promoted or not).
+        if self.zfs.exists(&kept)? {
+            return Ok(kept);
+        }
+        if !self.zfs.exists(&target)? {
+            self.zfs
+                .clone_snapshot(snapshot, &target, &[("mountpoint", "none")])?;
+        }
         if let Err(e) = self.zfs.promote(&target) {
             let _ = self.zfs.destroy(&target);
             return Err(e.into());
         }
-        Ok(format!("{target}@{snap}"))
+        Ok(kept)
     }
 
     /// Destroys a kept snapshot. Fails (busy) while a VM disk cloned from it exists;

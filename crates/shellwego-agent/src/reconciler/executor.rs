@@ -95,6 +95,9 @@ pub enum TaskKind {
     Snapshot,
 }
 
+/// Wakes of one VM that may fail in a row before it is given up (and replaced).
+const MAX_WAKE_TRIES: u32 = 4;
+
 /// How long after a failed app snapshot the next one of that version is tried.
 const SNAPSHOT_RETRY: Duration = Duration::from_secs(600);
 
@@ -107,7 +110,7 @@ pub enum Demand {
 
 /// How long a request by hand stands before it lapses (an app that cannot be suspended
 /// now is not suspended by surprise much later).
-const DEMAND_LIFETIME: Duration = Duration::from_secs(60);
+pub const DEMAND_LIFETIME: Duration = Duration::from_secs(60);
 
 struct Task {
     kind: TaskKind,
@@ -147,6 +150,8 @@ pub struct Executor<P: Ports, F: Frontend> {
     /// When each app last woke or had a suspend called off: its idle time counts from
     /// then at the latest.
     awake_since: SyncMutex<HashMap<String, Instant>>,
+    /// Failed wakes per VM: when the next may run, and how many failed in a row.
+    wake_failures: SyncMutex<HashMap<Uuid, (Instant, u32)>>,
     /// App snapshots launched or failed, per (app, version), and when.
     snapshot_tried: SyncMutex<HashMap<(String, String), Instant>>,
     /// Notified when a task ends, the desired state changes or a connection waits.
@@ -192,6 +197,7 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
             demands: SyncMutex::new(HashMap::new()),
             awake_since: SyncMutex::new(HashMap::new()),
             snapshot_tried: SyncMutex::new(HashMap::new()),
+            wake_failures: SyncMutex::new(HashMap::new()),
             wake,
         }
     }
@@ -209,6 +215,14 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
     pub fn demand(&self, app: &str, demand: Demand) {
         lock(&self.demands).insert(app.to_string(), (demand, Instant::now()));
         self.wake.notify_one();
+    }
+
+    /// Whether a request by hand still stands (it ends when carried out, called off or
+    /// after `DEMAND_LIFETIME`).
+    pub fn demand_pending(&self, app: &str, demand: Demand) -> bool {
+        lock(&self.demands)
+            .get(app)
+            .is_some_and(|(d, at)| *d == demand && at.elapsed() < DEMAND_LIFETIME)
     }
 
     /// What each desired app's endpoint saw, with requests by hand; a suspend in flight
@@ -332,9 +346,19 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         let now = self.platform.now();
         let mut interrupted = Vec::new();
         for row in self.store.vms()? {
+            let mut row = row;
             if matches!(row.step.as_str(), "suspending" | "waking") {
                 // A suspend or wake the last agent did not finish: the VM is what exists.
-                self.settle(row).await;
+                row = self.settle(row).await;
+            }
+            if row.state == VmState::Suspended {
+                // Fence and QoS die with the agent; a suspended VM gets them back now, so
+                // it wakes with them (a running one below, when re-attached).
+                if let Some(app) = desired.apps.get(&row.app) {
+                    if let Err(e) = self.platform.rewire(row.vm_id, app).await {
+                        warn!(vm_id = %row.vm_id, error = %e, "cannot restore the network of a suspended VM");
+                    }
+                }
                 continue;
             }
             if row.state == VmState::Starting {
@@ -433,6 +457,8 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         if let Err(e) = self.platform.forget_app_snapshots(&keep).await {
             warn!(error = %e, "cannot delete unused app snapshots");
         }
+        let recorded: HashSet<Uuid> = self.store.vms()?.iter().map(|r| r.vm_id).collect();
+        self.platform.forget_suspended(&recorded);
         Ok(())
     }
 
@@ -754,6 +780,12 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                 let Some(spec) = apps.get(&app).cloned() else {
                     return Ok(0);
                 };
+                let due = lock(&self.wake_failures)
+                    .get(&vm_id)
+                    .is_none_or(|(at, _)| Instant::now() >= *at);
+                if !due {
+                    return Ok(0);
+                }
                 let me = self.clone();
                 Ok(usize::from(self.start(
                     vm_id,
@@ -790,7 +822,19 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                 row.state = VmState::Suspended;
                 row.step = "suspended".into();
                 self.save(&row);
-                self.forget_demand(&app.name, Demand::Suspend);
+                // A suspend by hand stands until every VM of the app is suspended.
+                let all = self
+                    .store
+                    .vms()
+                    .map(|rows| {
+                        rows.iter()
+                            .filter(|r| r.app == app.name)
+                            .all(|r| r.state == VmState::Suspended)
+                    })
+                    .unwrap_or(false);
+                if all {
+                    self.forget_demand(&app.name, Demand::Suspend);
+                }
                 self.event(
                     &app.name,
                     Some(vm),
@@ -804,6 +848,8 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
             Ok(Suspension::Resumed { why }) => {
                 row.step = "running".into();
                 self.save(&row);
+                // A suspend by hand is not retried over and over while connections come.
+                self.forget_demand(&app.name, Demand::Suspend);
                 lock(&self.awake_since).insert(app.name.clone(), Instant::now());
                 self.event(
                     &app.name,
@@ -852,17 +898,36 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
                 self.sync_app(&app).await;
             }
             Err(e) => {
-                row.state = VmState::Exited;
-                row.health = Health::Unhealthy;
+                // The snapshot is the app's memory: a failed wake keeps it and is tried
+                // again (backing off); only after `MAX_WAKE_TRIES` is the VM given up
+                // (and replaced).
+                let tries = {
+                    let mut failures = lock(&self.wake_failures);
+                    let tries = failures.get(&vm).map_or(0, |(_, n)| *n) + 1;
+                    failures.insert(vm, (Instant::now() + super::backoff(tries), tries));
+                    tries
+                };
+                row.step = "suspended".into();
                 row.last_error = Some(format!("wake failed: {e}"));
+                if tries >= MAX_WAKE_TRIES {
+                    row.state = VmState::Exited;
+                    row.health = Health::Unhealthy;
+                    lock(&self.wake_failures).remove(&vm);
+                }
                 self.save(&row);
-                self.event(&app.name, Some(vm), format!("wake failed: {e}"));
+                self.event(
+                    &app.name,
+                    Some(vm),
+                    format!("wake failed (attempt {tries} of {MAX_WAKE_TRIES}): {e}"),
+                );
+                return;
             }
         }
+        lock(&self.wake_failures).remove(&vm);
     }
 
     /// Records what a VM whose suspend or wake was cut short by a restart is now.
-    async fn settle(&self, mut row: VmRow) {
+    async fn settle(&self, mut row: VmRow) -> VmRow {
         let state = match self.platform.settle(row.vm_id).await {
             Ok(state) => state,
             Err(e) => {
@@ -890,6 +955,7 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
             Some(row.vm_id),
             format!("{was} interrupted by an agent restart: the VM is {state:?}"),
         );
+        row
     }
 
     fn forget_demand(&self, app: &str, demand: Demand) {

@@ -969,3 +969,53 @@ async fn tc_u15_snapshot_start_a_healthy_version_is_snapshotted_once_and_forgott
     let _agent = node.start().await;
     assert!(node.platform.world().app_snapshots.is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn tc_u15_scale_to_zero_a_failed_wake_keeps_the_snapshot_and_retries_then_gives_up() {
+    let node = Node::new();
+    let agent = node.start().await;
+    node.apply(&sleepy(1, 30));
+    agent.exec.wake.notify_one();
+    agent.settle(&node, MINUTE).await;
+    let vm = serving(&node, "web")[0];
+    agent
+        .until("suspended", 2 * MINUTE, || {
+            all_in(&node, "web", VmState::Suspended)
+        })
+        .await;
+    // Two failed wakes: the snapshot stays, the third try (after backoff) wakes it.
+    let mut twice = Fault::at("wake", "web", Effect::Fail);
+    twice.times = 2;
+    node.platform.inject(twice);
+    agent.exec.frontend.set_waiting("web", 1);
+    agent
+        .until("woken at the third try", 2 * MINUTE, || {
+            serving(&node, "web") == vec![vm]
+        })
+        .await;
+    agent.exec.frontend.set_waiting("web", 0);
+    agent
+        .until("suspended again", 2 * MINUTE, || {
+            all_in(&node, "web", VmState::Suspended)
+        })
+        .await;
+    // A wake that always fails: given up after 4 tries, and a fresh VM replaces it.
+    node.platform.inject(Fault::at("wake", "web", Effect::Fail));
+    agent.exec.frontend.set_waiting("web", 1);
+    agent
+        .until("replaced", 5 * MINUTE, || {
+            let s = serving(&node, "web");
+            s.len() == 1 && s[0] != vm
+        })
+        .await;
+    let wakes = node
+        .platform
+        .world()
+        .calls
+        .iter()
+        .filter(|c| *c == &format!("wake {vm}"))
+        .count();
+    assert_eq!(wakes, 3 + 4, "3 for the first wake, 4 before giving up");
+    node.platform.clear_faults();
+    agent.exec.frontend.set_waiting("web", 0);
+}

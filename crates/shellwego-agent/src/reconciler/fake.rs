@@ -389,6 +389,10 @@ impl Ports for FakePlatform {
         Ok(())
     }
 
+    fn forget_suspended(&self, keep: &HashSet<Uuid>) {
+        self.world().snapshots.retain(|vm| keep.contains(vm));
+    }
+
     fn has_app_snapshot(&self, app: &str, version: &str) -> bool {
         self.world()
             .app_snapshots

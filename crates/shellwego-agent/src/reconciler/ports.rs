@@ -159,6 +159,9 @@ pub trait Ports: Send + Sync + 'static {
     /// complete and the process gone) or `Exited` (neither).
     fn settle(&self, vm: Uuid) -> impl Future<Output = PortResult<VmState>> + Send;
 
+    /// Deletes the suspend snapshots of VMs not in `keep` (the recorded ones).
+    fn forget_suspended(&self, keep: &HashSet<Uuid>);
+
     // ---- app snapshots -----------------------------------------------------------------
 
     /// Whether the app's version has a usable app snapshot (new VMs then start from it).

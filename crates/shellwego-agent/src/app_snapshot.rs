@@ -118,7 +118,8 @@ impl Platform {
             .await
             .map_err(PortError::of)?
             .map_err(PortError::of)?;
-        ids.extend(kept);
+        // Image templates keep their disks there too (ids with '_'): not ours.
+        ids.extend(kept.into_iter().filter(|id| !id.contains('_')));
         ids.sort();
         ids.dedup();
         for id in ids.into_iter().filter(|id| !keep.contains(id)) {

@@ -69,6 +69,9 @@ pub struct Config {
     /// turn in arrival order. Removals, drains and health checks never wait for them.
     /// Default: twice the host's cores, 2 to 16. `SHELLWEGO_MAX_PROVISIONS`.
     pub max_provisions: usize,
+    /// Seconds an image template no VM uses is kept before the orphan sweep deletes it
+    /// (default an hour). `SHELLWEGO_IMAGE_TEMPLATE_TTL`.
+    pub image_template_ttl: u64,
 }
 
 impl Default for Config {
@@ -96,6 +99,7 @@ impl Default for Config {
             memory_overcommit: 100,
             disk_overcommit: 400,
             max_provisions: crate::reconciler::executor::default_max_provisions(),
+            image_template_ttl: 3600,
         }
     }
 }
@@ -220,6 +224,9 @@ impl Config {
         }
         if let Some(v) = parse_env(&get, "SHELLWEGO_MAX_PROVISIONS", number)? {
             self.max_provisions = v;
+        }
+        if let Some(v) = parse_env(&get, "SHELLWEGO_IMAGE_TEMPLATE_TTL", number)? {
+            self.image_template_ttl = v;
         }
         if let Some(v) = get("SHELLWEGO_INSECURE_REGISTRIES").and_then(|v| v.into_string().ok()) {
             self.insecure_registries = v

@@ -116,6 +116,9 @@ pub async fn platform(config: &Config) -> Result<Platform> {
         template_tap: "swgtemplate".into(),
         suspended: config.data_dir.join("suspended"),
         app_snapshot_dir: config.data_dir.join("app-snapshots"),
+        image_template_dir: config.data_dir.join("image-templates"),
+        image_templates: true,
+        image_template_ttl: std::time::Duration::from_secs(config.image_template_ttl),
     })
 }
 

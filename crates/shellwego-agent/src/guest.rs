@@ -132,6 +132,7 @@ fn request_name(req: &Request) -> &'static str {
         Request::Shutdown { .. } => "shutdown",
         Request::Resume { .. } => "resume",
         Request::Reidentify(_) => "reidentify",
+        Request::Prepare { .. } => "prepare",
     }
 }
 

@@ -18,6 +18,7 @@ pub mod guest;
 pub mod hardening;
 pub mod health;
 pub mod host;
+pub mod image_template;
 pub mod initrd;
 pub mod provision;
 pub mod reconciler;

@@ -102,14 +102,32 @@ pub struct Platform {
     pub suspended: PathBuf,
     /// Where app snapshots are kept (see [`crate::app_snapshot`]).
     pub app_snapshot_dir: PathBuf,
+    /// Where image templates are kept (see [`crate::image_template`]).
+    pub image_template_dir: PathBuf,
+    /// Whether warm starts use image templates (they do unless turned off).
+    pub image_templates: bool,
+    /// How long an image template no VM uses is kept.
+    pub image_template_ttl: Duration,
 }
 
-/// A VM's root disk, and the app snapshot it was cloned from (the VM is then restored
-/// from that snapshot rather than started fresh).
+/// A VM's root disk and what it was cloned from, which says how the VM starts.
 #[derive(Debug, Clone)]
 pub struct RootDisk {
     pub disk: VmDisk,
-    pub from_snapshot: Option<String>,
+    pub origin: Origin,
+}
+
+/// Where a VM's root disk (and so the VM) comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The image's base: the VM boots, or restores the generic template, and `run`
+    /// mounts the root and starts the app.
+    Base,
+    /// The image template (its id): restored with the root mounted; `run` starts the app.
+    ImageTemplate(String),
+    /// The version's app snapshot (its id): restored with the app running; the VM only
+    /// takes its own identity.
+    AppSnapshot(String),
 }
 
 /// A VM's hostname: its app's name and the first 8 hex digits of its id, so replicas
@@ -226,6 +244,43 @@ impl Platform {
 }
 
 impl Platform {
+    /// The generic template of this shape and disk size (`templates` held for writing):
+    /// the cached one, or one built now with a cold boot.
+    pub(crate) async fn generic_template(
+        &self,
+        templates: &mut TemplateStore,
+        machine: crate::vmm::config::MachineConfig,
+        disk_bytes: u64,
+        progress: PortProgress<'_>,
+    ) -> PortResult<crate::snapshot::SnapshotMeta> {
+        let inputs = TemplateInputs {
+            disk_bytes,
+            machine,
+            kernel: self.kernel.clone(),
+            init: self.init.clone(),
+            firecracker: self.firecracker.clone(),
+            kind: self.kind,
+        };
+        self.network
+            .create_tap(&self.template_tap)
+            .await
+            .map_err(|e| PortError(format!("template: {e}")))?;
+        let (tpl, built) = templates
+            .ensure(
+                &self.vmm,
+                &inputs,
+                None,
+                Some(self.template_tap.clone()),
+                self.boot_budget(BootMode::Cold),
+            )
+            .await
+            .map_err(|e| PortError(format!("template: {e}")))?;
+        if built {
+            progress(format!("built template {} (one cold boot)", tpl.id));
+        }
+        Ok(tpl)
+    }
+
     /// Gives a VM restored from an app snapshot its own identity (see
     /// [`crate::app_snapshot`]).
     async fn reidentify(
@@ -316,26 +371,40 @@ impl Ports for Platform {
         vm: Uuid,
         app: &DesiredApp,
         image: &Self::Image,
+        mode: BootMode,
+        progress: PortProgress<'_>,
     ) -> PortResult<RootDisk> {
         let version = app.spec_hash();
-        let from = if app.snapshot.enabled {
+        let snapshot = if app.snapshot.enabled {
             self.app_snapshot_disk(&app.name, &version)
         } else {
             None
         };
-        let origin = from.clone().unwrap_or_else(|| image.1.snapshot.clone());
+        let (origin, from) = match snapshot {
+            Some(disk) => (
+                Origin::AppSnapshot(crate::app_snapshot::snapshot_id(&app.name, &version)),
+                disk,
+            ),
+            None if self.image_templates && mode == BootMode::Warm => {
+                match self.image_template(app, image, progress).await {
+                    Ok((id, disk)) => (Origin::ImageTemplate(id), disk),
+                    Err(e) => {
+                        progress(format!("no image template ({e}); starting from the image"));
+                        (Origin::Base, image.1.snapshot.clone())
+                    }
+                }
+            }
+            None => (Origin::Base, image.1.snapshot.clone()),
+        };
         let (rootfs, id) = (self.rootfs.clone(), vm.to_string());
         let disk_bytes = app.resources.disk_bytes;
         let disk = tokio::task::spawn_blocking(move || {
-            rootfs.clone_snapshot_for_vm(&origin, &id, Some(disk_bytes))
+            rootfs.clone_snapshot_for_vm(&from, &id, Some(disk_bytes))
         })
         .await
         .map_err(PortError::of)?
         .map_err(PortError::of)?;
-        Ok(RootDisk {
-            disk,
-            from_snapshot: from.map(|_| crate::app_snapshot::snapshot_id(&app.name, &version)),
-        })
+        Ok(RootDisk { disk, origin })
     }
 
     async fn disk_owners(&self) -> PortResult<Vec<String>> {
@@ -405,10 +474,19 @@ impl Ports for Platform {
         let disk = &root.disk;
         let machine = machine_config(&app.resources, &MachineLimits::for_host(self.kind))
             .map_err(PortError::of)?;
-        if let Some(snapshot) = &root.from_snapshot {
-            progress(format!("restoring from the app snapshot {snapshot}"));
-            let mgr = crate::snapshot::SnapshotManager::open(&self.app_snapshot_dir)
-                .map_err(PortError::of)?;
+        let restore_from = match &root.origin {
+            Origin::AppSnapshot(id) => {
+                progress(format!("restoring from the app snapshot {id}"));
+                Some((&self.app_snapshot_dir, id))
+            }
+            Origin::ImageTemplate(id) => {
+                progress(format!("restoring from the image template {id}"));
+                Some((&self.image_template_dir, id))
+            }
+            Origin::Base => None,
+        };
+        if let Some((dir, snapshot)) = restore_from {
+            let mgr = crate::snapshot::SnapshotManager::open(dir).map_err(PortError::of)?;
             mgr.restore(
                 &self.vmm,
                 snapshot,
@@ -428,36 +506,12 @@ impl Ports for Platform {
                 let disk_bytes = std::fs::metadata(&disk.image_path)
                     .map(|m| m.len())
                     .map_err(PortError::of)?;
-                let inputs = TemplateInputs {
-                    disk_bytes,
-                    machine: machine.config,
-                    kernel: self.kernel.clone(),
-                    init: self.init.clone(),
-                    firecracker: self.firecracker.clone(),
-                    kind: self.kind,
-                };
                 // Only finding (or building) the template is exclusive; restores from it
                 // run side by side.
                 let tpl = {
                     let mut templates = self.templates.write().await;
-                    self.network
-                        .create_tap(&self.template_tap)
-                        .await
-                        .map_err(|e| PortError(format!("template: {e}")))?;
-                    let (tpl, built) = templates
-                        .ensure(
-                            &self.vmm,
-                            &inputs,
-                            None,
-                            Some(self.template_tap.clone()),
-                            self.boot_budget(BootMode::Cold),
-                        )
-                        .await
-                        .map_err(|e| PortError(format!("template: {e}")))?;
-                    if built {
-                        progress(format!("built template {} (one cold boot)", tpl.id));
-                    }
-                    tpl
+                    self.generic_template(&mut templates, machine.config, disk_bytes, progress)
+                        .await?
                 };
                 self.templates
                     .read()
@@ -530,7 +584,7 @@ impl Ports for Platform {
     ) -> PortResult<()> {
         let id = vm.to_string();
         let disk = &root.disk;
-        if root.from_snapshot.is_some() {
+        if matches!(root.origin, Origin::AppSnapshot(_)) {
             return self.reidentify(vm, app, net, budget).await;
         }
         let uds = self.vmm.runtime_dir(&id).vsock();
@@ -571,6 +625,11 @@ impl Ports for Platform {
         .map_err(PortError::of)?;
         rc.root_device_bytes = root_bytes;
         rc.hostname = vm_hostname(&app.name, vm);
+        if matches!(root.origin, Origin::ImageTemplate(_)) {
+            // The image template's guest has its root mounted already.
+            rc.root_device = String::new();
+            rc.root_device_bytes = None;
+        }
         let uds = self.vmm.runtime_dir(&id).vsock();
         tokio::task::spawn_blocking(move || {
             crate::guest::run_after_restore(&uds, client, rc, budget)
@@ -600,6 +659,10 @@ impl Ports for Platform {
 
     fn forget_suspended(&self, keep: &HashSet<Uuid>) {
         Platform::forget_suspended(self, keep)
+    }
+
+    async fn forget_image_templates(&self, used: &HashSet<String>) -> PortResult<()> {
+        Platform::forget_image_templates(self, used, self.image_template_ttl).await
     }
 
     fn has_app_snapshot(&self, app: &str, version: &str) -> bool {

@@ -62,6 +62,21 @@ fn snapshot_start_replicas_from_an_app_snapshot_are_unique_and_replace_a_killed_
         healthy(ps).len() == 1
     });
     let source = healthy(&ps)[0].clone();
+    // The image's first warm start built its image template and started from it.
+    let messages: Vec<Value> = stack
+        .events()
+        .into_iter()
+        .map(|e| e["message"].clone())
+        .collect();
+    assert_eq!(
+        events_with(&stack, "built the image template").len(),
+        1,
+        "{messages:#?}"
+    );
+    assert_eq!(
+        events_with(&stack, "restoring from the image template").len(),
+        1
+    );
     let source_ip = source["ip"].as_str().unwrap().to_string();
     for n in 1..=3 {
         assert_eq!(vm_get(&stack, &source_ip, "/count"), n.to_string());
@@ -175,6 +190,35 @@ fn snapshot_start_replicas_from_an_app_snapshot_are_unique_and_replace_a_killed_
         "the replacement came from the snapshot too"
     );
 
+    // Another app of the same image and shape starts from the image template built for
+    // the first (root already mounted): only `run` is left for its guest.
+    let other = stack.spec(
+        "other.toml",
+        &format!(
+            "name = \"other\"\nimage = \"{image}\"\n\
+             [run]\ncmd = [\"/usr/local/bin/swg-counter\", \"8081\"]\n\
+             [resources]\nmemory = \"128Mi\"\n\
+             [health]\nhttp = \"/\"\nport = 8081\ninterval = \"1s\"\ntimeout = \"1s\"\n"
+        ),
+    );
+    let t = Instant::now();
+    stack.run(&["apply", "-f", other.to_str().unwrap()]);
+    stack.wait_ps("the other app healthy", Duration::from_secs(300), |ps| {
+        Stack::vms(ps, "other")
+            .iter()
+            .any(|v| v["state"] == "Running" && v["health"] == "Healthy")
+    });
+    println!(
+        "a start from the image template: apply -> healthy {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    assert_eq!(events_with(&stack, "built the image template").len(), 1);
+    assert_eq!(
+        events_with(&stack, "restoring from the image template").len(),
+        2
+    );
+    stack.run(&["rm", "other"]);
+
     // Removed with the app (the sweep at the next agent start deletes it at once).
     stack.run(&["rm", "snap"]);
     stack.wait_ps("removed", Duration::from_secs(120), |ps| {
@@ -192,6 +236,11 @@ fn snapshot_start_replicas_from_an_app_snapshot_are_unique_and_replace_a_killed_
         .output()
         .expect("zfs list");
     let kept = String::from_utf8_lossy(&kept.stdout);
-    assert!(!kept.contains("/snapshots/"), "kept disks left: {kept}");
+    // Only the image template's disk stays (until it is unused for the agent's TTL).
+    let left: Vec<&str> = kept.lines().filter(|l| l.contains("/snapshots/")).collect();
+    assert!(
+        left.iter().all(|l| l.contains("/snapshots/img_")),
+        "app snapshot disks left: {left:?}"
+    );
     stack.resources().assert_only(&[], &nat_baseline);
 }

@@ -13,7 +13,8 @@
 //! woken from its own snapshot (scale to zero) gets `resume`: the clock and fresh
 //! entropy, while its app runs on as it was. A VM restored from *another* VM's snapshot
 //! (an app snapshot) gets `reidentify`: its own hostname, MAC, address, clock, entropy
-//! and boot id, and the app its after-restore signal.
+//! and boot id, and the app its after-restore signal. `prepare` mounts the app's root
+//! without starting it: such a VM is snapshotted as its image's template.
 
 mod app;
 mod sys;
@@ -32,23 +33,34 @@ const INIT_VERSION: &str = env!("CARGO_PKG_VERSION");
 #[derive(Default)]
 struct State {
     app: Option<(i32, app::Launch)>,
+    /// The app's root is mounted and `/` (by `prepare` or `run`).
+    root_mounted: bool,
 }
 
 fn log(msg: &str) {
     println!("shellwego-init: {msg}");
 }
 
+/// Mounts the app's root and switches into it (once).
+fn prepare(state: &mut State, device: &str, bytes: Option<u64>) -> Result<(), String> {
+    if state.root_mounted {
+        return Err("the app's root is mounted already".into());
+    }
+    if let Some(bytes) = bytes {
+        sys::wait_for_size(device, bytes, Duration::from_secs(60))
+            .map_err(|e| format!("root device: {e}"))?;
+    }
+    sys::switch_root(device).map_err(|e| format!("mounting root {device}: {e}"))?;
+    state.root_mounted = true;
+    Ok(())
+}
+
 fn run(state: &mut State, rc: RunConfig) -> Result<(), String> {
     if state.app.is_some() {
         return Err("an app is already running in this VM".into());
     }
-    if let (false, Some(bytes)) = (rc.root_device.is_empty(), rc.root_device_bytes) {
-        sys::wait_for_size(&rc.root_device, bytes, Duration::from_secs(60))
-            .map_err(|e| format!("root device: {e}"))?;
-    }
     if !rc.root_device.is_empty() {
-        sys::switch_root(&rc.root_device)
-            .map_err(|e| format!("mounting root {}: {e}", rc.root_device))?;
+        prepare(state, &rc.root_device, rc.root_device_bytes)?;
     }
     if !rc.hostname.is_empty() {
         sys::set_hostname(&rc.hostname).map_err(|e| e.to_string())?;
@@ -177,6 +189,13 @@ fn handle(state: &mut State, req: Request) -> (Response, bool) {
                 Err(message) => Response::Error { message },
             }
         }
+        Request::Prepare {
+            root_device,
+            root_device_bytes,
+        } => match prepare(state, &root_device, root_device_bytes) {
+            Ok(()) => Response::Ok,
+            Err(message) => Response::Error { message },
+        },
         Request::Reidentify(id) => match reidentify(*id) {
             Ok(()) => Response::Ok,
             Err(message) => Response::Error { message },

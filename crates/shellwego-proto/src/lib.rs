@@ -120,6 +120,14 @@ pub enum Request {
     /// the clock (seconds and nanoseconds since the epoch), which stood still while it was
     /// suspended, and mix fresh host randomness into the kernel's pool.
     Resume { clock: (i64, u32), entropy: Vec<u8> },
+    /// Mount the app's root and switch into it, and start nothing: a VM prepared so is
+    /// snapshotted as its image's template, and its clones get `run` with an empty
+    /// `root_device`. `root_device_bytes` as in [`RunConfig`].
+    Prepare {
+        root_device: String,
+        #[serde(default)]
+        root_device_bytes: Option<u64>,
+    },
     /// The VM was just restored from another VM's snapshot: take this identity (hostname,
     /// MAC, address, clock, entropy and a fresh boot id), then signal the app if asked.
     Reidentify(Box<Identity>),

@@ -457,8 +457,13 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         if let Err(e) = self.platform.forget_app_snapshots(&keep).await {
             warn!(error = %e, "cannot delete unused app snapshots");
         }
-        let recorded: HashSet<Uuid> = self.store.vms()?.iter().map(|r| r.vm_id).collect();
+        let rows = self.store.vms()?;
+        let recorded: HashSet<Uuid> = rows.iter().map(|r| r.vm_id).collect();
         self.platform.forget_suspended(&recorded);
+        let images: HashSet<String> = rows.into_iter().filter_map(|r| r.image_digest).collect();
+        if let Err(e) = self.platform.forget_image_templates(&images).await {
+            warn!(error = %e, "cannot delete unused image templates");
+        }
         Ok(())
     }
 

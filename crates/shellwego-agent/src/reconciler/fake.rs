@@ -235,7 +235,14 @@ impl Ports for FakePlatform {
         image.clone()
     }
 
-    async fn clone_disk(&self, vm: Uuid, app: &DesiredApp, _image: &String) -> PortResult<Uuid> {
+    async fn clone_disk(
+        &self,
+        vm: Uuid,
+        app: &DesiredApp,
+        _image: &String,
+        _mode: BootMode,
+        _progress: Progress<'_>,
+    ) -> PortResult<Uuid> {
         self.enter("rootfs", &app.name, format!("rootfs {vm}"))
             .await?;
         self.world().disks.insert(vm);
@@ -386,6 +393,10 @@ impl Ports for FakePlatform {
                 alive: true,
             },
         );
+        Ok(())
+    }
+
+    async fn forget_image_templates(&self, _used: &HashSet<String>) -> PortResult<()> {
         Ok(())
     }
 

@@ -82,12 +82,15 @@ pub trait Ports: Send + Sync + 'static {
 
     // ---- disks -------------------------------------------------------------------------
 
-    /// The VM's copy-on-write root disk from the image's base.
+    /// The VM's copy-on-write root disk: from the version's app snapshot, the image's
+    /// template (warm starts) or the image's base; `mode` is how the VM will start.
     fn clone_disk(
         &self,
         vm: Uuid,
         app: &DesiredApp,
         image: &Self::Image,
+        mode: BootMode,
+        progress: Progress<'_>,
     ) -> impl Future<Output = PortResult<Self::Disk>> + Send;
 
     /// Ids of every VM disk on the host (the orphan sweep compares them to the records).
@@ -161,6 +164,13 @@ pub trait Ports: Send + Sync + 'static {
 
     /// Deletes the suspend snapshots of VMs not in `keep` (the recorded ones).
     fn forget_suspended(&self, keep: &HashSet<Uuid>);
+
+    /// Deletes image templates of images no recorded VM runs (`used`: their digests),
+    /// once they are old enough.
+    fn forget_image_templates(
+        &self,
+        used: &HashSet<String>,
+    ) -> impl Future<Output = PortResult<()>> + Send;
 
     // ---- app snapshots -----------------------------------------------------------------
 

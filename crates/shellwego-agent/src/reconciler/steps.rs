@@ -127,7 +127,7 @@ impl<P: Ports> Steps<'_, P> {
                 "rootfs",
                 Some(d.disk),
                 &mut phases,
-                p.clone_disk(vm, app, &image),
+                p.clone_disk(vm, app, &image, self.mode, self.progress),
             )
             .await?;
         crate::fault::point("after-clone", self.progress).await;

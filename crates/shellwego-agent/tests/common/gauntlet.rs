@@ -85,6 +85,9 @@ pub async fn platform(firecracker: &Path, pool: &str, registry: &str, data: &Pat
         template_tap: "swgtemplate".into(),
         suspended: data.join("suspended"),
         app_snapshot_dir: data.join("app-snapshots"),
+        image_template_dir: data.join("image-templates"),
+        image_templates: true,
+        image_template_ttl: Duration::from_secs(3600),
     }
 }
 

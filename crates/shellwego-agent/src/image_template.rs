@@ -1,0 +1,252 @@
+//! Image templates: the generic template (a booted guest init, no root) restored onto a
+//! clone of an image's base disk, told to `prepare` (mount the image's root and switch
+//! into it, start nothing), and snapshotted — memory, state and disk in one pause. Warm
+//! starts of that image restore it with a clone of that disk snapshot and send `run`
+//! without a root device: the guest skips mounting and starts the app at once.
+//!
+//! ```text
+//! <data>/image-templates/<id>/vmstate, memory, meta.json   (root-only)
+//! <pool>/shellwego/snapshots/<id>@<id>                       its disk, kept apart
+//! ```
+//! The id is `img_<12 hex of the image digest>-<key>`, the key hashing everything the
+//! generic template's does (vCPUs, memory, kernel, init, host kind, firecracker version)
+//! with the app's requested disk size: VMs of another disk size get their own template
+//! (a clone's disk must have the size the mounted file system was made with).
+//!
+//! No app identity or secret is ever in one: the guest has only its init, the image's
+//! root and the template's MAC. Templates nobody's VM uses are deleted by the orphan sweep
+//! once older than the agent's `image_template_ttl`.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant, SystemTime};
+
+use uuid::Uuid;
+
+use crate::guest::GuestError;
+use crate::provision::{BootMode, Platform};
+use crate::reconciler::ports::{PortError, PortResult, Progress};
+use crate::snapshot::{RestoreTarget, SnapshotManager};
+use crate::spec::DesiredApp;
+use crate::template::{TemplateInputs, TemplateStore};
+use crate::vmm::config::{machine_config, MachineLimits};
+use shellwego_storage::image::PulledImage;
+use shellwego_storage::BaseImage;
+
+impl Platform {
+    fn image_templates_dir(&self) -> PortResult<SnapshotManager> {
+        SnapshotManager::open(&self.image_template_dir).map_err(PortError::of)
+    }
+
+    /// The image template id of `app`'s image and shape.
+    pub fn image_template_id(&self, app: &DesiredApp, image: &PulledImage) -> PortResult<String> {
+        let machine = machine_config(&app.resources, &MachineLimits::for_host(self.kind))
+            .map_err(PortError::of)?;
+        let inputs = TemplateInputs {
+            disk_bytes: app.resources.disk_bytes,
+            machine: machine.config,
+            kernel: self.kernel.clone(),
+            init: self.init.clone(),
+            firecracker: self.firecracker.clone(),
+            kind: self.kind,
+        };
+        let digest: String = image.digest_hex().chars().take(12).collect();
+        // '_' keeps it apart from app snapshot ids (app names have none).
+        Ok(format!("img_{digest}-{}", inputs.key()))
+    }
+
+    /// The image template of `app`'s image (built now if missing): its id and its kept
+    /// disk snapshot.
+    pub async fn image_template(
+        &self,
+        app: &DesiredApp,
+        image: &(PulledImage, BaseImage),
+        progress: Progress<'_>,
+    ) -> PortResult<(String, String)> {
+        let id = self.image_template_id(app, &image.0)?;
+        if let Some(disk) = kept_disk(&self.image_templates_dir()?, &id) {
+            return Ok((id, disk));
+        }
+        // One build at a time, and none beside a generic template build.
+        let mut templates = self.templates.write().await;
+        let mut mgr = self.image_templates_dir()?;
+        if let Some(disk) = kept_disk(&mgr, &id) {
+            return Ok((id, disk));
+        }
+        if mgr.get(&id).is_some() || mgr.problems().iter().any(|(p, _)| *p == id) {
+            let _ = mgr.delete(&id, Some(self.rootfs.zfs()));
+        }
+        let t = Instant::now();
+        let build = Uuid::new_v4();
+        let built = self
+            .build_image_template(&mut templates, &mut mgr, &id, build, app, image, progress)
+            .await;
+        let _ = self.vmm.remove(&build.to_string()).await;
+        if built.is_err() {
+            let _ = self.rootfs.forget_kept(&id);
+            let _ = mgr.delete(&id, Some(self.rootfs.zfs()));
+        }
+        let rootfs = self.rootfs.clone();
+        let gone = tokio::task::spawn_blocking(move || rootfs.remove_vm_disk(&build.to_string()))
+            .await
+            .map_err(PortError::of)?;
+        if let Err(e) = gone {
+            tracing::warn!(%build, error = %e, "cannot remove an image template's build disk; the orphan sweep retries");
+        }
+        let disk = built?;
+        progress(format!(
+            "built the image template {id} in {:.1}s",
+            t.elapsed().as_secs_f64()
+        ));
+        Ok((id, disk))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn build_image_template(
+        &self,
+        templates: &mut TemplateStore,
+        mgr: &mut SnapshotManager,
+        id: &str,
+        build: Uuid,
+        app: &DesiredApp,
+        image: &(PulledImage, BaseImage),
+        progress: Progress<'_>,
+    ) -> PortResult<String> {
+        let bid = build.to_string();
+        let (rootfs, base, bytes) = (
+            self.rootfs.clone(),
+            image.1.snapshot.clone(),
+            app.resources.disk_bytes,
+        );
+        let disk_id = bid.clone();
+        let disk = tokio::task::spawn_blocking(move || {
+            rootfs.clone_snapshot_for_vm(&base, &disk_id, Some(bytes))
+        })
+        .await
+        .map_err(PortError::of)?
+        .map_err(PortError::of)?;
+        let disk_bytes = std::fs::metadata(&disk.image_path)
+            .map(|m| m.len())
+            .map_err(PortError::of)?;
+        let machine = machine_config(&app.resources, &MachineLimits::for_host(self.kind))
+            .map_err(PortError::of)?;
+        let tpl = self
+            .generic_template(templates, machine.config, disk_bytes, progress)
+            .await?;
+        templates
+            .warm_start(
+                &self.vmm,
+                &tpl.id,
+                &bid,
+                &RestoreTarget {
+                    tap: Some(self.template_tap.clone()),
+                    ..RestoreTarget::with_root_disk(&disk.image_path)
+                },
+            )
+            .await
+            .map_err(PortError::of)?;
+        let uds = self.vmm.runtime_dir(&bid).vsock();
+        let budget = self.boot_budget(BootMode::Warm);
+        let req = shellwego_proto::Request::Prepare {
+            root_device: "/dev/vda".into(),
+            root_device_bytes: Some(disk_bytes),
+        };
+        let prepared = tokio::task::spawn_blocking(move || {
+            match crate::guest::send_after_restore(&uds, &req, budget) {
+                // A first `prepare` whose answer the restore's vsock reset lost.
+                Err(GuestError::Remote(m)) if m.contains("mounted already") => Ok(()),
+                other => other,
+            }
+        })
+        .await
+        .map_err(PortError::of)?;
+        if let Err(e) = prepared {
+            return Err(PortError(format!(
+                "preparing the template's root: {e}\n--- guest console ---\n{}",
+                self.vmm.console_tail(&bid, 20)
+            )));
+        }
+        let cfg = self.restorable_config(build, app)?;
+        let dataset = self.rootfs.vm_dataset(&bid);
+        let meta = mgr
+            .create(
+                &self.vmm,
+                id,
+                &cfg,
+                (None, None),
+                Some((self.rootfs.zfs(), &dataset)),
+                &self.firecracker,
+                false,
+            )
+            .await
+            .map_err(PortError::of)?;
+        let snap = meta
+            .disk_snapshot
+            .ok_or_else(|| PortError("the template has no disk snapshot".into()))?;
+        let (rootfs, name) = (self.rootfs.clone(), id.to_string());
+        let kept = tokio::task::spawn_blocking(move || rootfs.keep_snapshot(&snap, &name))
+            .await
+            .map_err(PortError::of)?
+            .map_err(PortError::of)?;
+        mgr.set_disk_snapshot(id, &kept).map_err(PortError::of)?;
+        Ok(kept)
+    }
+
+    /// Deletes image templates of images no recorded VM runs (`used`: image digests)
+    /// once they are older than `ttl`; a disk that VMs still clone stays for later.
+    pub async fn forget_image_templates(
+        &self,
+        used: &HashSet<String>,
+        ttl: Duration,
+    ) -> PortResult<()> {
+        let mut mgr = self.image_templates_dir()?;
+        let used: HashSet<String> = used
+            .iter()
+            .map(|d| {
+                d.trim_start_matches("sha256:")
+                    .chars()
+                    .take(12)
+                    .collect::<String>()
+            })
+            .collect();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let stale: Vec<String> = mgr
+            .list()
+            .iter()
+            .filter(|m| {
+                let digest =
+                    m.id.strip_prefix("img_")
+                        .and_then(|rest| rest.split('-').next())
+                        .unwrap_or_default();
+                !used.contains(digest) && now.saturating_sub(m.created_at) >= ttl.as_secs()
+            })
+            .map(|m| m.id.clone())
+            .collect();
+        for id in stale {
+            let (rootfs, name) = (self.rootfs.clone(), id.clone());
+            let disk = tokio::task::spawn_blocking(move || rootfs.forget_kept(&name))
+                .await
+                .map_err(PortError::of)?;
+            if let Err(e) = disk {
+                tracing::info!(template = %id, error = %e, "image template still in use; kept for now");
+                continue;
+            }
+            match mgr.delete(&id, None) {
+                Ok(()) => tracing::info!(template = %id, "image template deleted"),
+                Err(e) => {
+                    tracing::warn!(template = %id, error = %e, "cannot delete an image template")
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The kept disk snapshot of a complete template `id`.
+fn kept_disk(mgr: &SnapshotManager, id: &str) -> Option<String> {
+    mgr.get(id)?
+        .disk_snapshot
+        .clone()
+        .filter(|d| d.contains("/snapshots/"))
+}

@@ -10,6 +10,8 @@
 //!   (`max_provisions = 1`; health waits still overlap, so the old executor, which
 //!   also waited for each health check in turn, was slower still) against the default,
 //!   and the ratio;
+//! - starts of the counter app's VM, apply -> healthy: cold boot, generic template, the
+//!   image's template (N each);
 //! - scale to zero with the in-memory counter app: apply -> answering (a start from the
 //!   generic template), then 20 rounds of `suspend` (time, memory freed) and a request
 //!   that wakes the VM (time to the answer, median and max), and replicas 1 -> 5
@@ -17,7 +19,7 @@
 //!   restored from its app snapshot, 1 -> 2 and 2 -> 5.
 //!
 //! `cargo bench -p shellwego-agent --bench agent`; `SWG_BENCH_RUNS` (default 3) sets N,
-//! `SWG_BENCH_ONLY=gauntlet|swap|ten|together|wake` runs one part.
+//! `SWG_BENCH_ONLY=gauntlet|swap|ten|together|starts|wake` runs one part.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -302,6 +304,41 @@ fn scale_to(stack: &Stack, spec: &std::path::Path, count: usize) -> f64 {
     t.elapsed().as_secs_f64()
 }
 
+/// `apply` -> healthy of the counter app's one VM, by how it starts: cold boot, the
+/// generic template (image templates off), the image's template. What the first start
+/// caches (base disk, templates) is made before the figures; each run removes the app.
+fn starts_bench() {
+    const PORT: u16 = 18099;
+    let n = runs();
+    let ways: [(&str, &[(&str, &str)]); 3] = [
+        ("cold boot", &[("SHELLWEGO_BOOT", "cold")]),
+        ("generic template", &[("SHELLWEGO_IMAGE_TEMPLATES", "0")]),
+        ("image template", &[]),
+    ];
+    for (way, env) in ways {
+        let mut stack = Stack::new();
+        let image = stack.push_web_with("counter", b"-", &shellwego_testkit::oci::counter_layer());
+        stack.start_agent(env);
+        let spec = stack.spec("one.toml", &counter_spec(&image, PORT, 1));
+        let mut times = Vec::new();
+        for run in 0..=n {
+            let took = scale_to(&stack, &spec, 1);
+            if run > 0 {
+                times.push(took);
+            }
+            stack.run(&["rm", "counter"]);
+            stack.wait_ps("removed", Duration::from_secs(120), |ps| {
+                ps.as_array().is_some_and(Vec::is_empty)
+            });
+        }
+        let max = times.iter().copied().fold(0.0, f64::max);
+        println!(
+            "start -> healthy, {way}: median {:.1}s, max {max:.1}s (x{n})",
+            median(times)
+        );
+    }
+}
+
 /// New replicas restored from the app snapshot (`[snapshot] enabled`): 1 -> 2 and 2 -> 5.
 fn snapshot_bench() {
     const PORT: u16 = 18098;
@@ -378,7 +415,7 @@ fn wake_bench() {
     }
     let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     println!(
-        "scale to zero ({} VM, 128 MiB, counter app): apply -> answering {start:.1}s (generic template); \
+        "scale to zero ({} VM, 128 MiB, counter app): apply -> answering {start:.1}s (image template); \
          suspend x{WAKES} median {:.2}s max {:.2}s, memory freed median {:.0} MiB (the VM process's \
          resident set); wake -> answer x{WAKES} median {:.2}s max {:.2}s",
         1,
@@ -410,6 +447,9 @@ fn wake_bench() {
 
 fn main() {
     let only = std::env::var("SWG_BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "starts" {
+        starts_bench();
+    }
     if only.is_empty() || only == "wake" {
         wake_bench();
         snapshot_bench();

@@ -72,6 +72,9 @@ pub struct Config {
     /// Seconds an image template no VM uses is kept before the orphan sweep deletes it
     /// (default an hour). `SHELLWEGO_IMAGE_TEMPLATE_TTL`.
     pub image_template_ttl: u64,
+    /// Warm starts build and use image templates (the default); `false` starts every VM
+    /// from the generic template. `SHELLWEGO_IMAGE_TEMPLATES=0`.
+    pub image_templates: bool,
 }
 
 impl Default for Config {
@@ -100,6 +103,7 @@ impl Default for Config {
             disk_overcommit: 400,
             max_provisions: crate::reconciler::executor::default_max_provisions(),
             image_template_ttl: 3600,
+            image_templates: true,
         }
     }
 }
@@ -236,18 +240,23 @@ impl Config {
                 .map(str::to_string)
                 .collect();
         }
-        if let Some(v) = get("SHELLWEGO_JAILER").filter(|v| !v.is_empty()) {
-            self.jailer = match v.to_str() {
-                Some("1" | "true" | "yes") => true,
-                Some("0" | "false" | "no") => false,
-                _ => {
-                    return Err(ConfigError::Env {
-                        var: "SHELLWEGO_JAILER",
-                        value: v.to_string_lossy().into_owned(),
-                        expected: "expected 1 or 0",
-                    })
-                }
-            };
+        for (var, flag) in [
+            ("SHELLWEGO_IMAGE_TEMPLATES", &mut self.image_templates),
+            ("SHELLWEGO_JAILER", &mut self.jailer),
+        ] {
+            if let Some(v) = get(var).filter(|v| !v.is_empty()) {
+                *flag = match v.to_str() {
+                    Some("1" | "true" | "yes") => true,
+                    Some("0" | "false" | "no") => false,
+                    _ => {
+                        return Err(ConfigError::Env {
+                            var,
+                            value: v.to_string_lossy().into_owned(),
+                            expected: "expected 1 or 0",
+                        })
+                    }
+                };
+            }
         }
         Ok(())
     }

@@ -117,7 +117,7 @@ pub async fn platform(config: &Config) -> Result<Platform> {
         suspended: config.data_dir.join("suspended"),
         app_snapshot_dir: config.data_dir.join("app-snapshots"),
         image_template_dir: config.data_dir.join("image-templates"),
-        image_templates: true,
+        image_templates: config.image_templates,
         image_template_ttl: std::time::Duration::from_secs(config.image_template_ttl),
     })
 }

@@ -75,6 +75,13 @@ impl Platform {
         if mgr.get(&id).is_some() || mgr.problems().iter().any(|(p, _)| *p == id) {
             let _ = mgr.delete(&id, Some(self.rootfs.zfs()));
         }
+        // A kept disk without a complete template (a build cut short) must not be paired
+        // with a new build's memory.
+        let (rootfs, name) = (self.rootfs.clone(), id.clone());
+        tokio::task::spawn_blocking(move || rootfs.forget_kept(&name))
+            .await
+            .map_err(PortError::of)?
+            .map_err(|e| PortError(format!("an earlier template's disk is in the way: {e}")))?;
         let t = Instant::now();
         let build = Uuid::new_v4();
         let built = self

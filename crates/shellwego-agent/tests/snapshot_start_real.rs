@@ -77,6 +77,10 @@ fn snapshot_start_replicas_from_an_app_snapshot_are_unique_and_replace_a_killed_
         events_with(&stack, "restoring from the image template").len(),
         1
     );
+    println!(
+        "{}",
+        events_with(&stack, "built the image template")[0]["message"]
+    );
     let source_ip = source["ip"].as_str().unwrap().to_string();
     for n in 1..=3 {
         assert_eq!(vm_get(&stack, &source_ip, "/count"), n.to_string());

@@ -453,11 +453,27 @@ impl RootfsBuilder {
             .ok_or_else(|| ZfsError::InvalidName(snapshot.to_string()))?;
         let target = self.kept_dataset(name);
         let kept = format!("{target}@{snap}");
-        // Idempotent: a call cut short left the clone (promoted or not).
-        if self.zfs.exists(&kept)? {
+        // Idempotent: a call cut short left the clone, promoted (the snapshot moved there,
+        // so `snapshot` is gone) or not.
+        if self.zfs.exists(&kept)? && !self.zfs.exists(snapshot)? {
             return Ok(kept);
         }
-        if !self.zfs.exists(&target)? {
+        if self.zfs.exists(&target)? {
+            // Only a clone of this very snapshot is ours to finish; anything else there
+            // (left by another, interrupted attempt) would pair this memory image with
+            // another disk.
+            let origin = self
+                .zfs
+                .list(&target)?
+                .into_iter()
+                .find(|d| d.name == target)
+                .and_then(|d| d.origin);
+            if origin.as_deref() != Some(snapshot) {
+                self.zfs.destroy(&target)?;
+                self.zfs
+                    .clone_snapshot(snapshot, &target, &[("mountpoint", "none")])?;
+            }
+        } else {
             self.zfs
                 .clone_snapshot(snapshot, &target, &[("mountpoint", "none")])?;
         }

@@ -123,27 +123,7 @@ impl Platform {
         ids.sort();
         ids.dedup();
         for id in ids.into_iter().filter(|id| !keep.contains(id)) {
-            let (rootfs, name) = (self.rootfs.clone(), id.clone());
-            let disk = tokio::task::spawn_blocking(move || rootfs.forget_kept(&name))
-                .await
-                .map_err(PortError::of)?;
-            if let Err(e) = disk {
-                tracing::info!(snapshot = %id, error = %e, "app snapshot still in use; kept for now");
-                continue;
-            }
-            // A disk snapshot never kept apart (a crash in between) is the source VM's:
-            // destroyed with the files, so that VM can go.
-            let unkept = mgr
-                .get(&id)
-                .and_then(|m| m.disk_snapshot.clone())
-                .is_some_and(|d| !is_kept(&d));
-            let zfs = unkept.then(|| self.rootfs.zfs());
-            match mgr.delete(&id, zfs) {
-                Ok(()) => tracing::info!(snapshot = %id, "app snapshot deleted"),
-                Err(e) => {
-                    tracing::warn!(snapshot = %id, error = %e, "cannot delete an app snapshot")
-                }
-            }
+            self.forget_kept_snapshot(&mut mgr, &id).await?;
         }
         // Snapshots cut short by a crash (`<id>.tmp`), of versions nobody uses.
         if let Ok(entries) = std::fs::read_dir(&self.app_snapshot_dir) {
@@ -155,6 +135,35 @@ impl Platform {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Deletes snapshot `id` of `mgr` (app snapshot or image template): its kept disk
+    /// first, then its files. A disk that VMs still clone stays (with the files) for a
+    /// later sweep; a disk snapshot never kept apart (a crash in between) is the source
+    /// VM's and goes with the files, so that VM can go.
+    pub(crate) async fn forget_kept_snapshot(
+        &self,
+        mgr: &mut SnapshotManager,
+        id: &str,
+    ) -> PortResult<()> {
+        let (rootfs, name) = (self.rootfs.clone(), id.to_string());
+        let disk = tokio::task::spawn_blocking(move || rootfs.forget_kept(&name))
+            .await
+            .map_err(PortError::of)?;
+        if let Err(e) = disk {
+            tracing::info!(snapshot = %id, error = %e, "snapshot still in use; kept for now");
+            return Ok(());
+        }
+        let unkept = mgr
+            .get(id)
+            .and_then(|m| m.disk_snapshot.clone())
+            .is_some_and(|d| !is_kept(&d));
+        let zfs = unkept.then(|| self.rootfs.zfs());
+        match mgr.delete(id, zfs) {
+            Ok(()) => tracing::info!(snapshot = %id, "snapshot deleted"),
+            Err(e) => tracing::warn!(snapshot = %id, error = %e, "cannot delete a snapshot"),
         }
         Ok(())
     }
@@ -175,6 +184,6 @@ impl Platform {
 }
 
 /// Whether a disk snapshot is kept apart from its source VM (`<root>/snapshots/...`).
-fn is_kept(disk: &str) -> bool {
+pub(crate) fn is_kept(disk: &str) -> bool {
     disk.contains("/snapshots/")
 }

@@ -231,20 +231,7 @@ impl Platform {
             .map(|m| m.id.clone())
             .collect();
         for id in stale {
-            let (rootfs, name) = (self.rootfs.clone(), id.clone());
-            let disk = tokio::task::spawn_blocking(move || rootfs.forget_kept(&name))
-                .await
-                .map_err(PortError::of)?;
-            if let Err(e) = disk {
-                tracing::info!(template = %id, error = %e, "image template still in use; kept for now");
-                continue;
-            }
-            match mgr.delete(&id, None) {
-                Ok(()) => tracing::info!(template = %id, "image template deleted"),
-                Err(e) => {
-                    tracing::warn!(template = %id, error = %e, "cannot delete an image template")
-                }
-            }
+            self.forget_kept_snapshot(&mut mgr, &id).await?;
         }
         Ok(())
     }
@@ -255,5 +242,5 @@ fn kept_disk(mgr: &SnapshotManager, id: &str) -> Option<String> {
     mgr.get(id)?
         .disk_snapshot
         .clone()
-        .filter(|d| d.contains("/snapshots/"))
+        .filter(|d| crate::app_snapshot::is_kept(d))
 }

@@ -76,6 +76,30 @@ fn fail(phase: &'static str) -> impl Fn(&dyn std::fmt::Display) -> ProvisionErro
     }
 }
 
+/// The wall clock (seconds and nanoseconds since the epoch) and 64 bytes of host
+/// randomness for a guest that starts or resumes. The guest credits these bytes and
+/// reseeds its RNG from them: they must be real randomness, never a fallback.
+pub fn fresh_clock_and_entropy() -> PortResult<((i64, u32), Vec<u8>)> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let mut entropy = vec![0u8; 64];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut entropy)
+        .map_err(|_| PortError("the host's random source failed".into()))?;
+    Ok(((now.as_secs() as i64, now.subsec_nanos()), entropy))
+}
+
+/// The guest's view of its network attachment.
+fn guest_net(net: &VmNetwork) -> NetConfig {
+    NetConfig {
+        address: net.ip.to_string(),
+        prefix_len: net.prefix_len,
+        gateway: net.gateway.to_string(),
+        nameservers: vec![],
+        mac: Some(net.mac.clone()),
+    }
+}
+
 /// Whose a VM is and what it may reach: what its network fence is made of.
 pub fn tenant(app: &DesiredApp) -> Tenant {
     Tenant {
@@ -290,22 +314,11 @@ impl Platform {
         net: &VmNetwork,
         budget: Duration,
     ) -> PortResult<()> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let mut entropy = vec![0u8; 64];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut entropy)
-            .map_err(|_| PortError("the host's random source failed".into()))?;
+        let (clock, entropy) = fresh_clock_and_entropy()?;
         let identity = shellwego_proto::Identity {
             hostname: vm_hostname(&app.name, vm),
-            net: Some(NetConfig {
-                address: net.ip.to_string(),
-                prefix_len: net.prefix_len,
-                gateway: net.gateway.to_string(),
-                nameservers: vec![],
-                mac: Some(net.mac.clone()),
-            }),
-            clock: (now.as_secs() as i64, now.subsec_nanos()),
+            net: Some(guest_net(net)),
+            clock,
             entropy,
             signal: app.snapshot.after_restore,
         };
@@ -485,20 +498,17 @@ impl Ports for Platform {
             }
             Origin::Base => None,
         };
+        // A restore (of any snapshot) gives the VM its own TAP, CPU and disk.
+        let target = RestoreTarget {
+            tap: Some(net.tap.clone()),
+            cpu_milli: Some(app.resources.cpu_milli),
+            ..RestoreTarget::with_root_disk(&disk.image_path)
+        };
         if let Some((dir, snapshot)) = restore_from {
             let mgr = crate::snapshot::SnapshotManager::open(dir).map_err(PortError::of)?;
-            mgr.restore(
-                &self.vmm,
-                snapshot,
-                &id,
-                &RestoreTarget {
-                    tap: Some(net.tap.clone()),
-                    cpu_milli: Some(app.resources.cpu_milli),
-                    ..RestoreTarget::with_root_disk(&disk.image_path)
-                },
-            )
-            .await
-            .map_err(PortError::of)?;
+            mgr.restore(&self.vmm, snapshot, &id, &target)
+                .await
+                .map_err(PortError::of)?;
             return Ok(());
         }
         match mode {
@@ -516,16 +526,7 @@ impl Ports for Platform {
                 self.templates
                     .read()
                     .await
-                    .warm_start(
-                        &self.vmm,
-                        &tpl.id,
-                        &id,
-                        &RestoreTarget {
-                            tap: Some(net.tap.clone()),
-                            cpu_milli: Some(app.resources.cpu_milli),
-                            ..RestoreTarget::with_root_disk(&disk.image_path)
-                        },
-                    )
+                    .warm_start(&self.vmm, &tpl.id, &id, &target)
                     .await
                     .map_err(PortError::of)?;
             }
@@ -598,28 +599,14 @@ impl Ports for Platform {
                 ))
             })?
             .0;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        // The guest credits these bytes and reseeds its RNG from them before the app
-        // starts: they must be real randomness, never a fallback.
-        let mut entropy = vec![0u8; 64];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut entropy)
-            .map_err(|_| PortError("the host's random source failed".into()))?;
-        let netcfg = NetConfig {
-            address: net.ip.to_string(),
-            prefix_len: net.prefix_len,
-            gateway: net.gateway.to_string(),
-            nameservers: vec![],
-            mac: Some(net.mac.clone()),
-        };
+        let (clock, entropy) = fresh_clock_and_entropy()?;
         let root_bytes = std::fs::metadata(&disk.image_path).map(|m| m.len()).ok();
         let mut rc = crate::runconfig::run_config(
             app,
             &image.0.config,
-            Some(netcfg),
+            Some(guest_net(net)),
             secrets,
-            (now.as_secs() as i64, now.subsec_nanos()),
+            clock,
             entropy,
         )
         .map_err(PortError::of)?;

@@ -22,7 +22,6 @@
 //! memory, secrets included. It is deleted with the VM (`Platform::teardown`).
 
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -148,15 +147,9 @@ impl Platform {
             .restore(&self.vmm, SNAPSHOT, &id, &target)
             .await
             .map_err(PortError::of)?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let mut entropy = vec![0u8; 64];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut entropy)
-            .map_err(|_| PortError("the host's random source failed".into()))?;
+        let (clock, entropy) = crate::provision::fresh_clock_and_entropy()?;
         let uds = self.vmm.runtime_dir(&id).vsock();
         let budget = restore_answer_budget(self.kind);
-        let clock = (now.as_secs() as i64, now.subsec_nanos());
         let resumed = tokio::task::spawn_blocking(move || {
             let req = shellwego_proto::Request::Resume { clock, entropy };
             crate::guest::send_after_restore(&uds, &req, budget)

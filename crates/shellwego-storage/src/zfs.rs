@@ -89,6 +89,11 @@ impl ZfsError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, ZfsError::Failed { stderr, .. } if stderr.contains("does not exist"))
     }
+
+    /// True if zfs refused because a dataset of that name already exists.
+    pub fn is_already_exists(&self) -> bool {
+        matches!(self, ZfsError::Failed { stderr, .. } if stderr.contains("already exists"))
+    }
 }
 
 /// Health of a pool as `zpool list` reports it.
@@ -268,12 +273,18 @@ impl ZfsManager {
         }
         args.push(name);
         // `-p` makes missing parents; another process making the same parent at the same
-        // moment makes one of the two fail ("dataset already exists"). Then the parent
-        // exists, and a second try (or finding `name` made) settles it.
-        match self.zfs(&args) {
-            Ok(_) => Ok(()),
-            Err(_) if self.exists(name)? => Ok(()),
-            Err(_) => self.zfs(&args).map(drop),
+        // moment makes one of the two fail ("dataset already exists"). Then that parent
+        // exists and the next try gets at least one level further, so a try per level
+        // (or finding `name` made) settles it.
+        let levels = name.matches('/').count().max(1);
+        let mut tries = 0;
+        loop {
+            match self.zfs(&args) {
+                Ok(_) => return Ok(()),
+                Err(_) if self.exists(name)? => return Ok(()),
+                Err(e) if tries >= levels || !e.is_already_exists() => return Err(e),
+                Err(_) => tries += 1,
+            }
         }
     }
 

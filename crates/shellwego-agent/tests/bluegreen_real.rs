@@ -20,7 +20,7 @@ fn spec(image: &str, extra: &str) -> String {
     format!(
         "name = \"shop\"\nimage = \"{image}\"\n{extra}[resources]\nmemory = \"128Mi\"\n\
          [[ports]]\nguest = 8080\nhost = {PORT}\n\
-         [health]\nhttp = \"/\"\nport = 8080\ninterval = \"1s\"\ntimeout = \"1s\"\ngrace = \"6s\"\n\
+         [health]\nhttp = \"/\"\nport = 8080\ninterval = \"1s\"\ntimeout = \"1s\"\ngrace = \"3s\"\n\
          [bandwidth]\ndownload = \"100Mbit\"\nupload = \"100Mbit\"\n"
     )
 }

@@ -213,18 +213,22 @@ fn isolation_fence_guests_cannot_spoof_reach_the_host_other_apps_or_private_rang
     ];
     stack.start_agent(&agent_env);
     phase("agent up");
-    for (name, network) in [
-        (
-            "fence-a",
-            format!("[network]\nallow = [\"{ALLOWED}:7000\"]\n"),
-        ),
-        ("fence-b", String::new()),
-        ("fence-c", "[network]\negress = \"none\"\n".to_string()),
-    ] {
-        let file = stack.spec(&format!("{name}.toml"), &spec(name, &image, &network));
-        stack.run(&["apply", "-f", file.to_str().expect("path")]);
-        phase(&format!("{name} applied"));
-    }
+    // The three apps at once.
+    std::thread::scope(|scope| {
+        for (name, network) in [
+            (
+                "fence-a",
+                format!("[network]\nallow = [\"{ALLOWED}:7000\"]\n"),
+            ),
+            ("fence-b", String::new()),
+            ("fence-c", "[network]\negress = \"none\"\n".to_string()),
+        ] {
+            let file = stack.spec(&format!("{name}.toml"), &spec(name, &image, &network));
+            let stack = &stack;
+            scope.spawn(move || stack.run(&["apply", "-f", file.to_str().expect("path")]));
+        }
+    });
+    phase("fence-a, fence-b and fence-c applied");
     let (a, b, c) = std::thread::scope(|scope| {
         let vms = ["fence-a", "fence-b", "fence-c"].map(|app| scope.spawn(|| vm_of(&stack, app)));
         let [a, b, c] = vms.map(|h| h.join().expect("vm_of"));

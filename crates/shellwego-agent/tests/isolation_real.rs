@@ -16,7 +16,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{files_containing, Stack};
+use common::Stack;
 use shellwego_testkit::process::vm_pids;
 
 const INLINE_SECRET: &str = "inl1ne-s3cret-vAlue";
@@ -120,12 +120,17 @@ fn isolation_clones_are_unique_and_nothing_at_rest_is_open_to_others() {
     );
     let m = stack.spec("m.toml", &spec("many-files", &many, ""));
     stack.start_agent(&[]);
-    stack.run(&["apply", "-f", a.to_str().unwrap()]);
-    stack.run(&["apply", "-f", b.to_str().unwrap()]);
+    // The three at once: the 200k-file image's unpacking (host work) overlaps the
+    // other two starts.
     let t = std::time::Instant::now();
-    stack.run(&["apply", "-f", m.to_str().unwrap()]);
+    std::thread::scope(|scope| {
+        for file in [&a, &b, &m] {
+            let stack = &stack;
+            scope.spawn(move || stack.run(&["apply", "-f", file.to_str().unwrap()]));
+        }
+    });
     println!(
-        "200k-file app applied in {:.1} s",
+        "three apps (one with the 200k-file image) applied in {:.1} s",
         t.elapsed().as_secs_f64()
     );
 
@@ -212,12 +217,10 @@ fn isolation_clones_are_unique_and_nothing_at_rest_is_open_to_others() {
         "the inline secret reached the app"
     );
     stack.kill_agent();
-    let mut found = Vec::new();
-    for dir in [&stack.data, &stack.run] {
-        found.extend(files_containing(dir, INLINE_SECRET));
-    }
-    found.extend(files_containing(&stack.log, INLINE_SECRET));
+    let t = std::time::Instant::now();
+    let found = stack.at_rest_containing(INLINE_SECRET);
     assert!(found.is_empty(), "inline secret in plaintext in: {found:?}");
+    println!("secret scan: {:.1} s", t.elapsed().as_secs_f64());
 
     // Layers are unpacked where setuid files and device nodes are inert.
     let staging = std::fs::canonicalize(stack.data.join("tmp")).expect("staging dir");

@@ -68,10 +68,14 @@ fn replicas_two_serve_and_a_killed_one_is_replaced_without_failed_requests() {
         .into_iter()
         .find(|(_, id)| *id == victim)
         .expect("the victim's firecracker");
+    let before_kill = stack.last_seq();
     // SAFETY: SIGKILL to the firecracker of a VM this test's agent started, by pid.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let prober = Prober::start(&stack.ns, PORT);
-    println!("killed replica {victim} (pid {pid})");
+    println!(
+        "killed replica {victim} (pid {pid}) at {}",
+        shellwego_agent::state::now_secs()
+    );
     stack.wait_ps(
         "the killed replica replaced",
         Duration::from_secs(300),
@@ -80,6 +84,13 @@ fn replicas_two_serve_and_a_killed_one_is_replaced_without_failed_requests() {
             vms.len() == 2 && vms.iter().all(|v| v["vm_id"] != victim.as_str())
         },
     );
+    for e in stack
+        .events()
+        .iter()
+        .filter(|e| e["seq"].as_u64() > Some(before_kill))
+    {
+        println!("event during the replacement: {} {}", e["at"], e["message"]);
+    }
     std::thread::sleep(Duration::from_secs(2));
     let tally = prober.finish();
     println!(

@@ -13,7 +13,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{files_containing, Stack};
+use common::Stack;
 
 const SECRET: &str = "topsecret";
 
@@ -123,11 +123,7 @@ fn tc_e2e_2_secret_only_in_the_apps_environment() {
 
     // Stop the agent so its log and database are complete, then scan everything.
     stack.kill_agent();
-    let mut found = Vec::new();
-    for dir in [&stack.data, &stack.run, &stack.pool.mount_root()] {
-        found.extend(files_containing(dir, SECRET));
-    }
-    found.extend(files_containing(&stack.log, SECRET));
+    let found = stack.at_rest_containing(SECRET);
     assert!(
         stack.data.join("agent.redb").is_file(),
         "the database was scanned"

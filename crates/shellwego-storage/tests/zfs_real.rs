@@ -152,3 +152,45 @@ fn tc_i2_datasets_made_at_once_under_a_new_parent_all_succeed() {
         }
     }
 }
+
+/// The suite's search for secrets at rest reads a pool through `zfs send` streams
+/// (`TestPool::datasets_containing`): it must find bytes deep in a sparse disk image,
+/// in a clone, and in a snapshot whose file has changed since, and nothing that is not
+/// there.
+#[test]
+fn tc_i2_pool_scan_finds_bytes_in_sparse_files_clones_and_old_snapshots() {
+    use std::io::{Seek, SeekFrom, Write};
+    let pool = TestPool::new(512 << 20);
+    let zfs = manager(&pool);
+    let ds = format!("{}/scan", pool.name);
+    let mnt = pool.mount_root().join("scan");
+    zfs.create(&ds, &[("mountpoint", mnt.to_str().unwrap())])
+        .unwrap();
+    let write_at = |offset: u64, bytes: &[u8]| {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(mnt.join("disk.img"))
+            .unwrap();
+        f.set_len(256 << 20).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.write_all(bytes).unwrap();
+        f.sync_all().unwrap();
+    };
+    write_at(200 << 20, b"..NEEDLE-0451..");
+    assert_eq!(pool.datasets_containing("NEEDLE-0451"), vec![ds.clone()]);
+
+    let snap = format!("{ds}@before");
+    zfs.snapshot(&snap).unwrap();
+    let clone = format!("{}/scan-clone", pool.name);
+    zfs.clone_snapshot(&snap, &clone, &[("mountpoint", "none")])
+        .unwrap();
+    write_at(200 << 20, b"..overwritten..");
+    let mut found = pool.datasets_containing("NEEDLE-0451");
+    found.sort();
+    assert_eq!(found, vec![clone.clone(), snap.clone()]);
+    assert!(pool.datasets_containing("NEEDLE-0452").is_empty());
+    // The scan's own snapshots are gone again.
+    assert!(!zfs.exists(&format!("{ds}@swg-scan")).unwrap());
+}

@@ -70,25 +70,50 @@ pub fn unmount_under(dir: &Path) {
     }
 }
 
-/// Files under `dir` whose bytes contain `needle` (grep reads sparse disk images fast).
-pub fn files_containing(dir: &Path, needle: &str) -> Vec<String> {
-    if !dir.exists() {
-        return vec![];
+/// Files under `roots` (files or directories) whose bytes contain `needle`, each file
+/// read once (bind mounts show some twice), leaving out the paths in `skip` (mount
+/// points searched another way).
+pub fn files_containing(roots: &[&Path], needle: &str, skip: &[PathBuf]) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut files = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut todo: Vec<PathBuf> = roots.iter().map(|r| r.to_path_buf()).collect();
+    while let Some(path) = todo.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if skip.contains(&path) {
+            continue;
+        }
+        if meta.is_file() {
+            if seen.insert((meta.dev(), meta.ino())) {
+                files.push(path);
+            }
+        } else if meta.is_dir() {
+            for entry in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                todo.push(entry.path());
+            }
+        }
     }
-    let out = Command::new("grep")
-        .args(["-r", "-l", "-a", "-F", needle])
-        .arg(dir)
-        .output()
-        .expect("grep");
-    assert!(
-        out.status.code().is_some_and(|c| c <= 1),
-        "grep failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+    let mut found = Vec::new();
+    for chunk in files.chunks(256) {
+        let out = Command::new("grep")
+            .args(["-l", "-a", "-F", "--", needle])
+            .args(chunk)
+            .output()
+            .expect("grep");
+        assert!(
+            out.status.code().is_some_and(|c| c <= 1),
+            "grep failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        found.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string),
+        );
+    }
+    found
 }
 
 pub struct Stack {
@@ -164,6 +189,19 @@ impl Stack {
             dir,
             vars,
         }
+    }
+
+    /// Every place at rest that holds `needle`: files under the agent's data and run
+    /// directories, its log, and every file system and snapshot of the test's pool (the
+    /// VMs' disks, the images' bases, kept snapshots), the last read as `zfs send`
+    /// streams rather than file by file.
+    pub fn at_rest_containing(&self, needle: &str) -> Vec<String> {
+        let skip = self.pool.mount_points();
+        let mount_root = self.pool.mount_root();
+        let roots = [&*self.data, &*self.run, &*self.log, &*mount_root];
+        let mut found = files_containing(&roots, needle, &skip);
+        found.extend(self.pool.datasets_containing(needle));
+        found
     }
 
     /// Pushes the Alpine web image serving `page` as `test/web:TAG`; returns its reference.

@@ -118,6 +118,9 @@ pub async fn platform(config: &Config) -> Result<Platform> {
         app_snapshot_dir: config.data_dir.join("app-snapshots"),
         image_template_dir: config.data_dir.join("image-templates"),
         image_templates: config.image_templates,
+        online_grow: config
+            .online_grow
+            .unwrap_or(kind == crate::host::HostKind::Hardware),
         image_template_ttl: std::time::Duration::from_secs(config.image_template_ttl),
     })
 }

@@ -133,6 +133,7 @@ fn request_name(req: &Request) -> &'static str {
         Request::Resume { .. } => "resume",
         Request::Reidentify(_) => "reidentify",
         Request::Prepare { .. } => "prepare",
+        Request::GrowRoot { .. } => "grow_root",
     }
 }
 

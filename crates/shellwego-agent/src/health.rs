@@ -2,7 +2,7 @@
 //! with the spec's interval, timeout, retries and grace period.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -100,25 +100,19 @@ pub async fn probe(ip: Ipv4Addr, check: &HealthCheck) -> Result<(), ProbeFailure
     }
 }
 
-/// Probes every `interval` until one passes (Ok with the time it took) or `budget`
-/// (the grace period, stretched by the host kind's factor) runs out.
-pub async fn wait_healthy(
-    ip: Ipv4Addr,
-    check: &HealthCheck,
-    budget: Duration,
-) -> Result<Duration, String> {
-    let start = Instant::now();
-    let mut last = String::from("never probed");
-    while start.elapsed() < budget {
-        let probed = Instant::now();
-        match probe(ip, check).await {
-            Ok(()) => return Ok(start.elapsed()),
-            Err(e) => last = e.message,
-        }
-        let pause = check.interval.saturating_sub(probed.elapsed());
-        tokio::time::sleep(pause.min(budget.saturating_sub(start.elapsed()))).await;
-    }
-    Err(format!("not healthy within {budget:?}: {last}"))
+/// The first pause between the probes of a VM waiting to become healthy.
+const FIRST_STARTUP_PAUSE: Duration = Duration::from_millis(100);
+
+/// The pause after the `probes`-th failed probe of a VM waiting to become healthy:
+/// 100 ms for the first four, then doubling every four probes up to the check's
+/// interval. An app that is up a moment after its start is found up a moment after
+/// (not up to an interval later), and one that takes long costs a probe per interval.
+/// A serving VM is probed every interval.
+pub fn startup_pause(probes: u32, interval: Duration) -> Duration {
+    let doublings = (probes.saturating_sub(1) / 4).min(16);
+    FIRST_STARTUP_PAUSE
+        .saturating_mul(1 << doublings)
+        .min(interval)
 }
 
 #[cfg(test)]
@@ -158,7 +152,7 @@ mod tests {
         });
         let mut c = check(Probe::Http { path: "/".into() }, port);
         c.timeout = Duration::from_millis(300);
-        let start = Instant::now();
+        let start = std::time::Instant::now();
         let err = probe(Ipv4Addr::LOCALHOST, &c).await.unwrap_err();
         let took = start.elapsed();
         assert!(
@@ -206,11 +200,22 @@ mod tests {
         .await
         .unwrap_err();
         assert!(err.message.contains("503") && !err.inconclusive, "{err}");
-        let closed = TcpStream::connect(("127.0.0.1", 1)).await;
-        assert!(closed.is_err());
-        let err = wait_healthy(lo, &check(Probe::Tcp, 1), Duration::from_millis(200))
-            .await
-            .unwrap_err();
-        assert!(err.contains("not healthy"), "{err}");
+    }
+
+    #[test]
+    fn tc_u15_startup_probes_start_fast_and_slow_down_to_the_interval() {
+        let second = Duration::from_secs(1);
+        let pauses: Vec<u128> = (1..=16)
+            .map(|n| startup_pause(n, second).as_millis())
+            .collect();
+        assert_eq!(
+            pauses,
+            [100, 100, 100, 100, 200, 200, 200, 200, 400, 400, 400, 400, 800, 800, 800, 800]
+        );
+        assert_eq!(startup_pause(17, second), second);
+        assert_eq!(startup_pause(u32::MAX, second), second);
+        // Never longer than the interval, even a short one.
+        let short = Duration::from_millis(50);
+        assert!((1..40).all(|n| startup_pause(n, short) == short));
     }
 }

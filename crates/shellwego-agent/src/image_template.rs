@@ -10,8 +10,12 @@
 //! ```
 //! The id is `img_<12 hex of the image digest>-<key>`, the key hashing everything the
 //! generic template's does (vCPUs, memory, kernel, init, host kind, firecracker version)
-//! with the app's requested disk size: VMs of another disk size get their own template
-//! (a clone's disk must have the size the mounted file system was made with).
+//! with the template's disk size. With online growing (the default on hardware KVM) that
+//! is the app's up to the default (1 GiB): a VM of a larger disk starts from the default
+//! size's template and grows online: its disk image grows, Firecracker announces the new
+//! size (`PATCH /drives`), and the guest grows the mounted file system (`grow_root`)
+//! before `run`. Without it (the default on emulated hosts, where the guest's resize
+//! costs ~20 s per GiB), and for smaller disks, each disk size has its own template.
 //!
 //! No app identity or secret is ever in one: the guest has only its init, the image's
 //! root and the template's MAC. Templates nobody's VM uses are deleted by the orphan sweep
@@ -29,8 +33,24 @@ use crate::snapshot::{RestoreTarget, SnapshotManager};
 use crate::spec::DesiredApp;
 use crate::template::{TemplateInputs, TemplateStore};
 use crate::vmm::config::{machine_config, MachineLimits};
+use crate::vmm::models::DriveUpdate;
 use shellwego_storage::image::PulledImage;
-use shellwego_storage::BaseImage;
+use shellwego_storage::{BaseImage, VmDisk};
+
+/// The disk size an image template is built with. With `online_grow`, the app's up to
+/// the default size: VMs of larger disks start from the default size's template and
+/// grow it online (see `Platform::grow_root_online`), so one template serves every
+/// larger size. Otherwise, and for a smaller disk (a file system cannot shrink), the
+/// app's own.
+pub fn template_disk_bytes(app: &DesiredApp, online_grow: bool) -> u64 {
+    if online_grow {
+        app.resources
+            .disk_bytes
+            .min(crate::resources::DEFAULT_DISK_BYTES)
+    } else {
+        app.resources.disk_bytes
+    }
+}
 
 impl Platform {
     fn image_templates_dir(&self) -> PortResult<SnapshotManager> {
@@ -42,7 +62,7 @@ impl Platform {
         let machine = machine_config(&app.resources, &MachineLimits::for_host(self.kind))
             .map_err(PortError::of)?;
         let inputs = TemplateInputs {
-            disk_bytes: app.resources.disk_bytes,
+            disk_bytes: template_disk_bytes(app, self.online_grow),
             machine: machine.config,
             kernel: self.kernel.clone(),
             init: self.init.clone(),
@@ -122,7 +142,7 @@ impl Platform {
         let (rootfs, base, bytes) = (
             self.rootfs.clone(),
             image.1.snapshot.clone(),
-            app.resources.disk_bytes,
+            template_disk_bytes(app, self.online_grow),
         );
         let disk_id = bid.clone();
         let disk = tokio::task::spawn_blocking(move || {
@@ -198,6 +218,63 @@ impl Platform {
         Ok(kept)
     }
 
+    /// Grows the root of a VM just restored from an image template to `bytes`, online:
+    /// the disk image grows, Firecracker announces the new size to the guest (`PATCH
+    /// /drives`: a config-change interrupt) and the guest grows its mounted file system.
+    /// An announcement the guest has not seen within a couple of seconds is made again.
+    pub(crate) async fn grow_root_online(
+        &self,
+        vm_id: &str,
+        disk: &VmDisk,
+        bytes: u64,
+        budget: Duration,
+    ) -> PortResult<()> {
+        let (rootfs, id) = (self.rootfs.clone(), vm_id.to_string());
+        let before = std::fs::metadata(&disk.image_path)
+            .map(|m| m.len())
+            .map_err(PortError::of)?;
+        let size = tokio::task::spawn_blocking(move || rootfs.grow_vm_disk(&id, bytes))
+            .await
+            .map_err(PortError::of)?
+            .map_err(PortError::of)?;
+        if size == before {
+            return Ok(());
+        }
+        let api = self.vmm.api_of(vm_id).await.map_err(PortError::of)?;
+        let update = DriveUpdate {
+            drive_id: "rootfs".into(),
+            path_on_host: Some(self.vmm.path_in_vm("rootfs", &disk.image_path)),
+            rate_limiter: None,
+        };
+        let uds = self.vmm.runtime_dir(vm_id).vsock();
+        let request = shellwego_proto::Request::GrowRoot {
+            bytes: size,
+            wait_ms: GROW_WAIT.as_millis() as u64,
+        };
+        let start = Instant::now();
+        let mut last = String::new();
+        for _ in 0..GROW_ANNOUNCEMENTS {
+            api.patch_drive(&update).await.map_err(PortError::of)?;
+            let (uds, request) = (uds.clone(), request.clone());
+            let left = budget.saturating_sub(start.elapsed());
+            let grown = tokio::task::spawn_blocking(move || {
+                crate::guest::send_after_restore(&uds, &request, left)
+            })
+            .await
+            .map_err(PortError::of)?;
+            match grown {
+                Ok(()) => return Ok(()),
+                // The guest has not seen the new size yet: announce it again.
+                Err(GuestError::Remote(m)) if m.starts_with("root device:") => last = m,
+                Err(e) => return Err(PortError(format!("growing the root to {size} bytes: {e}"))),
+            }
+        }
+        Err(PortError(format!(
+            "growing the root to {size} bytes: announced {GROW_ANNOUNCEMENTS} times, the guest \
+             never saw it: {last}"
+        )))
+    }
+
     /// Deletes image templates of images no recorded VM runs (`used`: image digests)
     /// once they are older than `ttl`; a disk that VMs still clone stays for later.
     pub async fn forget_image_templates(
@@ -236,6 +313,11 @@ impl Platform {
         Ok(())
     }
 }
+
+/// How long the guest waits for its disk's new size after each announcement.
+const GROW_WAIT: Duration = Duration::from_secs(2);
+/// How often a new size is announced before the start fails.
+const GROW_ANNOUNCEMENTS: u32 = 5;
 
 /// The kept disk snapshot of a complete template `id`.
 fn kept_disk(mgr: &SnapshotManager, id: &str) -> Option<String> {

@@ -130,6 +130,9 @@ pub struct Platform {
     pub image_template_dir: PathBuf,
     /// Whether warm starts use image templates (they do unless turned off).
     pub image_templates: bool,
+    /// Whether larger disks grow online from the default size's image template (see
+    /// `Config::online_grow`).
+    pub online_grow: bool,
     /// How long an image template no VM uses is kept.
     pub image_template_ttl: Duration,
 }
@@ -410,9 +413,14 @@ impl Ports for Platform {
             None => (Origin::Base, image.1.snapshot.clone()),
         };
         let (rootfs, id) = (self.rootfs.clone(), vm.to_string());
-        let disk_bytes = app.resources.disk_bytes;
+        // A clone of an image template keeps the template's size until its guest, which
+        // has the file system mounted, grows it online (`run`).
+        let disk_bytes = match origin {
+            Origin::ImageTemplate(_) => None,
+            _ => Some(app.resources.disk_bytes),
+        };
         let disk = tokio::task::spawn_blocking(move || {
-            rootfs.clone_snapshot_for_vm(&from, &id, Some(disk_bytes))
+            rootfs.clone_snapshot_for_vm(&from, &id, disk_bytes)
         })
         .await
         .map_err(PortError::of)?
@@ -587,6 +595,10 @@ impl Ports for Platform {
         let disk = &root.disk;
         if matches!(root.origin, Origin::AppSnapshot(_)) {
             return self.reidentify(vm, app, net, budget).await;
+        }
+        if matches!(root.origin, Origin::ImageTemplate(_)) {
+            self.grow_root_online(&id, disk, app.resources.disk_bytes, budget)
+                .await?;
         }
         let uds = self.vmm.runtime_dir(&id).vsock();
         let client = tokio::task::spawn_blocking(move || wait_ready(&uds, budget))

@@ -16,9 +16,17 @@ use serde_json::Value;
 
 const PORT: u16 = 18080;
 
-fn spec(image: &str, extra: &str) -> String {
+/// The app at `page`: the test app (it serves without forking) answers it; `extra`
+/// replaces its command.
+fn spec(image: &str, page: &str, extra: &str) -> String {
+    let run = if extra.is_empty() {
+        "[run]\ncmd = [\"/usr/local/bin/swg-counter\"]\n"
+    } else {
+        extra
+    };
     format!(
-        "name = \"shop\"\nimage = \"{image}\"\n{extra}[resources]\nmemory = \"128Mi\"\n\
+        "name = \"shop\"\nimage = \"{image}\"\n{run}[env]\nSWG_PAGE = \"{page}\"\n\
+         [resources]\nmemory = \"128Mi\"\n\
          [[ports]]\nguest = 8080\nhost = {PORT}\n\
          [health]\nhttp = \"/\"\nport = 8080\ninterval = \"1s\"\ntimeout = \"1s\"\ngrace = \"3s\"\n\
          [bandwidth]\ndownload = \"100Mbit\"\nupload = \"100Mbit\"\n"
@@ -37,12 +45,12 @@ fn seq_of(events: &[Value], vm: &str, text: &str) -> u64 {
 #[test]
 fn tc_e2e_3_blue_green_swap_without_failed_requests() {
     let mut stack = Stack::new();
-    let v1 = stack.push_web("1", b"v1\n");
-    let v2 = stack.push_web("2", b"v2\n");
+    // One image; the versions differ by their environment.
+    let image = stack.push_web_with("1", b"-", &shellwego_testkit::oci::counter_layer());
     stack.start_agent(&[]);
     let nat_baseline = stack.resources().nat;
 
-    let f1 = stack.spec("v1.toml", &spec(&v1, ""));
+    let f1 = stack.spec("v1.toml", &spec(&image, "v1", ""));
     stack.run(&["apply", "-f", f1.to_str().unwrap()]);
     assert_eq!(http_get_in(&stack.ns, PORT).as_deref(), Ok("v1\n"));
     let blue = Stack::vms(&stack.ps(), "shop")[0]["vm_id"]
@@ -53,7 +61,7 @@ fn tc_e2e_3_blue_green_swap_without_failed_requests() {
     // The swap, under a request loop.
     let prober = Prober::start(&stack.ns, PORT);
     std::thread::sleep(Duration::from_secs(1));
-    let f2 = stack.spec("v2.toml", &spec(&v2, ""));
+    let f2 = stack.spec("v2.toml", &spec(&image, "v2", ""));
     let applied = Instant::now();
     stack.run(&["apply", "-f", f2.to_str().unwrap()]);
     let healthy_after = applied.elapsed();
@@ -105,7 +113,7 @@ fn tc_e2e_3_blue_green_swap_without_failed_requests() {
     let prober = Prober::start(&stack.ns, PORT);
     let f3 = stack.spec(
         "v3.toml",
-        &spec(&v2, "[run]\ncmd = [\"/bin/sleep\", \"3600\"]\n"),
+        &spec(&image, "v2", "[run]\ncmd = [\"/bin/sleep\", \"3600\"]\n"),
     );
     let out = stack
         .cmd(&["apply", "-f", f3.to_str().unwrap(), "--timeout", "300"])

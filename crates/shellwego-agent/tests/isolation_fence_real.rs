@@ -43,8 +43,8 @@ const BEYOND: &[(&str, &str)] = &[
 fn spec(name: &str, image: &str, network: &str) -> String {
     format!(
         "name = \"{name}\"\nimage = \"{image}\"\n\
-         [run]\ncmd = [\"/bin/sh\", \"-c\", \"echo app-{name} > /srv/who; \
-         exec /usr/local/bin/busybox-httpd httpd -f -p 8080 -h /srv\"]\n\
+         [run]\ncmd = [\"/usr/local/bin/swg-counter\"]\n\
+         [env]\nSWG_PAGE = \"app-{name}\"\n\
          [resources]\nmemory = \"128Mi\"\n\
          [health]\nhttp = \"/\"\nport = 8080\ninterval = \"1s\"\ntimeout = \"1s\"\nretries = 60\n\
          {network}"
@@ -181,7 +181,9 @@ fn isolation_fence_guests_cannot_spoof_reach_the_host_other_apps_or_private_rang
     let started = std::time::Instant::now();
     let phase = |what: &str| eprintln!("[{:6.1} s] {what}", started.elapsed().as_secs_f64());
     let mut stack = Stack::new();
-    let image = stack.push_web("1", b"fence\n");
+    // Alpine (busybox for the guests' side of each check) with the test app, which
+    // serves without forking.
+    let image = stack.push_web_with("1", b"-", &shellwego_testkit::oci::counter_layer());
 
     // Beyond the host: a namespace of the test's own, reached through an uplink.
     let outside = NetNs::new();

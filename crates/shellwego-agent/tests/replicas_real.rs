@@ -23,13 +23,16 @@ fn healthy_vms(ps: &serde_json::Value) -> Vec<serde_json::Value> {
 #[test]
 fn replicas_two_serve_and_a_killed_one_is_replaced_without_failed_requests() {
     let mut stack = Stack::new();
-    let image = stack.push_web("1", b"pair\n");
+    // The test app: it serves without forking, so the guests answer in milliseconds.
+    let image = stack.push_web_with("1", b"-", &shellwego_testkit::oci::counter_layer());
     stack.start_agent(&[]);
     let nat_baseline = stack.resources().nat;
     let spec = stack.spec(
         "pair.toml",
         &format!(
-            "name = \"pair\"\nimage = \"{image}\"\ncount = 2\n[resources]\nmemory = \"128Mi\"\n\
+            "name = \"pair\"\nimage = \"{image}\"\ncount = 2\n\
+             [run]\ncmd = [\"/usr/local/bin/swg-counter\"]\n[env]\nSWG_PAGE = \"pair\"\n\
+             [resources]\nmemory = \"128Mi\"\n\
              [[ports]]\nguest = 8080\nhost = {PORT}\n\
              [health]\nhttp = \"/\"\nport = 8080\ninterval = \"1s\"\ntimeout = \"1s\"\n"
         ),

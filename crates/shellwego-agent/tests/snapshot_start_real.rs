@@ -2,8 +2,10 @@
 //! first healthy VM of a version is snapshotted (memory, state, disk in one pause); a
 //! second replica is restored from that snapshot — its app already running, with the
 //! source's memory (the token the app drew at start) — and gets its own IP, MAC, hostname
-//! and random bytes, and the after-restore signal. A replica killed with SIGKILL is replaced from the snapshot while
-//! the endpoint fails no request. Removing the app deletes the snapshot.
+//! and random bytes, and the after-restore signal. A replica killed with SIGKILL is
+//! replaced from the snapshot while the endpoint fails no request. Another app of the
+//! image, with a larger disk, starts from the image template and grows its root online.
+//! Removing the app deletes the snapshot.
 
 mod common;
 
@@ -42,7 +44,8 @@ fn events_with(stack: &Stack, text: &str) -> Vec<Value> {
 fn snapshot_start_replicas_from_an_app_snapshot_are_unique_and_replace_a_killed_one() {
     let mut stack = Stack::new();
     let image = stack.push_web_with("snap", b"-", &shellwego_testkit::oci::counter_layer());
-    stack.start_agent(&[]);
+    // Online growing, which this host kind does not choose by itself (see below).
+    stack.start_agent(&[("SHELLWEGO_ONLINE_GROW", "1")]);
     let nat_baseline = stack.resources().nat;
     let spec = |count: u32| {
         stack.spec(
@@ -194,14 +197,17 @@ fn snapshot_start_replicas_from_an_app_snapshot_are_unique_and_replace_a_killed_
         "the replacement came from the snapshot too"
     );
 
-    // Another app of the same image and shape starts from the image template built for
-    // the first (root already mounted): only `run` is left for its guest.
+    // Another app of the same image and shape, with a larger disk, starts from the image
+    // template built for the first (root already mounted): its disk grows online, and
+    // only `run` is left for its guest. (A quarter more: the guest's resize costs about
+    // 20 s per GiB on this host kind, which therefore builds a template per disk size
+    // unless told otherwise.)
     let other = stack.spec(
         "other.toml",
         &format!(
             "name = \"other\"\nimage = \"{image}\"\n\
              [run]\ncmd = [\"/usr/local/bin/swg-counter\", \"8081\"]\n\
-             [resources]\nmemory = \"128Mi\"\n\
+             [resources]\nmemory = \"128Mi\"\ndisk = \"1280Mi\"\n\
              [health]\nhttp = \"/\"\nport = 8081\ninterval = \"1s\"\ntimeout = \"1s\"\n"
         ),
     );
@@ -213,13 +219,29 @@ fn snapshot_start_replicas_from_an_app_snapshot_are_unique_and_replace_a_killed_
             .any(|v| v["state"] == "Running" && v["health"] == "Healthy")
     });
     println!(
-        "a start from the image template: apply -> healthy {:.1}s",
+        "a start from the image template, its disk grown online: apply -> healthy {:.1}s",
         t.elapsed().as_secs_f64()
     );
+    for e in stack.events().iter().filter(|e| e["app"] == "other") {
+        println!("event of the start: {} {}", e["at"], e["message"]);
+    }
     assert_eq!(events_with(&stack, "built the image template").len(), 1);
     assert_eq!(
         events_with(&stack, "restoring from the image template").len(),
         2
+    );
+    // Its mounted root file system fills the 1.25 GiB disk (the template's has 1 GiB).
+    let df = stack.run(&["exec", "other", "--", "df", "-k", "/"]);
+    let df = String::from_utf8_lossy(&df.stdout).into_owned();
+    let total_kib: u64 = df
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("df output: {df}"));
+    assert!(
+        total_kib > 1200 << 10 && total_kib <= 1280 << 10,
+        "the root file system has {total_kib} KiB: {df}"
     );
     stack.run(&["rm", "other"]);
 

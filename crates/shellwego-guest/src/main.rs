@@ -14,7 +14,8 @@
 //! entropy, while its app runs on as it was. A VM restored from *another* VM's snapshot
 //! (an app snapshot) gets `reidentify`: its own hostname, MAC, address, clock, entropy
 //! and boot id, and the app its after-restore signal. `prepare` mounts the app's root
-//! without starting it: such a VM is snapshotted as its image's template.
+//! without starting it: such a VM is snapshotted as its image's template; a clone of it
+//! whose disk is larger gets `grow_root` before `run`, and grows the mounted file system.
 
 mod app;
 mod sys;
@@ -33,8 +34,8 @@ const INIT_VERSION: &str = env!("CARGO_PKG_VERSION");
 #[derive(Default)]
 struct State {
     app: Option<(i32, app::Launch)>,
-    /// The app's root is mounted and `/` (by `prepare` or `run`).
-    root_mounted: bool,
+    /// The device of the app's root once it is mounted and `/` (by `prepare` or `run`).
+    root_device: Option<String>,
 }
 
 fn log(msg: &str) {
@@ -43,7 +44,7 @@ fn log(msg: &str) {
 
 /// Mounts the app's root and switches into it (once).
 fn prepare(state: &mut State, device: &str, bytes: Option<u64>) -> Result<(), String> {
-    if state.root_mounted {
+    if state.root_device.is_some() {
         return Err("the app's root is mounted already".into());
     }
     if let Some(bytes) = bytes {
@@ -51,7 +52,20 @@ fn prepare(state: &mut State, device: &str, bytes: Option<u64>) -> Result<(), St
             .map_err(|e| format!("root device: {e}"))?;
     }
     sys::switch_root(device).map_err(|e| format!("mounting root {device}: {e}"))?;
-    state.root_mounted = true;
+    state.root_device = Some(device.to_string());
+    Ok(())
+}
+
+/// Grows the mounted root's file system to its device's new size (see
+/// `Request::GrowRoot`).
+fn grow_root(state: &State, bytes: u64, wait: Duration) -> Result<(), String> {
+    let device = state
+        .root_device
+        .as_deref()
+        .ok_or("the app's root is not mounted")?;
+    sys::wait_for_size(device, bytes, wait).map_err(|e| format!("root device: {e}"))?;
+    sys::grow_mounted_ext4("/", bytes).map_err(|e| format!("growing the root file system: {e}"))?;
+    log(&format!("root file system grown to {} MiB", bytes >> 20));
     Ok(())
 }
 
@@ -200,6 +214,12 @@ fn handle(state: &mut State, req: Request) -> (Response, bool) {
             Ok(()) => Response::Ok,
             Err(message) => Response::Error { message },
         },
+        Request::GrowRoot { bytes, wait_ms } => {
+            match grow_root(state, bytes, Duration::from_millis(wait_ms)) {
+                Ok(()) => Response::Ok,
+                Err(message) => Response::Error { message },
+            }
+        }
         Request::Shutdown { grace_ms } => {
             if let Some((pid, _)) = state.app {
                 if app::exit_code(pid).is_none() {

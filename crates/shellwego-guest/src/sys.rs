@@ -1,5 +1,5 @@
-//! System calls PID 1 needs: mounts, switching into the app's root, identity (hostname,
-//! clock, entropy), IPv4 on eth0, and reboot.
+//! System calls PID 1 needs: mounts, switching into the app's root (and growing it
+//! online), identity (hostname, clock, entropy), IPv4 on eth0, and reboot.
 
 use std::ffi::CString;
 use std::fs;
@@ -103,6 +103,39 @@ pub fn wait_for_size(device: &str, bytes: u64, timeout: std::time::Duration) -> 
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// `EXT4_IOC_RESIZE_FS`: `_IOW('f', 16, __u64)`, the new size in blocks.
+const EXT4_IOC_RESIZE_FS: u32 = 0x4008_6610;
+
+/// Grows the ext4 file system mounted at `mountpoint` to fill `bytes` of its device,
+/// online (what `resize2fs` does for a mounted file system). Asking for its current
+/// size (or less than it has: ext4 does not shrink online) changes nothing.
+pub fn grow_mounted_ext4(mountpoint: &str, bytes: u64) -> io::Result<()> {
+    let dir = fs::File::open(mountpoint)?;
+    // SAFETY: statvfs fills the zeroed struct; the fd is open.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    check(
+        unsafe { libc::fstatvfs(dir.as_raw_fd(), &mut st) },
+        "fstatvfs",
+    )?;
+    let block = st.f_frsize as u64;
+    if block == 0 {
+        return Err(io::Error::other("file system reports a block size of 0"));
+    }
+    let blocks: u64 = bytes / block;
+    if blocks <= st.f_blocks as u64 {
+        return Ok(());
+    }
+    // SAFETY: the ioctl reads one u64 from the pointer, which outlives the call.
+    let ret = unsafe {
+        libc::ioctl(
+            dir.as_raw_fd(),
+            EXT4_IOC_RESIZE_FS as _,
+            &blocks as *const u64,
+        )
+    };
+    check(ret, "EXT4_IOC_RESIZE_FS")
 }
 
 /// Mounts `device` (ext4) and makes it the root: the pseudo file systems move along,

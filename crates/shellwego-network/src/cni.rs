@@ -183,6 +183,11 @@ impl CniNetwork {
             Ok(()) => self.setup_links(vm_id, &tap, limits).await,
             Err(e) => Err(e),
         };
+        // The address may have been another VM's, with another MAC.
+        let result = match result {
+            Ok(()) => self.forget_neighbour(ip).await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = result {
             // Half-built: take it all down again, lease included.
             let _ = self.teardown_vm(vm_id).await;
@@ -195,6 +200,13 @@ impl CniNetwork {
             prefix_len: self.config.subnet.prefix_len,
             gateway: self.config.subnet.gateway,
         })
+    }
+
+    /// Forgets what the host remembers of `ip`'s MAC on the bridge.
+    async fn forget_neighbour(&self, ip: Ipv4Addr) -> Result<(), NetError> {
+        let nl = Netlink::connect()?;
+        let bridge = nl.require(&self.config.bridge).await?;
+        Ok(nl.forget_neighbour(bridge.index, ip).await?)
     }
 
     fn apply_fence(

@@ -215,6 +215,43 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Forgets the neighbour (ARP) entries of `ip` on the interface `index`. An address
+    /// handed to another VM (a lease released and leased again) belongs to another MAC:
+    /// a remembered entry would send its traffic to the old one until the kernel finds
+    /// out (tens of seconds), and a guest restored from a snapshot, whose own ARP cache
+    /// is warm, sends nothing that would tell it sooner.
+    pub async fn forget_neighbour(&self, index: u32, ip: Ipv4Addr) -> Result<(), LinkError> {
+        use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
+        let mut stale = Vec::new();
+        let mut stream = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(rtnetlink::packet_route::AddressFamily::Inet)
+            .execute();
+        while let Some(msg) = within(self.limit, || "list neighbours".into(), stream.try_next())
+            .await?
+            .map_err(nl("list neighbours"))?
+        {
+            let this_ip = msg.attributes.iter().any(|a| {
+                matches!(a, NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) if *d == ip)
+            });
+            if msg.header.ifindex == index && this_ip {
+                stale.push(msg);
+            }
+        }
+        for msg in stale {
+            let op = format!("forget neighbour {ip}");
+            let del = self.handle.neighbours().del(msg).execute();
+            match within(self.limit, || op.clone(), del).await? {
+                Ok(()) => {}
+                Err(rtnetlink::Error::NetlinkError(m)) if m.raw_code() == -libc::ENOENT => {}
+                Err(e) => return Err(nl(op)(e)),
+            }
+        }
+        Ok(())
+    }
+
     /// Adds the address unless the interface already has it (never flushes others).
     pub async fn ensure_address(
         &self,

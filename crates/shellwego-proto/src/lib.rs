@@ -131,6 +131,12 @@ pub enum Request {
     /// The VM was just restored from another VM's snapshot: take this identity (hostname,
     /// MAC, address, clock, entropy and a fresh boot id), then signal the app if asked.
     Reidentify(Box<Identity>),
+    /// The disk under the mounted root (a VM restored from its image's template) has
+    /// grown to `bytes`: wait up to `wait_ms` for the device to report that size (the
+    /// host announces it with a config-change interrupt), then grow the mounted file
+    /// system to fill it. An error naming the size the device reports means the
+    /// announcement has not arrived yet: the host announces it again and asks again.
+    GrowRoot { bytes: u64, wait_ms: u64 },
 }
 
 /// Guest -> host.

@@ -544,33 +544,61 @@ impl RootfsBuilder {
             .ok_or_else(|| RootfsError::NotMounted(dataset.clone()))?;
         let image_path = mounted.join(IMAGE_FILE);
         if let Some(want) = disk_bytes {
-            let have = fs::metadata(&image_path)
-                .map_err(io_err("reading disk image", &image_path))?
-                .len();
-            let want = want.div_ceil(MIB) * MIB;
-            if want > have {
-                let f = fs::OpenOptions::new()
-                    .write(true)
-                    .open(&image_path)
-                    .map_err(io_err("opening disk image", &image_path))?;
-                f.set_len(want)
-                    .map_err(io_err("growing disk image", &image_path))?;
-                drop(f);
+            if self.grow_image(&dataset, &image_path, want)? {
                 run(Command::new("resize2fs").arg("-f").arg(&image_path))?;
             }
         }
-        // The disk image cannot outgrow its size, but the dataset could hold other files:
-        // bound what the VM's dataset may reference to its disk and some metadata.
-        let size = fs::metadata(&image_path)
-            .map_err(io_err("reading disk image", &image_path))?
-            .len();
-        self.zfs
-            .set(&dataset, "refquota", &refquota_for(size).to_string())?;
+        self.bound_dataset(&dataset, &image_path)?;
         Ok(VmDisk {
             dataset,
             mountpoint: mounted,
             image_path,
         })
+    }
+
+    /// Grows the disk image of a *running* VM to `bytes` (rounded up to a MiB; never
+    /// shrunk) and raises its dataset's quota; the file system inside is left to the
+    /// guest, which has it mounted and grows it online. Returns the image's size.
+    pub fn grow_vm_disk(&self, vm_id: &str, bytes: u64) -> Result<u64, RootfsError> {
+        let disk = self
+            .vm_disk(vm_id)?
+            .ok_or_else(|| RootfsError::NotMounted(self.vm_dataset(vm_id)))?;
+        self.grow_image(&disk.dataset, &disk.image_path, bytes)?;
+        self.bound_dataset(&disk.dataset, &disk.image_path)
+    }
+
+    /// Makes the image file `bytes` long (rounded up to a MiB) if it is shorter; true if
+    /// it grew.
+    fn grow_image(&self, dataset: &str, image: &Path, bytes: u64) -> Result<bool, RootfsError> {
+        let have = fs::metadata(image)
+            .map_err(io_err("reading disk image", image))?
+            .len();
+        let want = bytes.div_ceil(MIB) * MIB;
+        if want <= have {
+            return Ok(false);
+        }
+        // Room for the larger image first: the quota set for the old size would stop it.
+        self.zfs
+            .set(dataset, "refquota", &refquota_for(want).to_string())?;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(image)
+            .map_err(io_err("opening disk image", image))?;
+        f.set_len(want)
+            .map_err(io_err("growing disk image", image))?;
+        Ok(true)
+    }
+
+    /// The disk image cannot outgrow its size, but the dataset could hold other files:
+    /// bounds what the VM's dataset may reference to its disk and some metadata.
+    /// Returns the image's size.
+    fn bound_dataset(&self, dataset: &str, image: &Path) -> Result<u64, RootfsError> {
+        let size = fs::metadata(image)
+            .map_err(io_err("reading disk image", image))?
+            .len();
+        self.zfs
+            .set(dataset, "refquota", &refquota_for(size).to_string())?;
+        Ok(size)
     }
 
     /// The root disk `clone_for_vm` made for `vm_id`; None when it has none.

@@ -1181,8 +1181,8 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         self.event(app, Some(vm), format!("VM removed ({why})"));
     }
 
-    /// Probes every `interval` until one passes or `budget` runs out (or the VM is no
-    /// longer wanted).
+    /// Probes until one passes or `budget` runs out (or the VM is no longer wanted):
+    /// often at first, then every `interval` (see [`crate::health::startup_pause`]).
     async fn wait_healthy(
         &self,
         ip: Ipv4Addr,
@@ -1191,7 +1191,9 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
         cancel: &CancellationToken,
     ) -> Result<(), String> {
         let start = Instant::now();
+        let mut probes: u32 = 0;
         loop {
+            probes = probes.saturating_add(1);
             let probed = Instant::now();
             let last = match self.probe(ip, check).await {
                 Ok(()) => return Ok(()),
@@ -1201,7 +1203,9 @@ impl<P: Ports, F: Frontend> Executor<P, F> {
             if left.is_zero() {
                 return Err(format!("not healthy within {budget:?}: {last}"));
             }
-            let pause = check.interval.saturating_sub(probed.elapsed()).min(left);
+            let pause = crate::health::startup_pause(probes, check.interval)
+                .saturating_sub(probed.elapsed())
+                .min(left);
             tokio::select! {
                 () = cancel.cancelled() => return Err(CANCELLED.into()),
                 () = tokio::time::sleep(pause) => {}

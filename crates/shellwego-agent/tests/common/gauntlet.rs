@@ -87,6 +87,7 @@ pub async fn platform(firecracker: &Path, pool: &str, registry: &str, data: &Pat
         app_snapshot_dir: data.join("app-snapshots"),
         image_template_dir: data.join("image-templates"),
         image_templates: true,
+        online_grow: false,
         image_template_ttl: Duration::from_secs(3600),
     }
 }

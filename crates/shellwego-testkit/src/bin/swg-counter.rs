@@ -7,7 +7,8 @@
 //!   MAC, 16 fresh random bytes (hex, from `/dev/urandom`), how many `SIGUSR2` (the
 //!   after-restore signal of the tests' specs) the process got, and a token it drew at
 //!   start (in its memory: a VM restored from its snapshot has the same).
-//! - any other path answers `ok`.
+//! - any other path answers the environment's `SWG_PAGE` and a newline (`ok` without
+//!   it): apps of one image tell their versions apart by it.
 //!
 //! One connection at a time, in one thread, never forking: on emulated hosts a fork costs
 //! about a second in the guest, and a request here costs milliseconds. A client that sends
@@ -84,7 +85,10 @@ fn answer(mut stream: TcpStream, count: &mut u64) -> std::io::Result<()> {
     } else if path == b"/id" {
         identity()
     } else {
-        "ok\n".to_string()
+        format!(
+            "{}\n",
+            std::env::var("SWG_PAGE").unwrap_or_else(|_| "ok".into())
+        )
     };
     write!(
         stream,

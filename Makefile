@@ -19,17 +19,13 @@ install: build
 demo: setup build
 	bash scripts/demo.sh
 
-# Runs a command with one zfs-fuse daemon for all its test processes (not one per binary).
-ZFS_SESSION = $(CARGO) build -q --locked -p shellwego-testkit --bin swg-zfs-session && \
-	$${CARGO_TARGET_DIR:-target}/debug/swg-zfs-session
-
 ## Set up the host and run the whole test suite (unit, property and real-hardware tests).
 test: setup
-	$(ZFS_SESSION) $(CARGO) test --workspace --locked --no-fail-fast
+	$(CARGO) test --workspace --locked --no-fail-fast
 
 ## The agent's real-VM tests (root, /dev/kvm), one at a time.
 test-agent-real: setup
-	$(ZFS_SESSION) $(CARGO) test -p shellwego-agent --locked --test firecracker_real --test guest_boot --test snapshot_real --test gauntlet_real \
+	$(CARGO) test -p shellwego-agent --locked --test firecracker_real --test guest_boot --test snapshot_real --test gauntlet_real \
 		--test cli_real --test secrets_real --test bluegreen_real --test crash_real --test isolation_real --test isolation_fence_real \
 		--test isolation_connections_real --test executor_real --test replicas_real --test scale_to_zero_real --test snapshot_start_real -- --test-threads=1
 
@@ -42,4 +38,4 @@ lint:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
 bench: setup
-	$(ZFS_SESSION) $(CARGO) bench --workspace --locked
+	$(CARGO) bench --workspace --locked

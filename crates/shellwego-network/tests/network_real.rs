@@ -171,6 +171,58 @@ fn vm_setup_and_teardown_leave_nothing_behind() {
             assert!(nl.get(&vmn.tap).await.unwrap().is_some());
             net.teardown_vm(vm).await.expect("teardown");
             net.teardown_vm(vm).await.expect("teardown twice");
+            // The address handed on to another VM: what the host remembered of the old
+            // VM's MAC (here set by hand, as traffic to a VM leaves it) is forgotten.
+            let ip = vmn.ip.to_string();
+            let neigh = |args: &[&str]| {
+                std::process::Command::new("ip")
+                    .arg("neigh")
+                    .args(args)
+                    .output()
+                    .expect("ip neigh")
+            };
+            // A bridge whose MAC is set does not change it (and flush its neighbours)
+            // when a port joins: as on a host where other VMs' TAPs are already there.
+            let fixed = std::process::Command::new("ip")
+                .args([
+                    "link",
+                    "set",
+                    "dev",
+                    "swg-br0",
+                    "address",
+                    "02:00:00:00:00:fe",
+                ])
+                .status()
+                .expect("ip link");
+            assert!(fixed.success());
+            let set = neigh(&[
+                "replace",
+                &ip,
+                "lladdr",
+                "02:00:00:00:00:01",
+                "dev",
+                "swg-br0",
+                "nud",
+                "stale",
+            ]);
+            assert!(set.status.success(), "{set:?}");
+            let shown =
+                |out: std::process::Output| String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(shown(neigh(&["show", &ip, "dev", "swg-br0"])).contains("02:00:00:00:00:01"));
+            let next = "7e57a11e-2222-4333-8444-555566667777";
+            let handed_on = net
+                .setup_vm(next, "02:00:00:00:00:02", limits, &tenant)
+                .await
+                .expect("setup_vm of the next VM");
+            assert_eq!(handed_on.ip, vmn.ip, "the released address is leased again");
+            let left = shown(neigh(&["show", &ip, "dev", "swg-br0"]));
+            assert!(
+                !left.contains("02:00:00:00:00:01"),
+                "the old MAC is remembered: {left}"
+            );
+            net.teardown_vm(next)
+                .await
+                .expect("teardown of the next VM");
             // Half-built: a TAP alone, no lease, no QoS.
             net.create_tap("swg0d9f3b521111").await.unwrap();
             net.teardown_vm(vm)
